@@ -1,0 +1,63 @@
+"""The one shape in which raw log records travel from a source to the parsers.
+
+Sources (files, Loki, Elasticsearch) know nothing about formats or DuckDB: they yield
+:class:`RawBatch` objects -- columns of lines with the timestamp and stream labels the backend attached
+-- and the ingest pipeline parses and stores each batch in one transaction. Columns (parallel lists)
+rather than one object per line keep the per-line cost low: a batch becomes an Arrow table in one call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class RawBatch:
+    """A batch of raw records from one source.
+
+    Attributes:
+        source: stable identity of the ingest source, e.g. ``file:/var/log/x.log`` or
+            ``loki:https://loki:3100|tenant|{query}``. Stored on every event/reject.
+        lines: the record text, one entry per record (a multi-line record is one entry).
+        ts_ns: the backend's timestamp for each record in Unix nanoseconds (Loki entry time, ES
+            ``@timestamp``, CRI time) or ``None``. Used when the line carries no time of its own, and
+            part of the record's identity.
+        labels: the backend's stream labels / metadata per record (namespace, pod, container, app...),
+            or ``None``.
+        positions: where each record came from, for rejects and debugging (``file:line``,
+            ``query@ts``, ``index/_id``).
+        reject_reasons: optional per-record reason decided by the container layer before parsing
+            (invalid UTF-8, record too large); such records go straight to ``rejects``.
+        checkpoint: opaque watermark state committed in the same transaction as this batch, so a run
+            killed after this batch resumes exactly after it.
+    """
+
+    source: str
+    lines: list[str] = field(default_factory=list)
+    ts_ns: list[int | None] = field(default_factory=list)
+    labels: list[dict[str, str] | None] = field(default_factory=list)
+    positions: list[str] = field(default_factory=list)
+    reject_reasons: list[str | None] | None = None
+    checkpoint: dict[str, Any] | None = None
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def append(
+        self,
+        line: str,
+        ts_ns: int | None = None,
+        labels: dict[str, str] | None = None,
+        position: str = "",
+        reject_reason: str | None = None,
+    ) -> None:
+        """Add one record (convenience for sources that build batches record by record)."""
+        self.lines.append(line)
+        self.ts_ns.append(ts_ns)
+        self.labels.append(labels)
+        self.positions.append(position)
+        if reject_reason is not None and self.reject_reasons is None:
+            self.reject_reasons = [None] * (len(self.lines) - 1)
+        if self.reject_reasons is not None:
+            self.reject_reasons.append(reject_reason)

@@ -1,0 +1,342 @@
+"""The DuckDB store: open, migrate, insert batches transactionally, watermarks, read-only snapshots.
+
+Concurrency model (why there is a snapshot file): DuckDB lets one process hold a database file
+read-write, and a read-only open from another process fails while a writer holds it. An SRE's notebook
+kernel, a scheduled report and an ingest must be able to overlap, so:
+
+* writers (ingest, retention) open ``<db>`` read-write; each batch is one transaction, so a crash leaves
+  either the whole batch or none of it;
+* after each run (and every ``snapshot_every_s`` seconds during long runs) the writer checkpoints and
+  publishes an atomic copy, ``<db>.snapshot`` (copy to a temp file, then ``os.replace``);
+* readers (:func:`open_store` with ``read_only=True``: reports, notebooks, analyses) open the snapshot
+  when it exists, so they never block the writer and never see a half-written batch. They see the state
+  of the last completed publish.
+
+The store knows nothing of log formats: it receives Arrow tables whose columns are named as in
+:mod:`meshlens.schema`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pandas as pd
+import pyarrow as pa
+
+from meshlens import schema
+from meshlens.errors import SchemaVersionError, StoreError
+
+SNAPSHOT_SUFFIX = ".snapshot"
+LOCK_RETRY_S = 30.0
+
+
+def snapshot_path(path: str | os.PathLike[str]) -> Path:
+    """Where the read-only snapshot of ``path`` lives."""
+    return Path(str(path) + SNAPSHOT_SUFFIX)
+
+
+@dataclass
+class InsertResult:
+    """What one transactional batch insert did."""
+
+    stored: int
+    duplicates: int
+    rejects: int
+
+
+def _connect(path: str, read_only: bool, timeout_s: float = LOCK_RETRY_S) -> duckdb.DuckDBPyConnection:
+    """Connect, retrying while another process holds the file lock (a writer finishing a batch)."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.05
+    while True:
+        try:
+            return duckdb.connect(path, read_only=read_only)
+        except duckdb.IOException as exc:
+            msg = str(exc)
+            if "lock" not in msg.lower() or time.monotonic() > deadline:
+                raise StoreError(
+                    f"cannot open store {path!r}{' read-only' if read_only else ''}: {msg}. "
+                    "Another process holds it read-write; readers should use the published snapshot "
+                    "(open with read_only=True) and only one ingest may run at a time."
+                ) from exc
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+        except duckdb.Error as exc:
+            raise StoreError(f"cannot open store {path!r}: {exc}") from exc
+
+
+class Store:
+    """A meshlens DuckDB store. Use :func:`open_store` to get one."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, path: str, read_only: bool) -> None:
+        self.con = con
+        self.path = path
+        self.read_only = read_only
+        self._last_publish = time.monotonic()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def close(self) -> None:
+        with suppress(duckdb.Error):
+            self.con.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- reading ---------------------------------------------------------------------------------
+    def query(self, sql: str, params: list[Any] | dict[str, Any] | None = None) -> pd.DataFrame:
+        """Run SQL with bind parameters and return a DataFrame (never build SQL from user input)."""
+        return self.con.execute(sql, params or []).df()
+
+    def scalar(self, sql: str, params: list[Any] | dict[str, Any] | None = None) -> Any:
+        row = self.con.execute(sql, params or []).fetchone()
+        return None if row is None else row[0]
+
+    def schema_version(self) -> int:
+        return _read_version(self.con)
+
+    # -- writing ---------------------------------------------------------------------------------
+    def _require_rw(self) -> None:
+        if self.read_only:
+            raise StoreError(f"store {self.path!r} is open read-only; open it with read_only=False to write")
+
+    def insert_batch(
+        self,
+        events: pa.Table,
+        rejects: pa.Table | None = None,
+        checkpoint: tuple[str, dict[str, Any]] | None = None,
+    ) -> InsertResult:
+        """Insert parsed events and rejects, and advance a watermark, in ONE transaction.
+
+        Events whose ``event_id`` is already stored are skipped (counted as duplicates), so re-ingesting
+        is idempotent. If anything fails the transaction rolls back and nothing of the batch is kept.
+        """
+        self._require_rw()
+        con = self.con
+        con.execute("BEGIN TRANSACTION")
+        try:
+            stored = 0
+            n_events = events.num_rows
+            if n_events:
+                con.register("_ml_staged_events", events)
+                cols = ", ".join(f'"{c}"' for c in schema.EVENT_COLUMN_NAMES)
+                lo, hi, nulls = con.execute(
+                    "SELECT min(ts_ns), max(ts_ns), count(*) FILTER (WHERE ts_ns IS NULL) FROM _ml_staged_events"
+                ).fetchone()
+                if nulls == 0 and lo is not None:
+                    # Prune the anti-join with the batch's time range: an event's id includes its time,
+                    # so a duplicate can only be among stored events of the same time range.
+                    existing = "SELECT event_id FROM events WHERE ts_ns BETWEEN $lo AND $hi"
+                    params: dict[str, Any] = {"lo": lo, "hi": hi}
+                else:
+                    existing = "SELECT event_id FROM events"
+                    params = {}
+                row = con.execute(
+                    f"INSERT INTO events ({cols}) SELECT {cols} FROM _ml_staged_events s "
+                    f"WHERE s.event_id NOT IN ({existing})",
+                    params,
+                ).fetchone()
+                stored = int(row[0]) if row else 0
+                con.unregister("_ml_staged_events")
+            n_rejects = 0
+            if rejects is not None and rejects.num_rows:
+                con.register("_ml_staged_rejects", rejects)
+                cols = ", ".join(f'"{c.name}"' for c in schema.REJECT_COLUMNS)
+                con.execute(
+                    f"INSERT INTO rejects ({cols}) SELECT {cols} FROM _ml_staged_rejects s "
+                    "WHERE s.reject_id NOT IN (SELECT reject_id FROM rejects)"
+                )
+                con.unregister("_ml_staged_rejects")
+                n_rejects = rejects.num_rows
+            if checkpoint is not None:
+                self._set_watermark(*checkpoint)
+            con.execute("COMMIT")
+        except BaseException:
+            with suppress(duckdb.Error):
+                con.execute("ROLLBACK")
+            raise
+        return InsertResult(stored=stored, duplicates=n_events - stored, rejects=n_rejects)
+
+    def _set_watermark(self, key: str, state: dict[str, Any]) -> None:
+        self.con.execute(
+            "INSERT OR REPLACE INTO watermarks VALUES (?, ?, now())", [key, json.dumps(state, sort_keys=True)]
+        )
+
+    def set_watermark(self, key: str, state: dict[str, Any]) -> None:
+        """Store resume state for an incremental source (outside a batch)."""
+        self._require_rw()
+        self._set_watermark(key, state)
+
+    def get_watermark(self, key: str) -> dict[str, Any] | None:
+        row = self.con.execute("SELECT state FROM watermarks WHERE key = ?", [key]).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def delete_watermark(self, key: str) -> None:
+        self._require_rw()
+        self.con.execute("DELETE FROM watermarks WHERE key = ?", [key])
+
+    def upsert_series(self, table: pa.Table | pd.DataFrame) -> int:
+        """Insert or replace time-series samples (columns of ``series``; key = series_key + ts)."""
+        self._require_rw()
+        if isinstance(table, pd.DataFrame):
+            table = pa.Table.from_pandas(table, preserve_index=False)
+        if table.num_rows == 0:
+            return 0
+        cols = ", ".join(f'"{c.name}"' for c in schema.SERIES_COLUMNS)
+        self.con.register("_ml_staged_series", table)
+        try:
+            self.con.execute(f"INSERT OR REPLACE INTO series ({cols}) SELECT {cols} FROM _ml_staged_series")
+        finally:
+            self.con.unregister("_ml_staged_series")
+        return table.num_rows
+
+    def start_run(self, source: str) -> str:
+        self._require_rw()
+        run_id = uuid.uuid4().hex
+        self.con.execute(
+            "INSERT INTO ingest_runs VALUES (?, ?, now(), NULL, 'running', 0, 0, 0, 0, NULL)", [run_id, source]
+        )
+        return run_id
+
+    def finish_run(
+        self, run_id: str, *, read: int, stored: int, duplicates: int, rejects: int, status: str,
+        message: str | None = None,
+    ) -> None:
+        self._require_rw()
+        self.con.execute(
+            "UPDATE ingest_runs SET finished_at = now(), status = ?, records_read = ?, events_stored = ?, "
+            "duplicates = ?, rejects = ?, message = ? WHERE run_id = ?",
+            [status, read, stored, duplicates, rejects, message, run_id],
+        )
+
+    # -- snapshots -------------------------------------------------------------------------------
+    def publish_snapshot(self) -> Path | None:
+        """Checkpoint and atomically publish ``<db>.snapshot`` for readers (see module docstring)."""
+        self._require_rw()
+        if self.path == ":memory:":
+            return None
+        self.con.execute("CHECKPOINT")
+        dst = snapshot_path(self.path)
+        tmp = dst.with_name(dst.name + f".tmp-{os.getpid()}")
+        shutil.copyfile(self.path, tmp)
+        os.replace(tmp, dst)
+        self._last_publish = time.monotonic()
+        return dst
+
+    def maybe_publish_snapshot(self, every_s: float) -> None:
+        """Publish if more than ``every_s`` seconds passed since the last publish (long ingests)."""
+        if time.monotonic() - self._last_publish >= every_s:
+            self.publish_snapshot()
+
+
+def _read_version(con: duckdb.DuckDBPyConnection) -> int:
+    try:
+        row = con.execute("SELECT value FROM meshlens_meta WHERE key = 'schema_version'").fetchone()
+    except duckdb.CatalogException:
+        return 0
+    return int(row[0]) if row else 0
+
+
+# Each entry upgrades the store from version N-1 to N; index 0 creates version 1.
+def _create_v1(con: duckdb.DuckDBPyConnection) -> None:
+    for table in schema.TABLES:
+        con.execute(schema.create_table_sql(table))
+
+
+MIGRATIONS = [_create_v1]
+assert len(MIGRATIONS) == schema.SCHEMA_VERSION
+
+
+def migrate(con: duckdb.DuckDBPyConnection, path: str) -> int:
+    """Bring the store to :data:`schema.SCHEMA_VERSION`; returns the version found before."""
+    found = _read_version(con)
+    if found > schema.SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"store {path!r} has schema version {found}, newer than this meshlens understands "
+            f"({schema.SCHEMA_VERSION}); upgrade meshlens (pip install -U meshlens)"
+        )
+    if found == 0:
+        tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        if tables - {"meshlens_meta"}:
+            raise SchemaVersionError(
+                f"{path!r} is a DuckDB file with tables {sorted(tables)} but no meshlens schema version; "
+                "it was not created by meshlens. Use a new --db path."
+            )
+    if found == schema.SCHEMA_VERSION:
+        return found
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute("CREATE TABLE IF NOT EXISTS meshlens_meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
+        for step in MIGRATIONS[found:]:
+            step(con)
+        con.execute(
+            "INSERT OR REPLACE INTO meshlens_meta VALUES ('schema_version', ?)", [str(schema.SCHEMA_VERSION)]
+        )
+        con.execute("COMMIT")
+    except BaseException:
+        with suppress(duckdb.Error):
+            con.execute("ROLLBACK")
+        raise
+    return found
+
+
+def open_store(path: str | os.PathLike[str], read_only: bool = False) -> Store:
+    """Open (and for writers create/migrate) a store.
+
+    ``read_only=True`` opens the published snapshot when there is one (so it never conflicts with a
+    running ingest), else the file itself read-only. A read-only open of a store with an older schema
+    fails with a message telling how to migrate.
+    """
+    path = str(path)
+    if read_only:
+        snap = snapshot_path(path)
+        target = str(snap) if snap.exists() else path
+        if target != ":memory:" and not Path(target).exists():
+            raise StoreError(f"store {path!r} does not exist; ingest something first (meshlens ingest ...)")
+        con = _connect(target, read_only=True)
+        found = _read_version(con)
+        if found != schema.SCHEMA_VERSION:
+            con.close()
+            if found > schema.SCHEMA_VERSION:
+                raise SchemaVersionError(
+                    f"store {path!r} has schema version {found}, newer than this meshlens "
+                    f"({schema.SCHEMA_VERSION}); upgrade meshlens"
+                )
+            raise SchemaVersionError(
+                f"store {path!r} has schema version {found}, this meshlens needs {schema.SCHEMA_VERSION}; "
+                f"run `meshlens migrate --db {path}` once (read-write) to migrate it"
+            )
+        return Store(con, path, read_only=True)
+    if path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    con = _connect(path, read_only=False)
+    try:
+        migrate(con, path)
+    except BaseException:
+        con.close()
+        raise
+    return Store(con, path, read_only=False)
+
+
+@contextmanager
+def writing(path: str | os.PathLike[str], publish: bool = True) -> Iterator[Store]:
+    """Open read-write for the duration of a block; publish the snapshot at the end if it succeeded."""
+    store = open_store(path, read_only=False)
+    try:
+        yield store
+        if publish:
+            store.publish_snapshot()
+    finally:
+        store.close()
