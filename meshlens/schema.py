@@ -66,6 +66,8 @@ EVENT_COLUMNS: tuple[Column, ...] = (
            "`none`, `ext_authz`, Linkerd server/route)."),
     Column("mtls", "BOOLEAN", "TRUE if the hop was mutual-TLS, FALSE if known plaintext, NULL unknown."),
     Column("tls_failure_reason", "VARCHAR", "Upstream transport failure reason / TLS error text."),
+    Column("transport_failure_reason", "VARCHAR", "Envoy UPSTREAM_TRANSPORT_FAILURE_REASON as logged "
+           "(TLS or not, e.g. `delayed_connect_error:_Connection_refused`)."),
     Column("request_id", "VARCHAR", "x-request-id (correlates client and server records of a hop)."),
     Column("trace_id", "VARCHAR", "Trace id when logged (traceparent / b3 / Linkerd trace_id)."),
     Column("user_agent", "VARCHAR", "User-Agent (for audit events: the API client's)."),

@@ -1,0 +1,273 @@
+"""Vectorized parsing of the high-volume Envoy-family access logs with DuckDB SQL.
+
+Why SQL: a Python dict per line tops out near 60k lines/s; DuckDB's vectorized string and JSON
+functions parse and normalize a batch of Istio/Envoy/Consul access-log lines several times faster,
+which is what keeps ingest within a small factor of DuckDB's own ``read_json``.
+
+Two extractors produce the same *Envoy fields* (Istio's 24 JSON key names, plus optional extras):
+
+* text: Istio's default TEXT format (>= 1.9 with response-code details, and the pre-1.9 layout without
+  them) and Envoy's default format. The line is split on ``"``: Istio lines have 7 quoted fields
+  (15 pieces), Envoy's default 6 (13 pieces); a line matching neither is rejected with the reason.
+* JSON: Istio/Consul JSON encoding (or a custom key mapping). Values may be numbers, strings, ``"-"`` or
+  ``null`` depending on the Istio version -- all are read as text and typed afterwards.
+
+One derivation turns Envoy fields into normalized event columns: direction and peers from the
+upstream cluster / SNI / authority and the proxy's own labels, RBAC and ext_authz denials into ``authz``
+events, TLS transport failures into ``tls`` events.
+"""
+
+from __future__ import annotations
+
+import re
+
+from meshlens.formats.envoy import EXT_AUTHZ_DETAILS, RBAC_DENIED_PREFIX, TLS_MARKERS
+from meshlens.formats.identity import CONSUL_HOST_RE, ISTIO_SNI_RE, POD_SUFFIX_RE, SPIFFE_RE, SVC_HOST_RE
+
+ENVOY_FIELDS: tuple[str, ...] = (
+    "start_time", "method", "path", "protocol", "response_code", "response_flags", "response_code_details",
+    "connection_termination_details", "upstream_transport_failure_reason", "bytes_received", "bytes_sent",
+    "duration", "upstream_service_time", "x_forwarded_for", "user_agent", "request_id", "authority",
+    "upstream_host", "upstream_cluster", "upstream_local_address", "downstream_local_address",
+    "downstream_remote_address", "requested_server_name", "route_name",
+)
+# Optional keys a custom Telemetry/Consul JSON format may add (first match wins).
+EXTRA_FIELDS: dict[str, tuple[str, ...]] = {
+    "downstream_peer_uri_san": ("downstream_peer_uri_san", "source_principal", "downstream_peer_principal"),
+    "downstream_local_uri_san": ("downstream_local_uri_san",),
+    "upstream_peer_uri_san": ("upstream_peer_uri_san", "upstream_peer_principal"),
+    "downstream_transport_failure_reason": ("downstream_transport_failure_reason",),
+    "trace_id": ("trace_id", "traceparent", "x_b3_traceid", "traceid"),
+    "grpc_status": ("grpc_status", "grpc-status"),
+}
+ISTIO_JSON_MARKERS = ("upstream_cluster", "response_code")
+
+
+def _q(s: str) -> str:
+    """A SQL string literal (for constants from this package, never user input)."""
+    return "'" + s.replace("'", "''") + "'"
+
+
+TLS_RE = "|".join(re.escape(m) for m in TLS_MARKERS)
+
+MACROS = [
+    "CREATE OR REPLACE MACRO nz(x) AS CASE WHEN x IS NULL OR x = '-' OR x = '' THEN NULL ELSE x END",
+    "CREATE OR REPLACE MACRO ipof(a) AS CASE WHEN nz(a) IS NULL THEN NULL "
+    "WHEN starts_with(a, 'envoy://') THEN NULL WHEN a[1] = '[' THEN regexp_extract(a, '^\\[([^\\]]*)\\]', 1) "
+    "WHEN length(a) - length(replace(a, ':', '')) = 1 THEN split_part(a, ':', 1) ELSE a END",
+    "CREATE OR REPLACE MACRO portof(a) AS try_cast(regexp_extract(a, ':(\\d+)$', 1) AS INTEGER)",
+    "CREATE OR REPLACE MACRO notnum(x) AS nz(x) IS NOT NULL AND try_cast(x AS DOUBLE) IS NULL",
+    f"CREATE OR REPLACE MACRO podwl(p) AS nullif(regexp_replace(p, {_q(POD_SUFFIX_RE)}, ''), '')",
+]
+
+
+def text_fields_sql(table: str) -> str:
+    """SELECT Envoy fields (+ ``reason`` for malformed lines) from ``table(seq, body)`` of text lines."""
+    return f"""
+WITH s AS (SELECT seq, string_split(body, '"') AS q FROM {table}),
+s2 AS (
+  SELECT seq, q, len(q) AS nq, CASE WHEN len(q) = 15 THEN 2 ELSE 0 END AS o,
+         string_split(q[2], ' ') AS rq,
+         string_split_regex(trim(q[3]), '\\s+') AS a
+  FROM s),
+s3 AS (
+  SELECT *,
+    CASE WHEN nq = 15 THEN string_split_regex(trim(q[5]), '\\s+') ELSE a[3:6] END AS b,
+    string_split_regex(trim(q[13 + o]), '\\s+') AS c,
+    CASE WHEN q[1] = '' THEN NULL ELSE regexp_extract(q[1], '^\\[([^\\]]+)\\]\\s*$', 1) END AS st
+  FROM s2)
+SELECT seq,
+  CASE WHEN nq = 15 THEN 'istio_text' ELSE 'envoy_default' END AS format,
+  st AS start_time, rq[1] AS method, rq[2] AS path, rq[3] AS protocol,
+  a[1] AS response_code, a[2] AS response_flags,
+  CASE WHEN nq = 15 AND len(a) = 4 THEN a[3] END AS response_code_details,
+  CASE WHEN nq = 15 AND len(a) = 4 THEN a[4] END AS connection_termination_details,
+  CASE WHEN nq = 15 THEN q[4] END AS upstream_transport_failure_reason,
+  b[1] AS bytes_received, b[2] AS bytes_sent, b[3] AS duration, b[4] AS upstream_service_time,
+  q[4 + o] AS x_forwarded_for, q[6 + o] AS user_agent, q[8 + o] AS request_id, q[10 + o] AS authority,
+  q[12 + o] AS upstream_host,
+  CASE WHEN nq = 15 THEN c[1] END AS upstream_cluster,
+  CASE WHEN nq = 15 THEN c[2] END AS upstream_local_address,
+  CASE WHEN nq = 15 THEN c[3] END AS downstream_local_address,
+  CASE WHEN nq = 15 THEN c[4] END AS downstream_remote_address,
+  CASE WHEN nq = 15 THEN c[5] END AS requested_server_name,
+  CASE WHEN nq = 15 THEN c[6] END AS route_name,
+  CASE
+    WHEN nq NOT IN (13, 15) THEN 'Envoy text access log: expected 6 (Envoy default) or 7 (Istio) quoted '
+         || 'fields, found ' || ((nq - 1) // 2) || ' (truncated, wrapped or custom-format line?)'
+    WHEN q[1] <> '' AND st IS NULL THEN 'Envoy text access log: text before the request line is not a '
+         || '[START_TIME] (' || left(q[1], 60) || ')'
+    WHEN len(rq) <> 3 THEN 'Envoy text access log: request line "' || left(q[2], 80)
+         || '" is not METHOD PATH PROTOCOL'
+    WHEN nq = 15 AND len(a) NOT IN (2, 4) THEN 'Istio text access log: expected RESPONSE_CODE RESPONSE_FLAGS '
+         || '[RESPONSE_CODE_DETAILS CONNECTION_TERMINATION_DETAILS] after the request line, found '
+         || len(a) || ' tokens'
+    WHEN nq = 15 AND len(b) <> 4 THEN 'Istio text access log: expected BYTES_RECEIVED BYTES_SENT DURATION '
+         || 'UPSTREAM_SERVICE_TIME after the transport failure reason, found ' || len(b) || ' tokens'
+    WHEN nq = 13 AND len(a) <> 6 THEN 'Envoy default access log: expected 6 tokens after the request '
+         || 'line, found ' || len(a)
+    WHEN trim(q[5 + o]) <> '' OR trim(q[7 + o]) <> '' OR trim(q[9 + o]) <> '' OR trim(q[11 + o]) <> ''
+         THEN 'Envoy text access log: unexpected text between quoted fields'
+    WHEN nq = 15 AND len(c) NOT IN (5, 6) THEN 'Istio text access log: expected 6 fields after '
+         || 'UPSTREAM_HOST (cluster, addresses, SNI, route), found ' || len(c)
+    WHEN nq = 13 AND trim(q[13]) <> '' THEN 'Envoy default access log: unexpected text after UPSTREAM_HOST'
+  END AS reason
+FROM s3"""
+
+
+def json_fields_sql(table: str, mapping: dict[str, str] | None = None) -> str:
+    """SELECT Envoy fields from ``table(seq, body)`` of JSON lines (Istio keys or a custom mapping)."""
+    mapping = mapping or {}
+    paths: list[str] = []
+    names: list[str] = []
+    for f in ENVOY_FIELDS:
+        names.append(f)
+        paths.append(mapping.get(f, f))
+    extras: list[tuple[str, list[int]]] = []
+    for f, keys in EXTRA_FIELDS.items():
+        idx = []
+        for k in ([mapping[f]] if f in mapping else list(keys)):
+            idx.append(len(paths) + 1)
+            paths.append(k)
+        extras.append((f, idx))
+    path_list = "[" + ", ".join(_q('$."' + p.replace('"', '\\"') + '"') for p in paths) + "]"
+    cols = [f"j[{i + 1}] AS {n}" for i, n in enumerate(names)]
+    cols += [f"coalesce({', '.join(f'j[{i}]' for i in idx)}) AS {f}" for f, idx in extras]
+    return f"""
+SELECT seq, 'istio_json' AS format, {', '.join(cols)}, NULL::VARCHAR AS reason
+FROM (SELECT seq, json_extract_string(body, {path_list}) AS j FROM {table})"""
+
+
+def derive_sql(table: str) -> str:
+    """Normalized event columns (plus ``ts_ns`` and ``reason``) from Envoy fields in ``table``.
+
+    ``table`` has the Envoy fields, ``format``, ``reason`` and the proxy's own identity
+    (``self_workload``, ``self_namespace``, ``self_container``).
+    """
+    rbac = _q(RBAC_DENIED_PREFIX)
+    ext = ", ".join(_q(x) for x in EXT_AUTHZ_DETAILS)
+    return f"""
+WITH f AS (
+  SELECT *,
+    rtrim(nz(upstream_cluster), ';') AS cl,
+    nz(requested_server_name) AS sni,
+    nz(response_code_details) AS det,
+    nz(connection_termination_details) AS term,
+    nz(upstream_transport_failure_reason) AS tfr,
+    nz(response_flags) AS flags,
+    nz(start_time) AS st
+  FROM {table}),
+g AS (
+  SELECT *,
+    CASE
+      WHEN cl LIKE 'outbound|%' THEN 'outbound'
+      WHEN cl LIKE 'inbound|%' OR cl LIKE 'InboundPassthroughCluster%' OR cl = 'local_app' THEN 'inbound'
+      WHEN cl IN ('PassthroughCluster', 'BlackHoleCluster', 'connect_originate') OR cl LIKE '%.consul'
+        THEN 'outbound'
+      WHEN sni LIKE 'outbound\\_.%' ESCAPE '\\' THEN 'inbound'
+    END AS dir,
+    CASE WHEN cl LIKE 'outbound|%' THEN split_part(cl, '|', 4) END AS out_host,
+    regexp_extract(sni, {_q(ISTIO_SNI_RE)}, 2) AS sni_host,
+    CASE WHEN nz(authority) IS NOT NULL AND NOT regexp_matches(authority, '^[0-9\\[]')
+         THEN regexp_replace(authority, ':\\d+$', '') END AS auth_host,
+    CASE WHEN starts_with(det, {rbac}) THEN det WHEN starts_with(term, {rbac}) THEN term END AS rbac_det,
+    CASE
+      WHEN st IS NULL THEN NULL
+      WHEN regexp_matches(st, '^\\d+(\\.\\d+)?$') THEN CAST(CAST(st AS DOUBLE) * 1e9 AS BIGINT)
+      ELSE epoch_ns(try_cast(st AS TIMESTAMPTZ))
+    END AS ts_parsed
+  FROM f),
+h AS (
+  SELECT *,
+    CASE
+      WHEN out_host IS NOT NULL AND regexp_matches(out_host, {_q(SVC_HOST_RE)})
+        THEN regexp_extract(out_host, {_q(SVC_HOST_RE)}, 1)
+      WHEN out_host IS NOT NULL AND out_host <> '' THEN split_part(out_host, '.', 1)
+      WHEN cl LIKE '%.consul' THEN regexp_extract(cl, {_q(CONSUL_HOST_RE)}, 1)
+      WHEN dir = 'inbound' AND sni_host <> '' THEN split_part(sni_host, '.', 1)
+      WHEN dir = 'inbound' THEN coalesce(split_part(auth_host, '.', 1), self_workload)
+      ELSE coalesce(split_part(auth_host, '.', 1), CASE WHEN sni NOT LIKE 'outbound\\_%' ESCAPE '\\'
+                                                      THEN sni END, ipof(upstream_host))
+    END AS dsvc,
+    CASE
+      WHEN out_host IS NOT NULL AND regexp_matches(out_host, {_q(SVC_HOST_RE)})
+        THEN regexp_extract(out_host, {_q(SVC_HOST_RE)}, 2)
+      WHEN cl LIKE '%.consul' THEN nullif(regexp_extract(cl, {_q(CONSUL_HOST_RE)}, 2), '')
+      WHEN dir = 'inbound' AND sni_host <> '' THEN coalesce(nullif(split_part(sni_host, '.', 2), 'svc'),
+                                                            self_namespace)
+      WHEN dir = 'inbound' THEN self_namespace
+      WHEN auth_host LIKE '%.%' AND regexp_matches(auth_host, {_q(SVC_HOST_RE)})
+        THEN regexp_extract(auth_host, {_q(SVC_HOST_RE)}, 2)
+      WHEN auth_host LIKE '%.%' AND len(string_split(auth_host, '.')) = 2 THEN split_part(auth_host, '.', 2)
+      WHEN out_host IS NOT NULL THEN self_namespace
+    END AS dns,
+    CASE
+      WHEN rbac_det IS NOT NULL OR det IN ({ext}) OR det = 'rbac_access_denied'
+           OR list_contains(string_split(flags, ','), 'UAEX') THEN 'deny'
+    END AS authz,
+    CASE
+      WHEN rbac_det IS NOT NULL THEN regexp_extract(rbac_det, '^rbac_access_denied_matched_policy\\[(.*)\\]$', 1)
+      WHEN det IN ({ext}) OR list_contains(string_split(flags, ','), 'UAEX') THEN 'ext_authz'
+    END AS policy,
+    CASE
+      WHEN regexp_matches(coalesce(tfr, ''), {_q(TLS_RE)}) THEN tfr
+      WHEN regexp_matches(coalesce(nz(downstream_transport_failure_reason), ''), {_q(TLS_RE)})
+        THEN downstream_transport_failure_reason
+      WHEN regexp_matches(coalesce(det, ''), {_q(TLS_RE)}) THEN det
+    END AS tls_reason
+  FROM g)
+SELECT seq, format,
+  CASE WHEN authz = 'deny' THEN 'authz' WHEN tls_reason IS NOT NULL THEN 'tls' ELSE 'request' END AS event_type,
+  'access_log' AS record_kind,
+  CASE
+    WHEN cl LIKE '%.consul' OR cl = 'local_app'
+         OR self_container IN ('consul-dataplane', 'envoy-sidecar', 'consul-connect-envoy') THEN 'consul'
+    WHEN format = 'envoy_default' AND coalesce(self_container, '') <> 'istio-proxy' THEN 'envoy'
+    ELSE 'istio'
+  END AS mesh,
+  dir AS direction,
+  CASE WHEN dir = 'outbound' THEN self_workload END AS src_workload,
+  CASE WHEN dir = 'outbound' THEN self_namespace
+       ELSE nullif(regexp_extract(nz(downstream_peer_uri_san), {_q(SPIFFE_RE)}, 1), '') END AS src_namespace,
+  CASE WHEN dir = 'inbound' OR dir IS NULL THEN nz(downstream_peer_uri_san) END AS src_principal,
+  ipof(downstream_remote_address) AS src_ip,
+  dsvc AS dst_service, dns AS dst_namespace,
+  CASE WHEN dir = 'inbound' THEN self_workload END AS dst_workload,
+  CASE WHEN dir = 'outbound' THEN nz(upstream_peer_uri_san) ELSE nz(downstream_local_uri_san) END AS dst_principal,
+  coalesce(CASE WHEN cl LIKE '%bound|%' THEN try_cast(split_part(cl, '|', 2) AS INTEGER) END,
+           try_cast(regexp_extract(sni, {_q(ISTIO_SNI_RE)}, 1) AS INTEGER),
+           CASE WHEN dir = 'inbound' THEN portof(downstream_local_address) ELSE portof(upstream_host) END,
+           portof(downstream_local_address)) AS dst_port,
+  nz(method) AS method, nz(path) AS path, nz(authority) AS authority,
+  coalesce(nz(protocol), CASE WHEN nz(method) IS NULL THEN 'tcp' END) AS protocol,
+  try_cast(response_code AS INTEGER) AS status,
+  flags AS response_flags,
+  coalesce(det, term) AS response_code_details,
+  try_cast(nz(grpc_status) AS INTEGER) AS grpc_status,
+  try_cast(nz(duration) AS DOUBLE) AS duration_ms,
+  try_cast(nz(upstream_service_time) AS DOUBLE) AS upstream_service_time_ms,
+  try_cast(nz(bytes_sent) AS BIGINT) AS bytes_sent,
+  try_cast(nz(bytes_received) AS BIGINT) AS bytes_received,
+  authz AS authz_decision, policy AS authz_policy,
+  CASE
+    WHEN nz(downstream_peer_uri_san) IS NOT NULL AND dir IS DISTINCT FROM 'outbound' THEN TRUE
+    WHEN nz(upstream_peer_uri_san) IS NOT NULL AND dir = 'outbound' THEN TRUE
+    WHEN dir = 'inbound' THEN sni IS NOT NULL
+  END AS mtls,
+  tls_reason AS tls_failure_reason,
+  tfr AS transport_failure_reason,
+  nz(request_id) AS request_id, nz(trace_id) AS trace_id, nz(user_agent) AS user_agent,
+  cl AS upstream_cluster, nz(upstream_host) AS upstream_host, nz(route_name) AS route_name,
+  ts_parsed AS ts_ns,
+  CASE
+    WHEN reason IS NOT NULL THEN reason
+    WHEN try_cast(response_code AS INTEGER) IS NULL
+      THEN 'RESPONSE_CODE is not an integer: ' || coalesce('''' || left(response_code, 40) || '''', 'missing')
+    WHEN st IS NOT NULL AND ts_parsed IS NULL THEN 'START_TIME is not a timestamp: ''' || left(st, 60) || ''''
+    WHEN notnum(bytes_received) THEN 'BYTES_RECEIVED is not a number: ''' || left(bytes_received, 40) || ''''
+    WHEN notnum(bytes_sent) THEN 'BYTES_SENT is not a number: ''' || left(bytes_sent, 40) || ''''
+    WHEN notnum(duration) THEN 'DURATION is not a number: ''' || left(duration, 40) || ''''
+    WHEN notnum(upstream_service_time) AND upstream_service_time NOT LIKE '%,%'
+      THEN 'UPSTREAM_SERVICE_TIME is not a number: ''' || left(upstream_service_time, 40) || ''''
+  END AS reason
+FROM h"""

@@ -1,0 +1,282 @@
+"""Containers: how records are packed in files, before any log format applies.
+
+Handles, per file (sniffed, not guessed from the extension alone):
+
+* gzip (by magic bytes) around any of the below;
+* plain lines (one record per line), with pretty-printed multi-line JSON documents (a line that is a
+  lone ``{``) assembled into one record;
+* logcli ``--output jsonl`` exports: ``{"labels": {...}, "line": "...", "timestamp": "RFC3339Nano"}``;
+* a saved Loki ``query_range`` JSON response (streams are expanded into records with their labels);
+* Kubernetes CRI container log files (``<RFC3339Nano> <stream> <P|F> <text>``; ``P`` partial lines are
+  joined), with namespace/pod/container labels from ``/var/log/pods/<ns>_<pod>_<uid>/<container>/N.log``
+  or ``/var/log/containers/<pod>_<ns>_<container>-<id>.log`` paths.
+
+Pure functions over bytes/text: the file source (:mod:`meshlens.sources.files`) does the I/O. Records
+that cannot be decoded (invalid UTF-8, over the size limit) carry a ``reject_reason`` so that they are
+kept as rejects, never dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from meshlens.formats.identity import workload_from_pod
+from meshlens.timeutil import parse_rfc3339_ns
+
+MAX_RECORD_BYTES = 8 * 1024 * 1024
+MAX_MULTILINE_LINES = 100_000
+
+_CRI_LINE = re.compile(rb"^(\d{4}-\d\d-\d\dT\S+) (stdout|stderr) ([PF])(?: (.*))?$", re.S)
+_POD_PATH = re.compile(r"/pods/([^/_]+)_([^/_]+)_([^/]+)/([^/]+)/\d+\.log(?:\.gz|\.\d+(?:\.gz)?)?$")
+_CONTAINERS_PATH = re.compile(r"/containers/([^/_]+)_([^/_]+)_(.+)-[0-9a-f]{64}\.log(?:\.gz)?$")
+
+
+@dataclass
+class Record:
+    text: str
+    position: str
+    ts_ns: int | None = None
+    labels: dict[str, str] | None = None
+    reject_reason: str | None = None
+
+
+def labels_from_path(path: str) -> dict[str, str] | None:
+    """Kubernetes labels encoded in CRI log paths (namespace, pod, container, app)."""
+    m = _POD_PATH.search(path)
+    if m:
+        ns, pod, _uid, container = m.groups()
+    else:
+        m = _CONTAINERS_PATH.search(path)
+        if not m:
+            return None
+        pod, ns, container = m.groups()
+    out = {"namespace": ns, "pod": pod, "container": container}
+    wl = workload_from_pod(pod)
+    if wl:
+        out["app"] = wl
+    return out
+
+
+def _decode(raw: bytes, position: str) -> tuple[str, str | None]:
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError as exc:
+        return raw.decode("utf-8", errors="replace"), f"invalid UTF-8 at byte {exc.start} of the record"
+
+
+def _too_large(size: int, limit: int) -> str:
+    return f"record too large: {size} bytes > limit {limit} bytes (raise --max-record-bytes if genuine)"
+
+
+def sniff(first_lines: list[bytes], path: str) -> str:
+    """Which container a file is: ``cri``, ``logcli``, ``loki_json`` or ``lines``."""
+    sample = [ln for ln in first_lines if ln.strip()]
+    if not sample:
+        return "lines"
+    head = sample[0].strip()
+    if _CRI_LINE.match(head) and (labels_from_path(path) or all(_CRI_LINE.match(x.strip()) for x in sample[:5])):
+        return "cri"
+    if head.startswith(b"{"):
+        try:
+            obj = json.loads(head)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            obj = None
+        if isinstance(obj, dict) and "line" in obj and set(obj) <= {"labels", "line", "timestamp"}:
+            return "logcli"
+        if isinstance(obj, dict) and obj.get("status") and isinstance(obj.get("data"), dict) \
+                and "resultType" in obj["data"]:
+            return "loki_json"
+    return "lines"
+
+
+def records_from_lines(lines: Iterable[bytes], path: str, kind: str,
+                       max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[Record]:
+    """Yield records from the raw lines (without trailing newlines) of one file."""
+    if kind == "cri":
+        yield from _cri(lines, path, max_record_bytes)
+    elif kind == "logcli":
+        yield from _logcli(lines, path, max_record_bytes)
+    elif kind == "loki_json":
+        doc = b"\n".join(lines)
+        try:
+            obj = json.loads(doc)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            text, _ = _decode(doc[:65536], path)
+            yield Record(text, f"{path}:1", None, None, f"saved Loki response is not valid JSON: {exc}")
+            return
+        yield from loki_response_records(obj, f"{path}:1")
+    else:
+        yield from _plain(lines, path, max_record_bytes)
+
+
+def _plain(lines: Iterable[bytes], path: str, limit: int) -> Iterator[Record]:
+    base_labels = labels_from_path(path)
+    block: list[bytes] = []
+    block_start = 0
+    block_size = 0
+    lineno = 0
+    for lineno, raw in enumerate(lines, 1):  # noqa: B007 - lineno used after the loop
+        if block:
+            block.append(raw)
+            block_size += len(raw) + 1
+            if raw.rstrip() in (b"}", b"]"):
+                doc = b"\n".join(block)
+                try:
+                    obj = json.loads(doc)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    obj = None
+                if obj is not None:
+                    yield from _document(doc, obj, f"{path}:{block_start}-{lineno}", base_labels)
+                    block = []
+                    continue
+            if len(block) > MAX_MULTILINE_LINES or block_size > limit:
+                yield from _bad_block(block, path, block_start, base_labels, limit)
+                block = []
+            continue
+        if raw.strip() in (b"{", b"["):
+            block, block_start, block_size = [raw], lineno, len(raw)
+            continue
+        if not raw.strip():
+            continue  # blank lines separate records; they are not records
+        if len(raw) > limit:
+            text, _ = _decode(raw[:65536], path)
+            yield Record(text, f"{path}:{lineno}", None, base_labels, _too_large(len(raw), limit))
+            continue
+        text, err = _decode(raw, path)
+        yield Record(text.rstrip("\r"), f"{path}:{lineno}", None, base_labels, err)
+    if block:
+        yield from _bad_block(block, path, block_start, base_labels, limit)
+
+
+def _bad_block(block: list[bytes], path: str, start: int, labels: dict[str, str] | None,
+               limit: int) -> Iterator[Record]:
+    doc = b"\n".join(block)
+    end = start + len(block) - 1
+    try:
+        json.loads(doc)
+        reason = "multi-line JSON document too large"
+    except json.JSONDecodeError as exc:
+        reason = (f"multi-line JSON document (lines {start}-{end}) is not valid JSON: {exc.msg} at its "
+                  f"line {exc.lineno} column {exc.colno}")
+    except UnicodeDecodeError as exc:
+        reason = f"invalid UTF-8 at byte {exc.start} of the multi-line JSON document"
+    text, _ = _decode(doc[:limit], path)
+    yield Record(text, f"{path}:{start}-{end}", None, labels, reason)
+
+
+def _document(doc: bytes, obj: Any, position: str, labels: dict[str, str] | None) -> Iterator[Record]:
+    """A complete multi-line JSON document: a Loki response is expanded, anything else is one record."""
+    if isinstance(obj, dict) and isinstance(obj.get("data"), dict) and "resultType" in obj["data"]:
+        yield from loki_response_records(obj, position)
+        return
+    yield Record(doc.decode("utf-8", errors="replace"), position, None, labels)
+
+
+def loki_response_records(obj: dict[str, Any], position: str) -> Iterator[Record]:
+    """Records from a Loki ``query_range``/``query`` response body (streams only).
+
+    Several result items may carry the same label set (grafana/loki#5079): each keeps its entries.
+    """
+    data = obj.get("data") or {}
+    rtype = data.get("resultType")
+    if obj.get("status") not in (None, "success"):
+        yield Record(json.dumps(obj)[:65536], position, None, None,
+                     f"Loki response status {obj.get('status')!r}: {obj.get('error') or 'no data'}")
+        return
+    if rtype != "streams":
+        yield Record(json.dumps(obj)[:65536], position, None, None,
+                     f"Loki {rtype} result holds metric samples, not log lines; use "
+                     "`meshlens aggregate loki` to store metric series")
+        return
+    for i, stream in enumerate(data.get("result") or []):
+        labels = {str(k): str(v) for k, v in (stream.get("stream") or {}).items()}
+        for j, value in enumerate(stream.get("values") or []):
+            pos = f"{position}#result[{i}].values[{j}]"
+            if not isinstance(value, list) or len(value) < 2 or not isinstance(value[1], str):
+                yield Record(json.dumps(value)[:65536], pos, None, labels,
+                             "Loki stream entry is not [\"<ns timestamp>\", \"<line>\", ...]")
+                continue
+            ts = value[0]
+            ts_ns = int(ts) if isinstance(ts, str) and ts.isdigit() else None
+            if ts_ns is None:
+                yield Record(value[1], pos, None, labels, f"Loki entry timestamp {ts!r} is not integer ns")
+                continue
+            yield Record(value[1], pos, ts_ns, labels)
+
+
+def _logcli(lines: Iterable[bytes], path: str, limit: int) -> Iterator[Record]:
+    label_cache: dict[str, dict[str, str]] = {}
+    for lineno, raw in enumerate(lines, 1):
+        pos = f"{path}:{lineno}"
+        if not raw.strip():
+            yield Record("", pos, None, None, "empty line in a logcli jsonl export")
+            continue
+        if len(raw) > limit:
+            text, _ = _decode(raw[:65536], path)
+            yield Record(text, pos, None, None, _too_large(len(raw), limit))
+            continue
+        text, err = _decode(raw, path)
+        if err:
+            yield Record(text, pos, None, None, err)
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            yield Record(text, pos, None, None, f"logcli jsonl record is not valid JSON: {exc.msg} "
+                         f"at column {exc.colno}")
+            continue
+        if not isinstance(obj, dict) or not isinstance(obj.get("line"), str):
+            yield Record(text, pos, None, None, "logcli jsonl record without a string \"line\"")
+            continue
+        ts = obj.get("timestamp")
+        ts_ns = parse_rfc3339_ns(ts) if isinstance(ts, str) else None
+        if ts is not None and ts_ns is None:
+            yield Record(obj["line"], pos, None, None, f"logcli jsonl timestamp {ts!r} is not RFC 3339")
+            continue
+        lb = obj.get("labels")
+        labels = None
+        if isinstance(lb, dict) and lb:
+            key = json.dumps(lb, sort_keys=True)
+            labels = label_cache.get(key)
+            if labels is None:
+                labels = {str(k): str(v) for k, v in lb.items()}
+                if len(label_cache) < 100_000:
+                    label_cache[key] = labels
+        yield Record(obj["line"], pos, ts_ns, labels)
+
+
+def _cri(lines: Iterable[bytes], path: str, limit: int) -> Iterator[Record]:
+    labels = labels_from_path(path)
+    parts: list[bytes] = []
+    start = 0
+    for lineno, raw in enumerate(lines, 1):
+        m = _CRI_LINE.match(raw)
+        if not m:
+            text, _ = _decode(raw[:65536], path)
+            yield Record(text, f"{path}:{lineno}", None, labels,
+                         "not a CRI log line (<RFC3339Nano> <stdout|stderr> <P|F> <text>)")
+            continue
+        ts_b, _stream, tag, body = m.groups()
+        if not parts:
+            start = lineno
+        parts.append(body or b"")
+        if tag == b"P" and sum(len(p) for p in parts) <= limit:
+            continue
+        joined = b"".join(parts)
+        parts = []
+        pos = f"{path}:{start}" if start == lineno else f"{path}:{start}-{lineno}"
+        ts_ns = parse_rfc3339_ns(ts_b.decode("ascii", errors="replace"))
+        if len(joined) > limit:
+            text, _ = _decode(joined[:65536], path)
+            yield Record(text, pos, ts_ns, labels, _too_large(len(joined), limit))
+            continue
+        text, err = _decode(joined, path)
+        yield Record(text, pos, ts_ns, labels, err)
+    if parts:
+        text, err = _decode(b"".join(parts), path)
+        yield Record(text, f"{path}:{start}", None, labels,
+                     err or "CRI partial line (P) without its final (F) part: file truncated")

@@ -1,0 +1,420 @@
+"""Turn a :class:`~meshlens.records.RawBatch` into normalized events and rejects.
+
+Per record, the format is detected (or forced with ``fmt``):
+
+* Envoy-family text lines (``[START_TIME] "METHOD PATH PROTO" ...`` or without the time) and Istio/Consul
+  JSON lines are parsed in bulk by :mod:`meshlens.formats.bulk` (DuckDB SQL);
+* everything else goes to a record parser: Kubernetes audit (also AKS-wrapped), Linkerd access logs and
+  policy lines, Envoy RBAC debug, ztunnel, ECS documents, Docker ``{"log": ...}`` wrappers;
+* what matches nothing, or fails its parser, becomes a reject with the reason.
+
+``kubectl logs --prefix`` prefixes (``[pod container] ``) are stripped and feed the labels. Every record
+of the batch ends up in exactly one of the two outputs: events + rejects == records.
+
+Event ids: md5 of (stream labels, backend timestamp, record text), plus the occurrence number for a
+record repeated verbatim within one batch -- so re-ingesting a record never duplicates it, while two
+identical lines in one file are both kept.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from meshlens import schema
+from meshlens.errors import ConfigError
+from meshlens.formats import bulk, envoy, k8s_audit, linkerd
+from meshlens.formats.base import Event, Labels, Reject
+from meshlens.formats.identity import self_identity, workload_from_pod
+from meshlens.records import RawBatch
+from meshlens.timeutil import parse_rfc3339_ns
+
+MAX_RAW_REJECT = 64 * 1024
+
+# public --format names -> internal class
+FORMATS: dict[str, str] = {
+    "auto": "auto",
+    "istio_text": "envoy_text",
+    "envoy_default": "envoy_text",
+    "envoy_text": "envoy_text",
+    "istio_json": "envoy_json",
+    "consul_json": "envoy_json",
+    "envoy_json": "envoy_json",
+    "linkerd_apache": "linkerd_apache",
+    "linkerd_json": "linkerd_json",
+    "linkerd_proxy": "linkerd_proxy",
+    "envoy_rbac_debug": "envoy_rbac_debug",
+    "ztunnel": "ztunnel",
+    "k8s_audit": "k8s_audit",
+    "ecs": "ecs",
+}
+
+_RBAC_DEBUG = re.compile(r"^\d{4}-\d\d-\d\dT\S+\s+debug\s+envoy\s+rbac\s")
+_ZTUNNEL = re.compile(r"^(?:\d{4}-\d\d-\d\dT\S+\s+)?(?:error|warn|info|debug)\s+access\s+.*\b(?:src|dst)\.addr=")
+_LINKERD_APACHE = re.compile(r"^\S+:\d+ \S+ - \[")
+_PROXY_LOG = re.compile(
+    r"^(?:\d{4}-\d\d-\d\dT\S+|\[\s*\d+\.\d+s\])\s+(?:info|warn|warning|error|debug|trace|critical|INFO|WARN|"
+    r"ERROR|DEBUG|TRACE)\b"
+)
+_KUBECTL_PREFIX = re.compile(r"^\[([^\]\s]+) ([^\]\s]+)\] ")
+
+
+def _load_ecs() -> tuple[Callable[[Any], bool], Callable[[str, Any, Labels], Event]] | None:
+    try:
+        from meshlens.formats import ecs  # written alongside the Elasticsearch source
+    except ImportError:
+        return None
+    return ecs.looks_like_ecs, ecs.parse_ecs
+
+
+def _first_words(text: str, n: int = 80) -> str:
+    t = text.strip().replace("\n", "\\n")
+    return t[:n] + ("..." if len(t) > n else "")
+
+
+class Parser:
+    """Parses batches; holds one in-memory DuckDB connection (use one Parser per thread)."""
+
+    def __init__(self, fmt: str | None = None, json_mapping: dict[str, str] | None = None) -> None:
+        fmt = fmt or "auto"
+        if fmt not in FORMATS:
+            raise ConfigError(f"unknown format {fmt!r}; choose one of: {', '.join(sorted(FORMATS))}")
+        self.fmt = fmt
+        self.cls = FORMATS[fmt]
+        self.json_mapping = json_mapping
+        self.con = duckdb.connect(":memory:")
+        self.con.execute("SET threads TO 2")
+        for m in bulk.MACROS:
+            self.con.execute(m)
+        self._ecs = _load_ecs()
+        self._label_cache: dict[int, tuple[Labels | None, str, str | None, str | None, str | None]] = {}
+
+    # -- labels ------------------------------------------------------------------------------
+    def _label_info(self, labels: Labels | None) -> tuple[Labels | None, str, str | None, str | None, str | None]:
+        key = id(labels)
+        hit = self._label_cache.get(key)
+        if hit is not None and hit[0] is labels:
+            return hit
+        if labels:
+            canon = json.dumps({str(k): str(v) for k, v in sorted(labels.items())}, separators=(",", ":"))
+            wl, ns = self_identity(labels)
+            ct = labels.get("container") or labels.get("container_name")
+        else:
+            canon, wl, ns, ct = "", None, None, None
+        info = (labels, canon, wl, ns, ct)
+        if len(self._label_cache) > 100_000:
+            self._label_cache.clear()
+        self._label_cache[key] = info
+        return info
+
+    # -- main --------------------------------------------------------------------------------
+    def parse(self, batch: RawBatch, ingested_at: Any = None) -> tuple[pa.Table, pa.Table]:
+        """Return (events, rejects) Arrow tables with the store's column names."""
+        n = len(batch.lines)
+        if n == 0:
+            return _empty_events(), _empty_rejects()
+        canon, wl, ns, ct = [], [], [], []
+        info = self._label_info
+        for lb in batch.labels if batch.labels else [None] * n:
+            _, c, w, s, t = info(lb)
+            canon.append(c)
+            wl.append(w)
+            ns.append(s)
+            ct.append(t)
+        raw = pa.table({
+            "seq": pa.array(range(n), pa.int64()),
+            "line": pa.array(batch.lines, pa.string()),
+            "src_ts_ns": pa.array(batch.ts_ns if batch.ts_ns else [None] * n, pa.int64()),
+            "stream_key": pa.array(canon, pa.string()),
+            "self_workload": pa.array(wl, pa.string()),
+            "self_namespace": pa.array(ns, pa.string()),
+            "self_container": pa.array(ct, pa.string()),
+            "position": pa.array(batch.positions if batch.positions else [""] * n, pa.string()),
+            "pre_reject": pa.array(batch.reject_reasons if batch.reject_reasons else [None] * n, pa.string()),
+        })
+        con = self.con
+        con.register("raw_in", raw)
+        try:
+            return self._parse_registered(batch, ingested_at)
+        finally:
+            con.unregister("raw_in")
+            for t in ("cls", "ev_bulk", "ev_py", "rej_py"):
+                con.execute(f"DROP TABLE IF EXISTS {t}")
+
+    def _parse_registered(self, batch: RawBatch, ingested_at: Any) -> tuple[pa.Table, pa.Table]:
+        con = self.con
+        forced = self.cls
+        # 1. strip kubectl --prefix, classify
+        if forced == "auto":
+            klass = """CASE
+              WHEN pre_reject IS NOT NULL THEN 'pre_reject'
+              WHEN body[1] = '{' THEN CASE
+                  WHEN NOT json_valid(body) THEN 'python'
+                  WHEN json_exists(body, '$.upstream_cluster') OR json_exists(body, '$.response_code')
+                    THEN 'envoy_json'
+                  ELSE 'python' END
+              WHEN (body[1] = '"' OR regexp_matches(body, '^\\[\\d{4}-[^\\]]*\\]\\s*"')) THEN 'envoy_text'
+              ELSE 'python' END"""
+        elif forced in ("envoy_text", "envoy_json"):
+            klass = f"CASE WHEN pre_reject IS NOT NULL THEN 'pre_reject' ELSE '{forced}' END"
+        else:
+            klass = "CASE WHEN pre_reject IS NOT NULL THEN 'pre_reject' ELSE 'python' END"
+        con.execute(f"""
+            CREATE OR REPLACE TEMP TABLE cls AS
+            WITH p AS (
+              SELECT seq, line, pre_reject,
+                CASE WHEN line[1] = '[' AND NOT regexp_matches(substr(line, 2, 1), '[0-9 ]')
+                     THEN regexp_extract(line, '^\\[([^\\]\\s]+) ([^\\]\\s]+)\\] ', ['pod', 'container'])
+                END AS kp,
+                self_workload, self_namespace, self_container
+              FROM raw_in)
+            SELECT seq, pre_reject,
+              CASE WHEN kp.pod <> '' THEN substr(line, length(kp.pod) + length(kp.container) + 5) ELSE line END
+                AS body,
+              CASE WHEN kp.pod <> '' THEN coalesce(podwl(kp.pod), self_workload) ELSE self_workload END
+                AS self_workload,
+              self_namespace,
+              CASE WHEN kp.pod <> '' THEN kp.container ELSE self_container END AS self_container,
+              nullif(kp.pod, '') AS prefix_pod
+            FROM p""")
+        con.execute(f"ALTER TABLE cls ADD COLUMN klass VARCHAR; UPDATE cls SET klass = {klass}")
+        # 2. bulk paths
+        text_sql = bulk.text_fields_sql("(SELECT seq, body FROM cls WHERE klass = 'envoy_text')")
+        json_sql = bulk.json_fields_sql(
+            "(SELECT seq, body FROM cls WHERE klass = 'envoy_json' AND json_valid(body))", self.json_mapping)
+        extra_null = ", ".join(f"NULL::VARCHAR AS {f}" for f in bulk.EXTRA_FIELDS)
+        fields = ", ".join(("seq", "format", *bulk.ENVOY_FIELDS, *bulk.EXTRA_FIELDS, "reason"))
+        con.execute(f"""
+            CREATE OR REPLACE TEMP TABLE ev_fields AS
+            WITH u AS (
+              SELECT {fields} FROM (SELECT *, {extra_null} FROM ({text_sql}))
+              UNION ALL
+              SELECT {fields} FROM ({json_sql})
+              UNION ALL
+              SELECT seq, 'istio_json', {", ".join("NULL" for _ in bulk.ENVOY_FIELDS)},
+                     {", ".join("NULL" for _ in bulk.EXTRA_FIELDS)},
+                     'invalid JSON (forced format ' || '{self.fmt}' || ')'
+              FROM cls WHERE klass = 'envoy_json' AND NOT json_valid(body))
+            SELECT u.*, c.self_workload, c.self_namespace, c.self_container FROM u JOIN cls c USING (seq)""")
+        con.execute(f"CREATE OR REPLACE TEMP TABLE ev_bulk AS {bulk.derive_sql('ev_fields')}")
+        con.execute("DROP TABLE ev_fields")
+        # 3. record parsers for the rest
+        rows = con.execute(
+            "SELECT c.seq, c.body, c.self_workload, c.self_namespace, c.self_container, c.prefix_pod, "
+            "r.stream_key FROM cls c JOIN raw_in r USING (seq) WHERE c.klass = 'python' ORDER BY c.seq"
+        ).fetchall()
+        py_events, py_rejects = self._parse_python(rows, batch)
+        con.register("ev_py_in", _events_arrow(py_events))
+        con.execute("CREATE OR REPLACE TEMP TABLE ev_py AS SELECT * FROM ev_py_in")
+        con.unregister("ev_py_in")
+        con.register("rej_py_in", pa.table({
+            "seq": pa.array([r[0] for r in py_rejects], pa.int64()),
+            "format": pa.array([r[1] for r in py_rejects], pa.string()),
+            "reason": pa.array([r[2] for r in py_rejects], pa.string()),
+        }))
+        con.execute("CREATE OR REPLACE TEMP TABLE rej_py AS SELECT * FROM rej_py_in")
+        con.unregister("rej_py_in")
+        return self._finalize(batch, ingested_at)
+
+    def _parse_python(self, rows: list[tuple[Any, ...]], batch: RawBatch,
+                      ) -> tuple[list[Event], list[tuple[int, str | None, str]]]:
+        events: list[Event] = []
+        rejects: list[tuple[int, str | None, str]] = []
+        for seq, body, wl, ns, ct, prefix_pod, _canon in rows:
+            labels: Labels = dict(batch.labels[seq] or {}) if batch.labels else {}
+            if prefix_pod:
+                labels.setdefault("pod", prefix_pod)
+                if ct:
+                    labels.setdefault("container", ct)
+            fmt_name: str | None = None
+            try:
+                fmt_name, ev = self._dispatch(body, labels)
+            except Reject as r:
+                rejects.append((seq, fmt_name or getattr(r, "format", None), r.reason))
+                continue
+            except (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError) as exc:
+                rejects.append((seq, fmt_name, f"parser error: {type(exc).__name__}: {exc}"))
+                continue
+            ts_text = ev.pop("ts_text", None)
+            if ev.get("ts_ns") is None and ts_text:
+                ts = parse_rfc3339_ns(ts_text)
+                if ts is None:
+                    rejects.append((seq, ev.get("format"), f"timestamp {ts_text!r} is not RFC 3339"))
+                    continue
+                ev["ts_ns"] = ts
+            ev["seq"] = seq
+            events.append(ev)
+        return events, rejects
+
+    def _dispatch(self, body: str, labels: Labels) -> tuple[str, Event]:
+        forced = self.cls
+        stripped = body.strip()
+        if forced == "auto" and not stripped:
+            raise Reject("empty line")
+        if forced == "auto" and stripped[:1] in "{[" and stripped[:1] == "{" or forced in (
+                "k8s_audit", "linkerd_json", "ecs"):
+            try:
+                obj = json.loads(body)
+            except json.JSONDecodeError as exc:
+                kind = "truncated or invalid" if stripped[:1] == "{" else "invalid"
+                r = Reject(f"{kind} JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")
+                raise r from None
+            return self._dispatch_json(body, obj, labels)
+        return self._dispatch_text(body, labels)
+
+    def _dispatch_json(self, body: str, obj: Any, labels: Labels) -> tuple[str, Event]:
+        forced = self.cls
+        if not isinstance(obj, dict):
+            raise Reject(f"JSON record is a {type(obj).__name__}, not an object")
+        if forced == "k8s_audit" or (forced == "auto" and k8s_audit.looks_like_audit(obj)):
+            return "k8s_audit", k8s_audit.parse(body, obj, labels)
+        if forced == "linkerd_json" or (forced == "auto" and "client.addr" in obj):
+            return "linkerd_json", linkerd.parse_json(body, obj, labels)
+        if forced == "auto" and isinstance(obj.get("log"), str) and len(obj) <= 6:
+            # Docker json-file / Fluent Bit record wrapping a proxy line
+            inner = obj["log"].rstrip("\n")
+            fmt_name, ev = self._dispatch(inner, labels)
+            if ev.get("ts_ns") is None and not ev.get("ts_text") and isinstance(obj.get("time"), str):
+                ev["ts_text"] = obj["time"]
+            return fmt_name, ev
+        if self._ecs is not None and (forced == "ecs" or (forced == "auto" and self._ecs[0](obj))):
+            return "ecs", self._ecs[1](body, obj, labels)
+        if forced != "auto":
+            raise Reject(f"does not parse as {self.fmt}")
+        keys = ", ".join(sorted(obj)[:8])
+        raise Reject(f"JSON record of unknown shape (keys: {keys}); not an Istio/Envoy, Linkerd, "
+                     "Kubernetes audit or ECS record -- pass --format or a JSON key mapping")
+
+    def _dispatch_text(self, body: str, labels: Labels) -> tuple[str, Event]:
+        forced = self.cls
+        parsers: list[tuple[str, Callable[[str, Any, Labels], Event]]] = []
+        if forced == "auto":
+            if _RBAC_DEBUG.match(body):
+                parsers.append(("envoy_rbac_debug", envoy.parse_rbac_debug))
+            elif _ZTUNNEL.match(body):
+                parsers.append(("ztunnel", envoy.parse_ztunnel))
+            elif _LINKERD_APACHE.match(body):
+                parsers.append(("linkerd_apache", linkerd.parse_apache))
+            elif linkerd.looks_like_proxy(body):
+                parsers.append(("linkerd_proxy", linkerd.parse_proxy))
+            elif _PROXY_LOG.match(body):
+                raise Reject("proxy log line (pilot-agent/Envoy/Linkerd diagnostics), not an access or "
+                             "policy record")
+            else:
+                raise Reject(f"unrecognised format: no parser matched '{_first_words(body)}'")
+        else:
+            table = {"envoy_rbac_debug": envoy.parse_rbac_debug, "ztunnel": envoy.parse_ztunnel,
+                     "linkerd_apache": linkerd.parse_apache, "linkerd_proxy": linkerd.parse_proxy}
+            if forced not in table:
+                raise Reject(f"does not parse as {self.fmt}")
+            parsers.append((forced, table[forced]))
+        name, fn = parsers[0]
+        try:
+            return name, fn(body, None, labels)
+        except Reject as r:
+            r.format = name  # type: ignore[attr-defined]
+            raise
+
+    # -- assemble ----------------------------------------------------------------------------
+    def _finalize(self, batch: RawBatch, ingested_at: Any) -> tuple[pa.Table, pa.Table]:
+        con = self.con
+        src = batch.source
+        ev_cols = [c for c in schema.EVENT_COLUMN_NAMES]
+        now = "now()" if ingested_at is None else "$ingested_at"
+        params: dict[str, Any] = {"source": src}
+        if ingested_at is not None:
+            params["ingested_at"] = ingested_at
+        sel = []
+        for c in ev_cols:
+            if c == "event_id":
+                sel.append("CASE WHEN occ = 1 THEN h ELSE md5(h || '#' || occ) END AS event_id")
+            elif c == "ts":
+                sel.append("make_timestamptz(coalesce(e.ts_ns, r.src_ts_ns) // 1000) AS ts")
+            elif c == "ts_ns":
+                sel.append("coalesce(e.ts_ns, r.src_ts_ns) AS ts_ns")
+            elif c == "labels":
+                sel.append("CASE WHEN r.stream_key = '' THEN MAP {} ELSE "
+                           "CAST(json_transform(r.stream_key, '\"MAP(VARCHAR, VARCHAR)\"') AS MAP(VARCHAR, VARCHAR)) "
+                           "END AS labels")
+            elif c == "source":
+                sel.append("$source AS source")
+            elif c == "position":
+                sel.append("r.position AS position")
+            elif c == "raw":
+                sel.append("coalesce(e.raw_override, r.line) AS raw")
+            elif c == "ingested_at":
+                sel.append(f"{now} AS ingested_at")
+            elif c == "change_spec":
+                sel.append("CAST(e.change_spec AS JSON) AS change_spec")
+            else:
+                sel.append(f"e.{c}")
+        events = con.sql(f"""
+            WITH e AS (
+              SELECT * EXCLUDE (reason), NULL::VARCHAR AS raw_override FROM ev_bulk WHERE reason IS NULL
+              UNION ALL BY NAME
+              SELECT * EXCLUDE (raw), raw AS raw_override FROM ev_py),
+            k AS (
+              SELECT e.*, md5(r.stream_key || chr(31) || coalesce(CAST(r.src_ts_ns AS VARCHAR), '') || chr(31)
+                              || r.line) AS h
+              FROM e JOIN raw_in r USING (seq)),
+            o AS (SELECT *, row_number() OVER (PARTITION BY h ORDER BY seq) AS occ FROM k)
+            SELECT {", ".join(sel)} FROM o e JOIN raw_in r USING (seq) ORDER BY e.seq
+        """, params=params).to_arrow_table()
+        rejects = con.sql(f"""
+            WITH j AS (
+              SELECT seq, format, reason FROM ev_bulk WHERE reason IS NOT NULL
+              UNION ALL SELECT seq, format, reason FROM rej_py
+              UNION ALL SELECT seq, NULL, pre_reject FROM cls WHERE klass = 'pre_reject')
+            SELECT md5($source || chr(31) || r.position || chr(31) || r.line) AS reject_id,
+              $source AS source, r.position, r.src_ts_ns AS ts_ns, j.format,
+              CASE WHEN length(r.line) > {MAX_RAW_REJECT}
+                   THEN j.reason || ' [raw truncated to {MAX_RAW_REJECT} of ' || length(r.line) || ' chars]'
+                   ELSE j.reason END AS reason,
+              left(r.line, {MAX_RAW_REJECT}) AS raw,
+              {now} AS ingested_at
+            FROM j JOIN raw_in r USING (seq) ORDER BY seq
+        """, params=params).to_arrow_table()
+        return events, rejects
+
+
+_ASSEMBLED = {"event_id", "ts", "ts_ns", "labels", "source", "position", "raw", "ingested_at"}
+
+_EVENT_TYPES = {c.name: c.type for c in schema.EVENT_COLUMNS}
+
+
+def _arrow_type(sql_type: str) -> pa.DataType:
+    return {
+        "VARCHAR": pa.string(), "INTEGER": pa.int32(), "BIGINT": pa.int64(), "DOUBLE": pa.float64(),
+        "BOOLEAN": pa.bool_(), "JSON": pa.string(), "VARCHAR[]": pa.list_(pa.string()),
+    }.get(sql_type, pa.string())
+
+
+_PY_COLUMNS = [c for c in schema.EVENT_COLUMN_NAMES if c not in _ASSEMBLED]
+
+
+def _events_arrow(events: list[Event]) -> pa.Table:
+    """Record-parser dicts -> Arrow with typed columns (seq, parsed columns, ts_ns, raw override)."""
+    cols: dict[str, pa.Array] = {"seq": pa.array([e["seq"] for e in events], pa.int64())}
+    for c in _PY_COLUMNS:
+        cols[c] = pa.array([e.get(c) for e in events], _arrow_type(_EVENT_TYPES[c]))
+    cols["ts_ns"] = pa.array([e.get("ts_ns") for e in events], pa.int64())
+    cols["raw"] = pa.array([e.get("raw") for e in events], pa.string())
+    return pa.table(cols)
+
+
+def _empty_events() -> pa.Table:
+    return pa.table({c.name: pa.array([], _arrow_type(c.type)) for c in schema.EVENT_COLUMNS
+                     if c.type not in ("TIMESTAMPTZ", "MAP(VARCHAR, VARCHAR)")})
+
+
+def _empty_rejects() -> pa.Table:
+    return pa.table({c.name: pa.array([], pa.string()) for c in schema.REJECT_COLUMNS})
+
+
+def workload_of(pod: str | None) -> str | None:
+    return workload_from_pod(pod)

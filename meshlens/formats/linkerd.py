@@ -1,0 +1,174 @@
+"""Linkerd proxy records: access logs (apache and JSON) and authorization decisions in proxy logs.
+
+Facts (../shared/formats.md section 2): access logs are written by the *server-side* (inbound) proxy,
+so the proxy's own labels name the destination and ``client.addr``/``client.id`` the caller; durations
+are nanosecond strings; ``client.id`` is ``<sa>.<ns>.serviceaccount.identity.linkerd.<td>`` or ``-``.
+Denials are INFO proxy log lines ("Request denied" / "Connection denied"); each is followed by an error
+line for the same denial, which is rejected with that reason so a denial is counted once. Proxy log
+prefixes like ``[  1289.245238s]`` are seconds since proxy start, not wall-clock time, so the
+collector's timestamp is used.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from meshlens.formats.base import Event, Labels, Reject
+from meshlens.formats.identity import ip_of, port_of, principal_identity, self_identity, service_from_host
+
+_APACHE = re.compile(
+    r"^(?P<addr>\S+) (?P<id>\S+) - \[(?P<ts>[^\]]+)\] \"(?P<method>\S+) (?P<uri>\S+) (?P<version>[^\"]+)\" "
+    r"(?P<status>\d{3})\s*$"
+)
+
+
+def _uri_parts(uri: str | None) -> tuple[str | None, str | None]:
+    """``http://webapp:7000/authors`` -> (``webapp:7000``, ``/authors``); ``/ping`` -> (None, ``/ping``)."""
+    if not uri:
+        return None, None
+    m = re.match(r"^[a-z][a-z0-9+.-]*://([^/]*)(/.*)?$", uri)
+    if m:
+        return m.group(1), m.group(2) or "/"
+    return None, uri
+
+
+def _access_event(labels: Labels, *, fmt: str, addr: str | None, client_id: str | None, method: str | None,
+                  uri: str | None, version: str | None, status: int | None, host: str | None) -> Event:
+    self_wl, self_ns = self_identity(labels)
+    uri_host, path = _uri_parts(uri)
+    authority = host or uri_host
+    svc, svc_ns = service_from_host(authority)
+    cid = None if client_id in (None, "", "-") else client_id
+    src_ns, src_sa = principal_identity(cid)
+    return {
+        "event_type": "request",
+        "record_kind": "access_log",
+        "mesh": "linkerd",
+        "format": fmt,
+        "direction": "inbound",
+        "src_workload": src_sa,
+        "src_namespace": src_ns,
+        "src_principal": cid,
+        "src_ip": ip_of(addr),
+        "dst_service": (self_wl if svc is None or svc[0].isdigit() else svc) or self_wl,
+        "dst_namespace": self_ns or svc_ns,
+        "dst_workload": self_wl,
+        "dst_port": port_of(authority) if authority else None,
+        "method": method,
+        "path": path,
+        "authority": authority,
+        "protocol": version,
+        "status": status,
+        "mtls": cid is not None,
+    }
+
+
+def parse_apache(text: str, obj: Any, labels: Labels) -> Event:
+    m = _APACHE.match(text)
+    if not m:
+        raise Reject("not a Linkerd apache access log line")
+    ev = _access_event(labels, fmt="linkerd_apache", addr=m["addr"], client_id=m["id"], method=m["method"],
+                       uri=m["uri"], version=m["version"], status=int(m["status"]), host=None)
+    ev["ts_text"] = m["ts"]
+    return ev
+
+
+def _num(obj: dict[str, Any], key: str) -> float | None:
+    v = obj.get(key)
+    if v in (None, "", "-"):
+        return None
+    if isinstance(v, bool):
+        raise Reject(f"Linkerd JSON field {key!r}: expected a number, got {v!r}")
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise Reject(f"Linkerd JSON field {key!r}: expected a number, got {v!r}") from None
+
+
+def parse_json(text: str, obj: Any, labels: Labels) -> Event:
+    if not isinstance(obj, dict) or "client.addr" not in obj:
+        raise Reject("not a Linkerd JSON access log record (no client.addr)")
+    status = _num(obj, "status")
+    ev = _access_event(labels, fmt="linkerd_json", addr=_str(obj.get("client.addr")),
+                       client_id=_str(obj.get("client.id")), method=_str(obj.get("method")),
+                       uri=_str(obj.get("uri")), version=_str(obj.get("version")),
+                       status=int(status) if status is not None else None, host=_str(obj.get("host")))
+    total, req_b, resp_b = _num(obj, "total_ns"), _num(obj, "request_bytes"), _num(obj, "response_bytes")
+    ev.update(
+        ts_text=_str(obj.get("timestamp")),
+        duration_ms=total / 1e6 if total is not None else None,
+        bytes_received=int(req_b) if req_b is not None else None,
+        bytes_sent=int(resp_b) if resp_b is not None else None,
+        trace_id=_str(obj.get("trace_id")) or None,
+        user_agent=_str(obj.get("user_agent")) or None,
+    )
+    return ev
+
+
+def _str(v: Any) -> str | None:
+    if v is None:
+        return None
+    if isinstance(v, dict | list):
+        raise Reject(f"Linkerd JSON: expected a string, got {type(v).__name__}")
+    return str(v)
+
+
+_KV = re.compile(r"(\S+?)=(\S*)")
+_CLIENT_ID = re.compile(r'ClientId\(Name\("([^"]+)"\)\)')
+_SERVER_PORT = re.compile(r"server\{port=(\d+)\}")
+
+
+def parse_proxy(text: str, obj: Any, labels: Labels) -> Event:
+    """Linkerd policy decisions in proxy logs (linkerd2#13013, linkerd2 PR #9286)."""
+    if "linkerd_app_inbound::policy" in text:
+        if " denied " in text or text.rstrip().endswith(" denied"):
+            decision = "deny"
+        elif " allowed " in text:
+            decision = "allow"
+        else:
+            raise Reject("Linkerd policy log line without a decision")
+        body = text.split("::policy::", 1)[1]
+        kv = dict(_KV.findall(body))
+        tcp = body.startswith("tcp")
+        server = kv.get("server.name")
+        route = kv.get("route.name")
+        policy = f"{kv.get('server.kind') or 'server'}/{server}" if server else None
+        if route and not tcp:
+            policy = f"{policy} route/{route}" if policy else f"route/{route}"
+        if kv.get("authz.name"):
+            policy = f"{kv.get('authz.kind', 'authz')}/{kv['authz.name']}"
+        cid = _CLIENT_ID.search(body)
+        client_ip = kv.get("client.ip") or ip_of(kv.get("client"))
+        tls_text = kv.get("client.tls") or kv.get("tls") or ""
+        self_wl, self_ns = self_identity(labels)
+        src_ns, src_sa = principal_identity(cid.group(1) if cid else None)
+        port = _SERVER_PORT.search(text)
+        return {
+            "event_type": "authz",
+            "record_kind": "proxy_log",
+            "mesh": "linkerd",
+            "format": "linkerd_proxy",
+            "direction": "inbound",
+            "src_principal": cid.group(1) if cid else None,
+            "src_namespace": src_ns,
+            "src_workload": src_sa,
+            "src_ip": client_ip,
+            "dst_service": self_wl,
+            "dst_workload": self_wl,
+            "dst_namespace": self_ns,
+            "dst_port": int(port.group(1)) if port else None,
+            "protocol": "tcp" if tcp else "http",
+            "status": 0 if tcp else (403 if decision == "deny" else None),
+            "authz_decision": decision,
+            "authz_policy": policy,
+            "mtls": bool(cid) or (tls_text.startswith("Some(Established") if tls_text else None),
+        }
+    if "error=unauthorized " in text:
+        raise Reject("Linkerd follow-up error line of a denial already recorded by its "
+                     "'Request denied'/'Connection denied' line")
+    raise Reject("Linkerd proxy log line that is not an access or policy record")
+
+
+def looks_like_proxy(text: str) -> bool:
+    return "linkerd_app_" in text or "linkerd2_proxy" in text

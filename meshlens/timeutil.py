@@ -1,0 +1,95 @@
+"""Timestamps: parsing RFC 3339 with nanoseconds, relative ranges, and formatting -- in one place.
+
+Why not datetime alone: Loki and Linkerd carry nanoseconds, which ``datetime`` drops; meshlens keeps
+integer Unix nanoseconds end to end and converts to ``datetime`` only for display.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+
+from meshlens.errors import ConfigError
+
+_RFC3339 = re.compile(
+    r"^(\d{4})-(\d\d)-(\d\d)[T ](\d\d):(\d\d):(\d\d)(?:[.,](\d{1,9}))?\d*\s*(Z|z|[+-]\d\d:?\d\d)?$"
+)
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h|d|w)")
+_UNIT_NS = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 1_000_000_000, "m": 60_000_000_000,
+            "h": 3_600_000_000_000, "d": 86_400_000_000_000, "w": 7 * 86_400_000_000_000}
+
+
+def parse_rfc3339_ns(text: str) -> int | None:
+    """``2022-08-23T20:28:20.071809491Z`` -> Unix ns (exact). Returns None if not RFC 3339.
+
+    A missing offset means UTC (Envoy and audit logs are UTC).
+    """
+    m = _RFC3339.match(text.strip())
+    if not m:
+        return None
+    y, mo, d, h, mi, s, frac, tz = m.groups()
+    try:
+        base = datetime(int(y), int(mo), int(d), int(h), int(mi), int(s), tzinfo=UTC)
+    except ValueError:
+        return None
+    ns = int(base.timestamp()) * 1_000_000_000 + (int(frac.ljust(9, "0")) if frac else 0)
+    if tz and tz not in ("Z", "z"):
+        sign = 1 if tz[0] == "+" else -1
+        hh, mm = int(tz[1:3]), int(tz[-2:])
+        ns -= sign * (hh * 3600 + mm * 60) * 1_000_000_000
+    return ns
+
+
+def parse_duration_ns(text: str) -> int:
+    """``2h``, ``90m``, ``1h30m``, ``1.5h`` -> nanoseconds."""
+    text = text.strip()
+    pos, total = 0, 0.0
+    for m in _DURATION.finditer(text):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _UNIT_NS[m.group(2)]
+        pos = m.end()
+    if pos != len(text) or not text:
+        raise ConfigError(f"invalid duration {text!r}: use forms like 30m, 2h, 1h30m, 7d")
+    return int(total)
+
+
+def parse_time_ns(text: str | int | float | datetime, *, now_ns: int | None = None) -> int:
+    """A user-supplied time: RFC 3339, Unix seconds/ns, ``now``, or relative (``-24h``, ``now-2h``)."""
+    if isinstance(text, datetime):
+        dt = text if text.tzinfo else text.replace(tzinfo=UTC)
+        return int(dt.timestamp()) * 1_000_000_000 + dt.microsecond * 1000
+    if isinstance(text, int | float):
+        return int(text) if abs(text) > 1e14 else int(text * 1_000_000_000)
+    s = str(text).strip()
+    now = now_ns if now_ns is not None else now_unix_ns()
+    if s == "now":
+        return now
+    rel = s[3:] if s.startswith("now") else s
+    if rel[:1] in "+-" and rel[1:2].isdigit() and not _RFC3339.match(s):
+        sign = -1 if rel[0] == "-" else 1
+        return now + sign * parse_duration_ns(rel[1:])
+    if re.fullmatch(r"\d+(\.\d+)?", s):
+        v = float(s)
+        return int(s) if "." not in s and len(s) > 14 else int(v * 1_000_000_000)
+    ns = parse_rfc3339_ns(s)
+    if ns is None:
+        raise ConfigError(
+            f"invalid time {text!r}: use RFC 3339 (2024-05-01T10:00:00Z), Unix seconds, 'now' or -24h"
+        )
+    return ns
+
+
+def now_unix_ns() -> int:
+    return int(datetime.now(UTC).timestamp() * 1_000_000_000)
+
+
+def ns_to_datetime(ns: int) -> datetime:
+    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=ns // 1000)
+
+
+def ns_to_rfc3339(ns: int) -> str:
+    """Unix ns -> ``2024-05-01T10:00:00.123456789Z`` (exact)."""
+    secs, frac = divmod(ns, 1_000_000_000)
+    base = datetime.fromtimestamp(secs, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{base}.{frac:09d}Z" if frac else f"{base}Z"
