@@ -61,38 +61,60 @@ MACROS = [
 ]
 
 
-def text_fields_sql(table: str) -> str:
-    """SELECT Envoy fields (+ ``reason`` for malformed lines) from ``table(seq, body)`` of text lines."""
+def fields_sql(table: str, mapping: dict[str, str] | None = None) -> str:
+    """Envoy fields (+ ``format``, ``reason``) for rows of ``table`` whose ``klass`` is ``envoy_text`` or
+    ``envoy_json``; other columns of ``table`` are passed through. One pass, no joins."""
+    mapping = mapping or {}
+    json_keys: dict[str, str] = {f: mapping.get(f, f) for f in ENVOY_FIELDS}
+    extra_keys: dict[str, list[str]] = {
+        f: ([mapping[f]] if f in mapping else list(keys)) for f, keys in EXTRA_FIELDS.items()}
+    all_keys = list(dict.fromkeys([*json_keys.values(), *(k for ks in extra_keys.values() for k in ks)]))
+    struct = "{" + ", ".join('"' + k.replace('"', '\\"') + '": "VARCHAR"' for k in all_keys) + "}"
+
+    def jk(key: str) -> str:
+        return 'j."' + key.replace('"', '""') + '"'
+
+    text = {
+        "start_time": "st", "method": "rq[1]", "path": "rq[2]", "protocol": "rq[3]",
+        "response_code": "a[1]", "response_flags": "a[2]",
+        "response_code_details": "CASE WHEN nq = 15 AND len(a) = 4 THEN a[3] END",
+        "connection_termination_details": "CASE WHEN nq = 15 AND len(a) = 4 THEN a[4] END",
+        "upstream_transport_failure_reason": "CASE WHEN nq = 15 THEN q[4] END",
+        "bytes_received": "b[1]", "bytes_sent": "b[2]", "duration": "b[3]", "upstream_service_time": "b[4]",
+        "x_forwarded_for": "q[4 + o]", "user_agent": "q[6 + o]", "request_id": "q[8 + o]",
+        "authority": "q[10 + o]", "upstream_host": "q[12 + o]",
+        "upstream_cluster": "CASE WHEN nq = 15 THEN c[1] END",
+        "upstream_local_address": "CASE WHEN nq = 15 THEN c[2] END",
+        "downstream_local_address": "CASE WHEN nq = 15 THEN c[3] END",
+        "downstream_remote_address": "CASE WHEN nq = 15 THEN c[4] END",
+        "requested_server_name": "CASE WHEN nq = 15 THEN c[5] END",
+        "route_name": "CASE WHEN nq = 15 THEN c[6] END",
+    }
+    cols = [f"CASE WHEN klass = 'envoy_text' THEN {text[f]} ELSE {jk(json_keys[f])} END AS {f}"
+            for f in ENVOY_FIELDS]
+    cols += [f"coalesce({', '.join(jk(k) for k in keys)}) AS {f}" for f, keys in extra_keys.items()]
     return f"""
-WITH s AS (SELECT seq, string_split(body, '"') AS q FROM {table}),
-s2 AS (
-  SELECT seq, q, len(q) AS nq, CASE WHEN len(q) = 15 THEN 2 ELSE 0 END AS o,
-         string_split(q[2], ' ') AS rq,
-         string_split_regex(trim(q[3]), '\\s+') AS a
-  FROM s),
-s3 AS (
+WITH s AS MATERIALIZED (
   SELECT *,
-    CASE WHEN nq = 15 THEN string_split_regex(trim(q[5]), '\\s+') ELSE a[3:6] END AS b,
-    string_split_regex(trim(q[13 + o]), '\\s+') AS c,
+    CASE WHEN klass = 'envoy_text' THEN string_split(body, '"') END AS q,
+    CASE WHEN klass = 'envoy_json' THEN from_json(body, {_q(struct)}) END AS j
+  FROM {table}),
+s2 AS (
+  SELECT *, len(q) AS nq, CASE WHEN len(q) = 15 THEN 2 ELSE 0 END AS o,
+         string_split(q[2], ' ') AS rq,
+         list_filter(string_split(trim(q[3]), ' '), lambda x: x <> '') AS a
+  FROM s),
+s3 AS MATERIALIZED (
+  SELECT *,
+    CASE WHEN nq = 15 THEN list_filter(string_split(trim(q[5]), ' '), lambda x: x <> '') ELSE a[3:6] END AS b,
+    list_filter(string_split(trim(q[13 + o]), ' '), lambda x: x <> '') AS c,
     CASE WHEN q[1] = '' THEN NULL ELSE regexp_extract(q[1], '^\\[([^\\]]+)\\]\\s*$', 1) END AS st
   FROM s2)
-SELECT seq,
-  CASE WHEN nq = 15 THEN 'istio_text' ELSE 'envoy_default' END AS format,
-  st AS start_time, rq[1] AS method, rq[2] AS path, rq[3] AS protocol,
-  a[1] AS response_code, a[2] AS response_flags,
-  CASE WHEN nq = 15 AND len(a) = 4 THEN a[3] END AS response_code_details,
-  CASE WHEN nq = 15 AND len(a) = 4 THEN a[4] END AS connection_termination_details,
-  CASE WHEN nq = 15 THEN q[4] END AS upstream_transport_failure_reason,
-  b[1] AS bytes_received, b[2] AS bytes_sent, b[3] AS duration, b[4] AS upstream_service_time,
-  q[4 + o] AS x_forwarded_for, q[6 + o] AS user_agent, q[8 + o] AS request_id, q[10 + o] AS authority,
-  q[12 + o] AS upstream_host,
-  CASE WHEN nq = 15 THEN c[1] END AS upstream_cluster,
-  CASE WHEN nq = 15 THEN c[2] END AS upstream_local_address,
-  CASE WHEN nq = 15 THEN c[3] END AS downstream_local_address,
-  CASE WHEN nq = 15 THEN c[4] END AS downstream_remote_address,
-  CASE WHEN nq = 15 THEN c[5] END AS requested_server_name,
-  CASE WHEN nq = 15 THEN c[6] END AS route_name,
-  CASE
+SELECT * EXCLUDE (q, j, nq, o, rq, a, b, c, st),
+  CASE WHEN klass = 'envoy_json' THEN 'istio_json' WHEN nq = 15 THEN 'istio_text' ELSE 'envoy_default' END
+    AS format,
+  {", ".join(cols)},
+  CASE WHEN klass <> 'envoy_text' THEN NULL
     WHEN nq NOT IN (13, 15) THEN 'Envoy text access log: expected 6 (Envoy default) or 7 (Istio) quoted '
          || 'fields, found ' || ((nq - 1) // 2) || ' (truncated, wrapped or custom-format line?)'
     WHEN q[1] <> '' AND st IS NULL THEN 'Envoy text access log: text before the request line is not a '
@@ -113,29 +135,6 @@ SELECT seq,
     WHEN nq = 13 AND trim(q[13]) <> '' THEN 'Envoy default access log: unexpected text after UPSTREAM_HOST'
   END AS reason
 FROM s3"""
-
-
-def json_fields_sql(table: str, mapping: dict[str, str] | None = None) -> str:
-    """SELECT Envoy fields from ``table(seq, body)`` of JSON lines (Istio keys or a custom mapping)."""
-    mapping = mapping or {}
-    paths: list[str] = []
-    names: list[str] = []
-    for f in ENVOY_FIELDS:
-        names.append(f)
-        paths.append(mapping.get(f, f))
-    extras: list[tuple[str, list[int]]] = []
-    for f, keys in EXTRA_FIELDS.items():
-        idx = []
-        for k in ([mapping[f]] if f in mapping else list(keys)):
-            idx.append(len(paths) + 1)
-            paths.append(k)
-        extras.append((f, idx))
-    path_list = "[" + ", ".join(_q('$."' + p.replace('"', '\\"') + '"') for p in paths) + "]"
-    cols = [f"j[{i + 1}] AS {n}" for i, n in enumerate(names)]
-    cols += [f"coalesce({', '.join(f'j[{i}]' for i in idx)}) AS {f}" for f, idx in extras]
-    return f"""
-SELECT seq, 'istio_json' AS format, {', '.join(cols)}, NULL::VARCHAR AS reason
-FROM (SELECT seq, json_extract_string(body, {path_list}) AS j FROM {table})"""
 
 
 def derive_sql(table: str) -> str:
@@ -216,7 +215,8 @@ h AS (
       WHEN regexp_matches(coalesce(det, ''), {_q(TLS_RE)}) THEN det
     END AS tls_reason
   FROM g)
-SELECT seq, format,
+SELECT seq, klass, line, src_ts_ns, stream_id, position, pre_reject, body, prefix_pod,
+  self_workload, self_namespace, self_container, format,
   CASE WHEN authz = 'deny' THEN 'authz' WHEN tls_reason IS NOT NULL THEN 'tls' ELSE 'request' END AS event_type,
   'access_log' AS record_kind,
   CASE
@@ -260,6 +260,7 @@ SELECT seq, format,
   cl AS upstream_cluster, nz(upstream_host) AS upstream_host, nz(route_name) AS route_name,
   ts_parsed AS ts_ns,
   CASE
+    WHEN klass NOT IN ('envoy_text', 'envoy_json') THEN NULL
     WHEN reason IS NOT NULL THEN reason
     WHEN try_cast(response_code AS INTEGER) IS NULL
       THEN 'RESPONSE_CODE is not an integer: ' || coalesce('''' || left(response_code, 40) || '''', 'missing')

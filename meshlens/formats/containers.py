@@ -18,6 +18,7 @@ kept as rejects, never dropped.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from collections.abc import Iterable, Iterator
@@ -106,20 +107,20 @@ def records_from_lines(lines: Iterable[bytes], path: str, kind: str,
             obj = json.loads(doc)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             text, _ = _decode(doc[:65536], path)
-            yield Record(text, f"{path}:1", None, None, f"saved Loki response is not valid JSON: {exc}")
+            yield Record(text, "1", None, None, f"saved Loki response is not valid JSON: {exc}")
             return
-        yield from loki_response_records(obj, f"{path}:1")
+        yield from loki_response_records(obj, "1")
     else:
         yield from _plain(lines, path, max_record_bytes)
 
 
-def _plain(lines: Iterable[bytes], path: str, limit: int) -> Iterator[Record]:
+def _plain(lines: Iterable[bytes], path: str, limit: int, first_lineno: int = 1) -> Iterator[Record]:
     base_labels = labels_from_path(path)
     block: list[bytes] = []
     block_start = 0
     block_size = 0
     lineno = 0
-    for lineno, raw in enumerate(lines, 1):  # noqa: B007 - lineno used after the loop
+    for lineno, raw in enumerate(lines, first_lineno):  # noqa: B007 - lineno used after the loop
         if block:
             block.append(raw)
             block_size += len(raw) + 1
@@ -130,7 +131,7 @@ def _plain(lines: Iterable[bytes], path: str, limit: int) -> Iterator[Record]:
                 except (json.JSONDecodeError, UnicodeDecodeError):
                     obj = None
                 if obj is not None:
-                    yield from _document(doc, obj, f"{path}:{block_start}-{lineno}", base_labels)
+                    yield from _document(doc, obj, f"{block_start}-{lineno}", base_labels)
                     block = []
                     continue
             if len(block) > MAX_MULTILINE_LINES or block_size > limit:
@@ -144,10 +145,10 @@ def _plain(lines: Iterable[bytes], path: str, limit: int) -> Iterator[Record]:
             continue  # blank lines separate records; they are not records
         if len(raw) > limit:
             text, _ = _decode(raw[:65536], path)
-            yield Record(text, f"{path}:{lineno}", None, base_labels, _too_large(len(raw), limit))
+            yield Record(text, str(lineno), None, base_labels, _too_large(len(raw), limit))
             continue
         text, err = _decode(raw, path)
-        yield Record(text.rstrip("\r"), f"{path}:{lineno}", None, base_labels, err)
+        yield Record(text.rstrip("\r"), str(lineno), None, base_labels, err)
     if block:
         yield from _bad_block(block, path, block_start, base_labels, limit)
 
@@ -165,7 +166,7 @@ def _bad_block(block: list[bytes], path: str, start: int, labels: dict[str, str]
     except UnicodeDecodeError as exc:
         reason = f"invalid UTF-8 at byte {exc.start} of the multi-line JSON document"
     text, _ = _decode(doc[:limit], path)
-    yield Record(text, f"{path}:{start}-{end}", None, labels, reason)
+    yield Record(text, f"{start}-{end}", None, labels, reason)
 
 
 def _document(doc: bytes, obj: Any, position: str, labels: dict[str, str] | None) -> Iterator[Record]:
@@ -211,7 +212,7 @@ def loki_response_records(obj: dict[str, Any], position: str) -> Iterator[Record
 def _logcli(lines: Iterable[bytes], path: str, limit: int) -> Iterator[Record]:
     label_cache: dict[str, dict[str, str]] = {}
     for lineno, raw in enumerate(lines, 1):
-        pos = f"{path}:{lineno}"
+        pos = str(lineno)
         if not raw.strip():
             yield Record("", pos, None, None, "empty line in a logcli jsonl export")
             continue
@@ -257,7 +258,7 @@ def _cri(lines: Iterable[bytes], path: str, limit: int) -> Iterator[Record]:
         m = _CRI_LINE.match(raw)
         if not m:
             text, _ = _decode(raw[:65536], path)
-            yield Record(text, f"{path}:{lineno}", None, labels,
+            yield Record(text, str(lineno), None, labels,
                          "not a CRI log line (<RFC3339Nano> <stdout|stderr> <P|F> <text>)")
             continue
         ts_b, _stream, tag, body = m.groups()
@@ -268,7 +269,7 @@ def _cri(lines: Iterable[bytes], path: str, limit: int) -> Iterator[Record]:
             continue
         joined = b"".join(parts)
         parts = []
-        pos = f"{path}:{start}" if start == lineno else f"{path}:{start}-{lineno}"
+        pos = str(start) if start == lineno else f"{start}-{lineno}"
         ts_ns = parse_rfc3339_ns(ts_b.decode("ascii", errors="replace"))
         if len(joined) > limit:
             text, _ = _decode(joined[:65536], path)
@@ -278,5 +279,85 @@ def _cri(lines: Iterable[bytes], path: str, limit: int) -> Iterator[Record]:
         yield Record(text, pos, ts_ns, labels, err)
     if parts:
         text, err = _decode(b"".join(parts), path)
-        yield Record(text, f"{path}:{start}", None, labels,
+        yield Record(text, str(start), None, labels,
                      err or "CRI partial line (P) without its final (F) part: file truncated")
+
+
+_LONE_BRACE = re.compile(rb"(?m)^[ \t]*[\[{][ \t]*\r?$")
+
+
+@dataclass
+class Chunk:
+    """Columns of plain-line records from one read chunk (the fast path: no per-line objects)."""
+
+    texts: list[str]
+    positions: list[str]
+    reasons: list[str | None] | None
+
+
+def plain_chunks(fh: Any, path: str, head: list[bytes], limit: int = MAX_RECORD_BYTES,
+                 chunk_bytes: int = 4 << 20) -> Iterator[Chunk | Record]:
+    """Plain lines read in large chunks and decoded at once (about 3x faster than line by line).
+
+    Falls back to the per-line path (:func:`_plain`) for the rest of the file as soon as a chunk holds
+    something that needs it: a lone ``{`` opening a multi-line JSON document, an over-long line, or
+    invalid UTF-8 (then only for that chunk). Yields :class:`Chunk` columns or single :class:`Record`.
+    """
+    lineno = 1
+    carry = b"\n".join(head) + b"\n" if head else b""
+    while True:
+        data = fh.read(chunk_bytes)
+        eof = not data
+        buf = carry + data
+        if eof:
+            cut = len(buf)
+            carry = b""
+        else:
+            cut = buf.rfind(b"\n")
+            if cut < 0:
+                carry = buf
+                continue
+            carry = buf[cut + 1:]
+        body = buf[:cut]
+        if eof and body.endswith(b"\n"):
+            body = body[:-1]
+        if not body:
+            if eof:
+                return
+            lineno += 1
+            continue
+        raw_lines = body.split(b"\n")
+        if _LONE_BRACE.search(body):
+            rest = itertools.chain(raw_lines, _iter_lines(carry, fh))
+            yield from _plain(rest, path, limit, lineno)
+            return
+        if len(body) > limit and max(map(len, raw_lines)) > limit:
+            yield from _plain(raw_lines, path, limit, lineno)
+        else:
+            try:
+                text = body.decode("utf-8")
+            except UnicodeDecodeError:
+                yield from _plain(raw_lines, path, limit, lineno)
+            else:
+                texts = text.split("\n")
+                if "\r" in text:
+                    texts = [t[:-1] if t.endswith("\r") else t for t in texts]
+                positions = list(map(str, range(lineno, lineno + len(texts))))
+                if "" in texts or any(not t.strip() for t in texts if t[:1].isspace() or t[-1:].isspace()):
+                    keep = [i for i, t in enumerate(texts) if t.strip()]
+                    texts = [texts[i] for i in keep]
+                    positions = [positions[i] for i in keep]
+                if texts:
+                    yield Chunk(texts, positions, None)
+        lineno += len(raw_lines)
+        if eof:
+            return
+
+
+def _iter_lines(carry: bytes, fh: Any) -> Iterator[bytes]:
+    rest = carry + fh.read()
+    if rest:
+        lines = rest.split(b"\n")
+        if lines and lines[-1] == b"":
+            lines.pop()
+        yield from lines

@@ -113,100 +113,99 @@ class Parser:
         return info
 
     # -- main --------------------------------------------------------------------------------
+    def _streams(self, batch: RawBatch, n: int) -> tuple[pa.Array, pa.Table]:
+        """Per-record stream ids and the small table of distinct streams (labels, own identity).
+
+        Done with C-level map/dict calls: sources reuse one labels dict per stream, so the distinct
+        streams are few and per-record Python work is avoided.
+        """
+        labels = batch.labels if batch.labels else [None] * n
+        ids = list(map(id, labels))
+        by_id = dict(zip(ids, labels, strict=True))
+        index = {k: i for i, k in enumerate(by_id)}
+        sid = pa.array(list(map(index.__getitem__, ids)), pa.int32())
+        keys, wls, nss, cts = [], [], [], []
+        for lb in by_id.values():
+            _, c, w, s, t = self._label_info(lb)
+            keys.append(c)
+            wls.append(w)
+            nss.append(s)
+            cts.append(t)
+        streams = pa.table({
+            "stream_id": pa.array(range(len(keys)), pa.int32()),
+            "stream_key": pa.array(keys, pa.string()),
+            "self_workload": pa.array(wls, pa.string()),
+            "self_namespace": pa.array(nss, pa.string()),
+            "self_container": pa.array(cts, pa.string()),
+        })
+        return sid, streams
+
     def parse(self, batch: RawBatch, ingested_at: Any = None) -> tuple[pa.Table, pa.Table]:
         """Return (events, rejects) Arrow tables with the store's column names."""
         n = len(batch.lines)
         if n == 0:
             return _empty_events(), _empty_rejects()
-        canon, wl, ns, ct = [], [], [], []
-        info = self._label_info
-        for lb in batch.labels if batch.labels else [None] * n:
-            _, c, w, s, t = info(lb)
-            canon.append(c)
-            wl.append(w)
-            ns.append(s)
-            ct.append(t)
+        sid, streams = self._streams(batch, n)
         raw = pa.table({
             "seq": pa.array(range(n), pa.int64()),
             "line": pa.array(batch.lines, pa.string()),
             "src_ts_ns": pa.array(batch.ts_ns if batch.ts_ns else [None] * n, pa.int64()),
-            "stream_key": pa.array(canon, pa.string()),
-            "self_workload": pa.array(wl, pa.string()),
-            "self_namespace": pa.array(ns, pa.string()),
-            "self_container": pa.array(ct, pa.string()),
+            "stream_id": sid,
             "position": pa.array(batch.positions if batch.positions else [""] * n, pa.string()),
             "pre_reject": pa.array(batch.reject_reasons if batch.reject_reasons else [None] * n, pa.string()),
         })
         con = self.con
         con.register("raw_in", raw)
+        con.register("streams_in", streams)
         try:
             return self._parse_registered(batch, ingested_at)
         finally:
             con.unregister("raw_in")
-            for t in ("cls", "ev_bulk", "ev_py", "rej_py"):
+            con.unregister("streams_in")
+            for t in ("p", "ev_py", "rej_py", "streams"):
                 con.execute(f"DROP TABLE IF EXISTS {t}")
 
     def _parse_registered(self, batch: RawBatch, ingested_at: Any) -> tuple[pa.Table, pa.Table]:
         con = self.con
         forced = self.cls
-        # 1. strip kubectl --prefix, classify
         if forced == "auto":
             klass = """CASE
               WHEN pre_reject IS NOT NULL THEN 'pre_reject'
               WHEN body[1] = '{' THEN CASE
-                  WHEN NOT json_valid(body) THEN 'python'
-                  WHEN json_exists(body, '$.upstream_cluster') OR json_exists(body, '$.response_code')
-                    THEN 'envoy_json'
+                  WHEN (contains(body, '"upstream_cluster"') OR contains(body, '"response_code"'))
+                       AND json_valid(body) THEN 'envoy_json'
                   ELSE 'python' END
               WHEN (body[1] = '"' OR regexp_matches(body, '^\\[\\d{4}-[^\\]]*\\]\\s*"')) THEN 'envoy_text'
               ELSE 'python' END"""
-        elif forced in ("envoy_text", "envoy_json"):
-            klass = f"CASE WHEN pre_reject IS NOT NULL THEN 'pre_reject' ELSE '{forced}' END"
+        elif forced == "envoy_text":
+            klass = "CASE WHEN pre_reject IS NOT NULL THEN 'pre_reject' ELSE 'envoy_text' END"
+        elif forced == "envoy_json":
+            klass = """CASE WHEN pre_reject IS NOT NULL THEN 'pre_reject'
+                       WHEN json_valid(body) AND body[1] = '{' THEN 'envoy_json' ELSE 'bad_json' END"""
         else:
             klass = "CASE WHEN pre_reject IS NOT NULL THEN 'pre_reject' ELSE 'python' END"
-        con.execute(f"""
-            CREATE OR REPLACE TEMP TABLE cls AS
-            WITH p AS (
-              SELECT seq, line, pre_reject,
+        con.execute("CREATE OR REPLACE TEMP TABLE streams AS SELECT * FROM streams_in")
+        base = f"""
+            (WITH r AS (
+              SELECT r.*, s.self_workload AS sw, s.self_namespace AS sn, s.self_container AS sc,
                 CASE WHEN line[1] = '[' AND NOT regexp_matches(substr(line, 2, 1), '[0-9 ]')
                      THEN regexp_extract(line, '^\\[([^\\]\\s]+) ([^\\]\\s]+)\\] ', ['pod', 'container'])
-                END AS kp,
-                self_workload, self_namespace, self_container
-              FROM raw_in)
-            SELECT seq, pre_reject,
-              CASE WHEN kp.pod <> '' THEN substr(line, length(kp.pod) + length(kp.container) + 5) ELSE line END
-                AS body,
-              CASE WHEN kp.pod <> '' THEN coalesce(podwl(kp.pod), self_workload) ELSE self_workload END
-                AS self_workload,
-              self_namespace,
-              CASE WHEN kp.pod <> '' THEN kp.container ELSE self_container END AS self_container,
-              nullif(kp.pod, '') AS prefix_pod
-            FROM p""")
-        con.execute(f"ALTER TABLE cls ADD COLUMN klass VARCHAR; UPDATE cls SET klass = {klass}")
-        # 2. bulk paths
-        text_sql = bulk.text_fields_sql("(SELECT seq, body FROM cls WHERE klass = 'envoy_text')")
-        json_sql = bulk.json_fields_sql(
-            "(SELECT seq, body FROM cls WHERE klass = 'envoy_json' AND json_valid(body))", self.json_mapping)
-        extra_null = ", ".join(f"NULL::VARCHAR AS {f}" for f in bulk.EXTRA_FIELDS)
-        fields = ", ".join(("seq", "format", *bulk.ENVOY_FIELDS, *bulk.EXTRA_FIELDS, "reason"))
-        con.execute(f"""
-            CREATE OR REPLACE TEMP TABLE ev_fields AS
-            WITH u AS (
-              SELECT {fields} FROM (SELECT *, {extra_null} FROM ({text_sql}))
-              UNION ALL
-              SELECT {fields} FROM ({json_sql})
-              UNION ALL
-              SELECT seq, 'istio_json', {", ".join("NULL" for _ in bulk.ENVOY_FIELDS)},
-                     {", ".join("NULL" for _ in bulk.EXTRA_FIELDS)},
-                     'invalid JSON (forced format ' || '{self.fmt}' || ')'
-              FROM cls WHERE klass = 'envoy_json' AND NOT json_valid(body))
-            SELECT u.*, c.self_workload, c.self_namespace, c.self_container FROM u JOIN cls c USING (seq)""")
-        con.execute(f"CREATE OR REPLACE TEMP TABLE ev_bulk AS {bulk.derive_sql('ev_fields')}")
-        con.execute("DROP TABLE ev_fields")
-        # 3. record parsers for the rest
+                END AS kp
+              FROM raw_in r JOIN streams s USING (stream_id)),
+            b AS (
+              SELECT seq, line, src_ts_ns, stream_id, position, pre_reject,
+                CASE WHEN kp.pod <> '' THEN substr(line, length(kp.pod) + length(kp.container) + 5)
+                     ELSE line END AS body,
+                CASE WHEN kp.pod <> '' THEN coalesce(podwl(kp.pod), sw) ELSE sw END AS self_workload,
+                sn AS self_namespace,
+                CASE WHEN kp.pod <> '' THEN kp.container ELSE sc END AS self_container,
+                nullif(kp.pod, '') AS prefix_pod
+              FROM r)
+            SELECT *, {klass} AS klass FROM b)"""
+        fields = bulk.fields_sql(base, self.json_mapping)
+        con.execute(f"CREATE OR REPLACE TEMP TABLE p AS {bulk.derive_sql('(' + fields + ')')}")
         rows = con.execute(
-            "SELECT c.seq, c.body, c.self_workload, c.self_namespace, c.self_container, c.prefix_pod, "
-            "r.stream_key FROM cls c JOIN raw_in r USING (seq) WHERE c.klass = 'python' ORDER BY c.seq"
+            "SELECT seq, body, prefix_pod, self_container FROM p WHERE klass = 'python' ORDER BY seq"
         ).fetchall()
         py_events, py_rejects = self._parse_python(rows, batch)
         con.register("ev_py_in", _events_arrow(py_events))
@@ -225,7 +224,7 @@ class Parser:
                       ) -> tuple[list[Event], list[tuple[int, str | None, str]]]:
         events: list[Event] = []
         rejects: list[tuple[int, str | None, str]] = []
-        for seq, body, wl, ns, ct, prefix_pod, _canon in rows:
+        for seq, body, prefix_pod, ct in rows:
             labels: Labels = dict(batch.labels[seq] or {}) if batch.labels else {}
             if prefix_pod:
                 labels.setdefault("pod", prefix_pod)
@@ -323,53 +322,63 @@ class Parser:
     # -- assemble ----------------------------------------------------------------------------
     def _finalize(self, batch: RawBatch, ingested_at: Any) -> tuple[pa.Table, pa.Table]:
         con = self.con
-        src = batch.source
-        ev_cols = [c for c in schema.EVENT_COLUMN_NAMES]
         now = "now()" if ingested_at is None else "$ingested_at"
-        params: dict[str, Any] = {"source": src}
+        params: dict[str, Any] = {"source": batch.source}
         if ingested_at is not None:
             params["ingested_at"] = ingested_at
         sel = []
-        for c in ev_cols:
+        for c in schema.EVENT_COLUMN_NAMES:
             if c == "event_id":
-                sel.append("CASE WHEN occ = 1 THEN h ELSE md5(h || '#' || occ) END AS event_id")
+                sel.append("CASE WHEN o.occ IS NULL OR o.occ = 1 THEN e.h ELSE md5(e.h || '#' || o.occ) END "
+                           "AS event_id")
             elif c == "ts":
-                sel.append("make_timestamptz(coalesce(e.ts_ns, r.src_ts_ns) // 1000) AS ts")
+                sel.append("make_timestamptz(coalesce(e.ts_ns, e.src_ts_ns) // 1000) AS ts")
             elif c == "ts_ns":
-                sel.append("coalesce(e.ts_ns, r.src_ts_ns) AS ts_ns")
+                sel.append("coalesce(e.ts_ns, e.src_ts_ns) AS ts_ns")
             elif c == "labels":
-                sel.append("CASE WHEN r.stream_key = '' THEN MAP {} ELSE "
-                           "CAST(json_transform(r.stream_key, '\"MAP(VARCHAR, VARCHAR)\"') AS MAP(VARCHAR, VARCHAR)) "
-                           "END AS labels")
+                sel.append("e.labels")
             elif c == "source":
                 sel.append("$source AS source")
-            elif c == "position":
-                sel.append("r.position AS position")
             elif c == "raw":
-                sel.append("coalesce(e.raw_override, r.line) AS raw")
+                sel.append("coalesce(e.raw_override, e.line) AS raw")
             elif c == "ingested_at":
                 sel.append(f"{now} AS ingested_at")
             elif c == "change_spec":
                 sel.append("CAST(e.change_spec AS JSON) AS change_spec")
             else:
                 sel.append(f"e.{c}")
+        con.execute("""
+            CREATE OR REPLACE TEMP TABLE streams AS
+            SELECT *, CASE WHEN stream_key = '' THEN MAP {} ELSE CAST(json_transform(stream_key,
+                   '"MAP(VARCHAR, VARCHAR)"') AS MAP(VARCHAR, VARCHAR)) END AS labels FROM streams""")
+        # identical records within the batch (rare): number them so both are kept, deterministically
+        con.execute("""
+            CREATE OR REPLACE TEMP TABLE occ AS
+            WITH hh AS (SELECT seq, hash(stream_id, src_ts_ns, line) AS hh FROM p),
+            d AS (SELECT hh FROM hh GROUP BY hh HAVING count(*) > 1)
+            SELECT seq, row_number() OVER (PARTITION BY hh ORDER BY seq) AS occ
+            FROM hh WHERE hh IN (SELECT hh FROM d)""")
         events = con.sql(f"""
             WITH e AS (
-              SELECT * EXCLUDE (reason), NULL::VARCHAR AS raw_override FROM ev_bulk WHERE reason IS NULL
+              SELECT * EXCLUDE (reason), NULL::VARCHAR AS raw_override FROM p
+              WHERE klass IN ('envoy_text', 'envoy_json') AND reason IS NULL
               UNION ALL BY NAME
-              SELECT * EXCLUDE (raw), raw AS raw_override FROM ev_py),
+              SELECT y.* EXCLUDE (raw), y.raw AS raw_override, p.line, p.src_ts_ns, p.stream_id, p.position
+              FROM ev_py y JOIN p USING (seq)),
             k AS (
-              SELECT e.*, md5(r.stream_key || chr(31) || coalesce(CAST(r.src_ts_ns AS VARCHAR), '') || chr(31)
-                              || r.line) AS h
-              FROM e JOIN raw_in r USING (seq)),
-            o AS (SELECT *, row_number() OVER (PARTITION BY h ORDER BY seq) AS occ FROM k)
-            SELECT {", ".join(sel)} FROM o e JOIN raw_in r USING (seq) ORDER BY e.seq
+              SELECT e.*, md5(s.stream_key || chr(31) || coalesce(CAST(e.src_ts_ns AS VARCHAR), '') || chr(31)
+                              || e.line) AS h, s.labels
+              FROM e JOIN streams s USING (stream_id))
+            SELECT {", ".join(sel)}
+            FROM k e LEFT JOIN occ o USING (seq)
         """, params=params).to_arrow_table()
         rejects = con.sql(f"""
             WITH j AS (
-              SELECT seq, format, reason FROM ev_bulk WHERE reason IS NOT NULL
+              SELECT seq, format, reason FROM p WHERE klass IN ('envoy_text', 'envoy_json') AND reason IS NOT NULL
               UNION ALL SELECT seq, format, reason FROM rej_py
-              UNION ALL SELECT seq, NULL, pre_reject FROM cls WHERE klass = 'pre_reject')
+              UNION ALL SELECT seq, NULL, pre_reject FROM p WHERE klass = 'pre_reject'
+              UNION ALL SELECT seq, 'istio_json', 'invalid JSON (forced format {self.fmt})' FROM p
+                WHERE klass = 'bad_json')
             SELECT md5($source || chr(31) || r.position || chr(31) || r.line) AS reject_id,
               $source AS source, r.position, r.src_ts_ns AS ts_ns, j.format,
               CASE WHEN length(r.line) > {MAX_RAW_REJECT}
@@ -377,8 +386,9 @@ class Parser:
                    ELSE j.reason END AS reason,
               left(r.line, {MAX_RAW_REJECT}) AS raw,
               {now} AS ingested_at
-            FROM j JOIN raw_in r USING (seq) ORDER BY seq
+            FROM j JOIN p r USING (seq) ORDER BY seq
         """, params=params).to_arrow_table()
+        con.execute("DROP TABLE IF EXISTS occ")
         return events, rejects
 
 

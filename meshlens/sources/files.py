@@ -16,10 +16,17 @@ from pathlib import Path
 from typing import BinaryIO
 
 from meshlens.errors import SourceError
-from meshlens.formats.containers import MAX_RECORD_BYTES, records_from_lines, sniff
+from meshlens.formats.containers import (
+    MAX_RECORD_BYTES,
+    Chunk,
+    labels_from_path,
+    plain_chunks,
+    records_from_lines,
+    sniff,
+)
 from meshlens.records import RawBatch
 
-DEFAULT_BATCH = 50_000
+DEFAULT_BATCH = 200_000
 GZIP_MAGIC = b"\x1f\x8b"
 
 
@@ -75,10 +82,19 @@ def read_file(path: str | os.PathLike[str], *, batch_size: int = DEFAULT_BATCH,
         kind = sniff(head, str(path))
         batch = RawBatch(source=source)
         seen = 0
+        if kind == "lines":
+            items = plain_chunks(fh, str(path), head, max_record_bytes)
+            labels = labels_from_path(str(path))
+        else:
+            items = records_from_lines(itertools.chain(head, lines), str(path), kind, max_record_bytes)
         try:
-            for rec in records_from_lines(itertools.chain(head, lines), str(path), kind, max_record_bytes):
-                batch.append(rec.text, rec.ts_ns, rec.labels, rec.position, rec.reject_reason)
-                seen += 1
+            for rec in items:
+                if isinstance(rec, Chunk):
+                    _extend(batch, rec, labels)
+                    seen += len(rec.texts)
+                else:
+                    batch.append(rec.text, rec.ts_ns, rec.labels, rec.position, rec.reject_reason)
+                    seen += 1
                 if len(batch) >= batch_size:
                     yield batch
                     batch = RawBatch(source=source)
@@ -95,6 +111,16 @@ def read_file(path: str | os.PathLike[str], *, batch_size: int = DEFAULT_BATCH,
             yield batch
     finally:
         fh.close()
+
+
+def _extend(batch: RawBatch, chunk: Chunk, labels: dict[str, str] | None) -> None:
+    n = len(chunk.texts)
+    batch.lines.extend(chunk.texts)
+    batch.ts_ns.extend([None] * n)
+    batch.labels.extend([labels] * n)
+    batch.positions.extend(chunk.positions)
+    if batch.reject_reasons is not None:
+        batch.reject_reasons.extend([None] * n)
 
 
 def read_files(paths: list[str | os.PathLike[str]], **kw: int) -> Iterator[RawBatch]:
