@@ -11,6 +11,7 @@ Parsing and storing overlap: a worker thread parses batch N+1 while the main thr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -90,10 +91,8 @@ def _parsed(batches: Iterable[RawBatch], parser: Parser) -> Iterator[tuple[RawBa
     finally:
         stop.set()
         while t.is_alive():
-            try:
+            with contextlib.suppress(queue.Empty):
                 q.get(timeout=0.1)
-            except queue.Empty:
-                pass
         t.join()
 
 

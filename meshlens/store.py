@@ -191,13 +191,24 @@ class Store:
         """Insert or replace time-series samples (columns of ``series``; key = series_key + ts)."""
         self._require_rw()
         if isinstance(table, pd.DataFrame):
-            table = pa.Table.from_pandas(table, preserve_index=False)
+            df = table
+            cols: dict[str, pa.Array] = {}
+            for c in schema.SERIES_COLUMNS:
+                if c.name == "labels":
+                    cols[c.name] = pa.array(
+                        [list(v.items()) if isinstance(v, dict) else v for v in df[c.name]],
+                        pa.map_(pa.string(), pa.string()))
+                elif c.name == "ts":
+                    cols[c.name] = pa.array(pd.to_datetime(df[c.name], utc=True))
+                else:
+                    cols[c.name] = pa.array(df[c.name])
+            table = pa.table(cols)
         if table.num_rows == 0:
             return 0
-        cols = ", ".join(f'"{c.name}"' for c in schema.SERIES_COLUMNS)
+        names = ", ".join(f'"{c.name}"' for c in schema.SERIES_COLUMNS)
         self.con.register("_ml_staged_series", table)
         try:
-            self.con.execute(f"INSERT OR REPLACE INTO series ({cols}) SELECT {cols} FROM _ml_staged_series")
+            self.con.execute(f"INSERT OR REPLACE INTO series ({names}) SELECT {names} FROM _ml_staged_series")
         finally:
             self.con.unregister("_ml_staged_series")
         return table.num_rows
@@ -269,7 +280,7 @@ def migrate(con: duckdb.DuckDBPyConnection, path: str) -> int:
         )
     if found == 0:
         tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
-        if tables - {"meshlens_meta"}:
+        if tables - {"meshlens_meta"} and "meshlens_meta" not in tables:
             raise SchemaVersionError(
                 f"{path!r} is a DuckDB file with tables {sorted(tables)} but no meshlens schema version; "
                 "it was not created by meshlens. Use a new --db path."

@@ -175,7 +175,7 @@ class Parser:
                   WHEN (contains(body, '"upstream_cluster"') OR contains(body, '"response_code"'))
                        AND json_valid(body) THEN 'envoy_json'
                   ELSE 'python' END
-              WHEN (body[1] = '"' OR regexp_matches(body, '^\\[\\d{4}-[^\\]]*\\]\\s*"')) THEN 'envoy_text'
+              WHEN (body[1] = '"' OR regexp_matches(body, '^\\[[^\\]]*\\]\\s*"')) THEN 'envoy_text'
               ELSE 'python' END"""
         elif forced == "envoy_text":
             klass = "CASE WHEN pre_reject IS NOT NULL THEN 'pre_reject' ELSE 'envoy_text' END"
@@ -255,14 +255,17 @@ class Parser:
         stripped = body.strip()
         if forced == "auto" and not stripped:
             raise Reject("empty line")
-        if forced == "auto" and stripped[:1] in "{[" and stripped[:1] == "{" or forced in (
-                "k8s_audit", "linkerd_json", "ecs"):
+        if forced == "auto" and stripped[:1] == "[" and stripped[-1:] == "]":
+            try:
+                return self._dispatch_json(body, json.loads(body), labels)
+            except json.JSONDecodeError:
+                pass
+        if (forced == "auto" and stripped[:1] == "{") or forced in ("k8s_audit", "linkerd_json", "ecs"):
             try:
                 obj = json.loads(body)
             except json.JSONDecodeError as exc:
                 kind = "truncated or invalid" if stripped[:1] == "{" else "invalid"
-                r = Reject(f"{kind} JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")
-                raise r from None
+                raise Reject(f"{kind} JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
             return self._dispatch_json(body, obj, labels)
         return self._dispatch_text(body, labels)
 

@@ -1,0 +1,23 @@
+"""Shared fixtures: the real sample records in ../shared/samples and small store helpers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_SAMPLES = Path(os.environ.get("MESHLENS_SHARED_SAMPLES", ROOT.parent / "shared" / "samples"))
+
+
+@pytest.fixture(scope="session")
+def shared_samples() -> Path:
+    if not SHARED_SAMPLES.exists():
+        pytest.skip(f"shared samples not found at {SHARED_SAMPLES} (set MESHLENS_SHARED_SAMPLES)")
+    return SHARED_SAMPLES
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "store.duckdb"
