@@ -19,7 +19,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import pyarrow as pa
 from tqdm.auto import tqdm
 
 from meshlens.errors import MeshlensError, StoreError
@@ -62,9 +61,13 @@ class IngestCounts:
 _DONE = object()
 
 
-def _parsed(batches: Iterable[RawBatch], parser: Parser) -> Iterator[tuple[RawBatch, pa.Table, pa.Table]]:
-    """Parse in a worker thread, one batch ahead of the writer; errors are re-raised in the caller."""
-    q: queue.Queue[Any] = queue.Queue(maxsize=2)
+def _prefetch(batches: Iterable[RawBatch], depth: int = 1) -> Iterator[RawBatch]:
+    """Read the next batch in a worker thread while the current one is parsed and stored.
+
+    File reading and decoding are Python work; parsing and storing are DuckDB work that releases the
+    GIL -- overlapping them keeps both cores busy. Errors are re-raised in the caller.
+    """
+    q: queue.Queue[Any] = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
     def work() -> None:
@@ -72,13 +75,12 @@ def _parsed(batches: Iterable[RawBatch], parser: Parser) -> Iterator[tuple[RawBa
             for b in batches:
                 if stop.is_set():
                     return
-                ev, rej = parser.parse(b)
-                q.put((b, ev, rej))
+                q.put(b)
             q.put(_DONE)
         except BaseException as exc:  # noqa: BLE001 - forwarded to the consumer thread
             q.put(exc)
 
-    t = threading.Thread(target=work, name="meshlens-parse", daemon=True)
+    t = threading.Thread(target=work, name="meshlens-read", daemon=True)
     t.start()
     try:
         while True:
@@ -108,21 +110,26 @@ def ingest_batches(
     snapshot_every_s: float = SNAPSHOT_EVERY_S,
 ) -> IngestCounts:
     """Parse and store batches; returns the counts. ``source`` must not contain credentials."""
-    parser = Parser(fmt, json_mapping)
+    parser = Parser(fmt, json_mapping, con=store.con)
     counts = IngestCounts(run_id=store.start_run(source))
     bar = progress if isinstance(progress, tqdm) else tqdm(
         total=None, unit="rec", unit_scale=True, desc="ingest", disable=not progress, leave=False,
         mininterval=0.5)
     try:
-        for batch, ev, rej in _parsed(batches, parser):
+        for batch in _prefetch(batches):
             n = len(batch)
-            if ev.num_rows + rej.num_rows != n:
+            n_ev, n_rej = parser.parse_into(batch)
+            if n_ev + n_rej != n:
+                parser.drop_results()
                 raise StoreError(
-                    f"internal error: batch of {n} records from {batch.source} parsed into {ev.num_rows} "
-                    f"events + {rej.num_rows} rejects; nothing of this batch was stored. Please report it."
+                    f"internal error: batch of {n} records from {batch.source} parsed into {n_ev} "
+                    f"events + {n_rej} rejects; nothing of this batch was stored. Please report it."
                 )
             cp = (watermark_key, batch.checkpoint) if watermark_key and batch.checkpoint is not None else None
-            res = store.insert_batch(ev, rej, cp)
+            try:
+                res = store.insert_batch("_ml_events", "_ml_rejects", cp)
+            finally:
+                parser.drop_results()
             counts.read += n
             counts.stored += res.stored
             counts.duplicates += res.duplicates

@@ -101,8 +101,8 @@ class Store:
         return self.con.execute(sql, params or []).df()
 
     def scalar(self, sql: str, params: list[Any] | dict[str, Any] | None = None) -> Any:
-        row = self.con.execute(sql, params or []).fetchone()
-        return None if row is None else row[0]
+        rows = self.con.execute(sql, params or []).fetchall()
+        return rows[0][0] if rows else None
 
     def schema_version(self) -> int:
         return _read_version(self.con)
@@ -114,27 +114,34 @@ class Store:
 
     def insert_batch(
         self,
-        events: pa.Table,
-        rejects: pa.Table | None = None,
+        events: pa.Table | str,
+        rejects: pa.Table | str | None = None,
         checkpoint: tuple[str, dict[str, Any]] | None = None,
     ) -> InsertResult:
         """Insert parsed events and rejects, and advance a watermark, in ONE transaction.
 
         Events whose ``event_id`` is already stored are skipped (counted as duplicates), so re-ingesting
         is idempotent. If anything fails the transaction rolls back and nothing of the batch is kept.
+        ``events``/``rejects`` are Arrow tables, or names of (temp) tables on this store's connection
+        (what :meth:`meshlens.formats.detect.Parser.parse_into` leaves), which avoids copying.
         """
         self._require_rw()
         con = self.con
         con.execute("BEGIN TRANSACTION")
         try:
             stored = 0
-            n_events = events.num_rows
+            ev_name = events if isinstance(events, str) else "_ml_staged_events"
+            if isinstance(events, str):
+                n_events = int(con.execute(f"SELECT count(*) FROM {events}").fetchall()[0][0])
+            else:
+                n_events = events.num_rows
+                if n_events:
+                    con.register("_ml_staged_events", events)
             if n_events:
-                con.register("_ml_staged_events", events)
                 cols = ", ".join(f'"{c}"' for c in schema.EVENT_COLUMN_NAMES)
                 lo, hi, nulls = con.execute(
-                    "SELECT min(ts_ns), max(ts_ns), count(*) FILTER (WHERE ts_ns IS NULL) FROM _ml_staged_events"
-                ).fetchone()
+                    f"SELECT min(ts_ns), max(ts_ns), count(*) FILTER (WHERE ts_ns IS NULL) FROM {ev_name}"
+                ).fetchall()[0]
                 if nulls == 0 and lo is not None:
                     # Prune the anti-join with the batch's time range: an event's id includes its time,
                     # so a duplicate can only be among stored events of the same time range.
@@ -144,22 +151,30 @@ class Store:
                     existing = "SELECT event_id FROM events"
                     params = {}
                 row = con.execute(
-                    f"INSERT INTO events ({cols}) SELECT {cols} FROM _ml_staged_events s "
+                    f"INSERT INTO events ({cols}) SELECT {cols} FROM {ev_name} s "
                     f"WHERE s.event_id NOT IN ({existing})",
                     params,
-                ).fetchone()
-                stored = int(row[0]) if row else 0
-                con.unregister("_ml_staged_events")
+                ).fetchall()
+                stored = int(row[0][0]) if row else 0
+                if not isinstance(events, str):
+                    con.unregister("_ml_staged_events")
             n_rejects = 0
-            if rejects is not None and rejects.num_rows:
-                con.register("_ml_staged_rejects", rejects)
-                cols = ", ".join(f'"{c.name}"' for c in schema.REJECT_COLUMNS)
-                con.execute(
-                    f"INSERT INTO rejects ({cols}) SELECT {cols} FROM _ml_staged_rejects s "
-                    "WHERE s.reject_id NOT IN (SELECT reject_id FROM rejects)"
-                )
-                con.unregister("_ml_staged_rejects")
-                n_rejects = rejects.num_rows
+            if rejects is not None:
+                rej_name = rejects if isinstance(rejects, str) else "_ml_staged_rejects"
+                if isinstance(rejects, str):
+                    n_rejects = int(con.execute(f"SELECT count(*) FROM {rejects}").fetchall()[0][0])
+                else:
+                    n_rejects = rejects.num_rows
+                    if n_rejects:
+                        con.register("_ml_staged_rejects", rejects)
+                if n_rejects:
+                    cols = ", ".join(f'"{c.name}"' for c in schema.REJECT_COLUMNS)
+                    con.execute(
+                        f"INSERT INTO rejects ({cols}) SELECT {cols} FROM {rej_name} s "
+                        "WHERE s.reject_id NOT IN (SELECT reject_id FROM rejects)"
+                    )
+                    if not isinstance(rejects, str):
+                        con.unregister("_ml_staged_rejects")
             if checkpoint is not None:
                 self._set_watermark(*checkpoint)
             con.execute("COMMIT")
@@ -180,8 +195,8 @@ class Store:
         self._set_watermark(key, state)
 
     def get_watermark(self, key: str) -> dict[str, Any] | None:
-        row = self.con.execute("SELECT state FROM watermarks WHERE key = ?", [key]).fetchone()
-        return None if row is None else json.loads(row[0])
+        rows = self.con.execute("SELECT state FROM watermarks WHERE key = ?", [key]).fetchall()
+        return json.loads(rows[0][0]) if rows else None
 
     def delete_watermark(self, key: str) -> None:
         self._require_rw()
@@ -254,10 +269,10 @@ class Store:
 
 def _read_version(con: duckdb.DuckDBPyConnection) -> int:
     try:
-        row = con.execute("SELECT value FROM meshlens_meta WHERE key = 'schema_version'").fetchone()
+        rows = con.execute("SELECT value FROM meshlens_meta WHERE key = 'schema_version'").fetchall()
     except duckdb.CatalogException:
         return 0
-    return int(row[0]) if row else 0
+    return int(rows[0][0]) if rows else 0
 
 
 # Each entry upgrades the store from version N-1 to N; index 0 creates version 1.

@@ -51,13 +51,13 @@ def _q(s: str) -> str:
 TLS_RE = "|".join(re.escape(m) for m in TLS_MARKERS)
 
 MACROS = [
-    "CREATE OR REPLACE MACRO nz(x) AS CASE WHEN x IS NULL OR x = '-' OR x = '' THEN NULL ELSE x END",
-    "CREATE OR REPLACE MACRO ipof(a) AS CASE WHEN nz(a) IS NULL THEN NULL "
+    "CREATE OR REPLACE TEMP MACRO nz(x) AS CASE WHEN x IS NULL OR x = '-' OR x = '' THEN NULL ELSE x END",
+    "CREATE OR REPLACE TEMP MACRO ipof(a) AS CASE WHEN nz(a) IS NULL THEN NULL "
     "WHEN starts_with(a, 'envoy://') THEN NULL WHEN a[1] = '[' THEN regexp_extract(a, '^\\[([^\\]]*)\\]', 1) "
     "WHEN length(a) - length(replace(a, ':', '')) = 1 THEN split_part(a, ':', 1) ELSE a END",
-    "CREATE OR REPLACE MACRO portof(a) AS try_cast(regexp_extract(a, ':(\\d+)$', 1) AS INTEGER)",
-    "CREATE OR REPLACE MACRO notnum(x) AS nz(x) IS NOT NULL AND try_cast(x AS DOUBLE) IS NULL",
-    f"CREATE OR REPLACE MACRO podwl(p) AS nullif(regexp_replace(p, {_q(POD_SUFFIX_RE)}, ''), '')",
+    "CREATE OR REPLACE TEMP MACRO portof(a) AS try_cast(regexp_extract(a, ':(\\d+)$', 1) AS INTEGER)",
+    "CREATE OR REPLACE TEMP MACRO notnum(x) AS nz(x) IS NOT NULL AND try_cast(x AS DOUBLE) IS NULL",
+    f"CREATE OR REPLACE TEMP MACRO podwl(p) AS nullif(regexp_replace(p, {_q(POD_SUFFIX_RE)}, ''), '')",
 ]
 
 
@@ -94,7 +94,7 @@ def fields_sql(table: str, mapping: dict[str, str] | None = None) -> str:
             for f in ENVOY_FIELDS]
     cols += [f"coalesce({', '.join(jk(k) for k in keys)}) AS {f}" for f, keys in extra_keys.items()]
     return f"""
-WITH s AS MATERIALIZED (
+WITH s AS (
   SELECT *,
     CASE WHEN klass = 'envoy_text' THEN string_split(body, '"') END AS q,
     CASE WHEN klass = 'envoy_json' THEN from_json(body, {_q(struct)}) END AS j
@@ -102,12 +102,16 @@ WITH s AS MATERIALIZED (
 s2 AS (
   SELECT *, len(q) AS nq, CASE WHEN len(q) = 15 THEN 2 ELSE 0 END AS o,
          string_split(q[2], ' ') AS rq,
-         list_filter(string_split(trim(q[3]), ' '), lambda x: x <> '') AS a
+         CASE WHEN contains(q[3], '  ') THEN list_filter(string_split(trim(q[3]), ' '), lambda x: x <> '')
+              ELSE string_split(trim(q[3]), ' ') END AS a
   FROM s),
-s3 AS MATERIALIZED (
+s3 AS (
   SELECT *,
-    CASE WHEN nq = 15 THEN list_filter(string_split(trim(q[5]), ' '), lambda x: x <> '') ELSE a[3:6] END AS b,
-    list_filter(string_split(trim(q[13 + o]), ' '), lambda x: x <> '') AS c,
+    CASE WHEN nq <> 15 THEN a[3:6]
+         WHEN contains(q[5], '  ') THEN list_filter(string_split(trim(q[5]), ' '), lambda x: x <> '')
+         ELSE string_split(trim(q[5]), ' ') END AS b,
+    CASE WHEN contains(q[13 + o], '  ') THEN list_filter(string_split(trim(q[13 + o]), ' '), lambda x: x <> '')
+         ELSE string_split(trim(q[13 + o]), ' ') END AS c,
     CASE WHEN q[1] = '' THEN NULL ELSE regexp_extract(q[1], '^\\[([^\\]]+)\\]\\s*$', 1) END AS st
   FROM s2)
 SELECT * EXCLUDE (q, j, nq, o, rq, a, b, c, st),
@@ -166,21 +170,17 @@ g AS (
       WHEN sni LIKE 'outbound\\_.%' ESCAPE '\\' THEN 'inbound'
     END AS dir,
     CASE WHEN cl LIKE 'outbound|%' THEN split_part(cl, '|', 4) END AS out_host,
-    regexp_extract(sni, {_q(ISTIO_SNI_RE)}, 2) AS sni_host,
-    CASE WHEN nz(authority) IS NOT NULL AND NOT regexp_matches(authority, '^[0-9\\[]')
-         THEN regexp_replace(authority, ':\\d+$', '') END AS auth_host,
+    CASE WHEN starts_with(sni, 'outbound_.') THEN regexp_extract(sni, {_q(ISTIO_SNI_RE)}, 2) END AS sni_host,
+    CASE WHEN nz(authority) IS NOT NULL AND NOT (authority[1] BETWEEN '0' AND '9' OR authority[1] = '[')
+         THEN CASE WHEN contains(authority, ':') THEN split_part(authority, ':', 1) ELSE authority END
+    END AS auth_host,
     CASE WHEN starts_with(det, {rbac}) THEN det WHEN starts_with(term, {rbac}) THEN term END AS rbac_det,
-    CASE
-      WHEN st IS NULL THEN NULL
-      WHEN regexp_matches(st, '^\\d+(\\.\\d+)?$') THEN CAST(CAST(st AS DOUBLE) * 1e9 AS BIGINT)
-      ELSE epoch_ns(try_cast(st AS TIMESTAMPTZ))
-    END AS ts_parsed
+    coalesce(epoch_ns(try_cast(st AS TIMESTAMPTZ)),
+             CAST(try_cast(st AS DOUBLE) * 1e9 AS BIGINT)) AS ts_parsed
   FROM f),
 h AS (
   SELECT *,
     CASE
-      WHEN out_host IS NOT NULL AND regexp_matches(out_host, {_q(SVC_HOST_RE)})
-        THEN regexp_extract(out_host, {_q(SVC_HOST_RE)}, 1)
       WHEN out_host IS NOT NULL AND out_host <> '' THEN split_part(out_host, '.', 1)
       WHEN cl LIKE '%.consul' THEN regexp_extract(cl, {_q(CONSUL_HOST_RE)}, 1)
       WHEN dir = 'inbound' AND sni_host <> '' THEN split_part(sni_host, '.', 1)
@@ -189,8 +189,7 @@ h AS (
                                                       THEN sni END, ipof(upstream_host))
     END AS dsvc,
     CASE
-      WHEN out_host IS NOT NULL AND regexp_matches(out_host, {_q(SVC_HOST_RE)})
-        THEN regexp_extract(out_host, {_q(SVC_HOST_RE)}, 2)
+      WHEN out_host IS NOT NULL AND split_part(out_host, '.', 3) = 'svc' THEN split_part(out_host, '.', 2)
       WHEN cl LIKE '%.consul' THEN nullif(regexp_extract(cl, {_q(CONSUL_HOST_RE)}, 2), '')
       WHEN dir = 'inbound' AND sni_host <> '' THEN coalesce(nullif(split_part(sni_host, '.', 2), 'svc'),
                                                             self_namespace)
@@ -202,17 +201,18 @@ h AS (
     END AS dns,
     CASE
       WHEN rbac_det IS NOT NULL OR det IN ({ext}) OR det = 'rbac_access_denied'
-           OR list_contains(string_split(flags, ','), 'UAEX') THEN 'deny'
+           OR contains(flags, 'UAEX') THEN 'deny'
     END AS authz,
     CASE
       WHEN rbac_det IS NOT NULL THEN regexp_extract(rbac_det, '^rbac_access_denied_matched_policy\\[(.*)\\]$', 1)
-      WHEN det IN ({ext}) OR list_contains(string_split(flags, ','), 'UAEX') THEN 'ext_authz'
+      WHEN det IN ({ext}) OR contains(flags, 'UAEX') THEN 'ext_authz'
     END AS policy,
     CASE
-      WHEN regexp_matches(coalesce(tfr, ''), {_q(TLS_RE)}) THEN tfr
-      WHEN regexp_matches(coalesce(nz(downstream_transport_failure_reason), ''), {_q(TLS_RE)})
+      WHEN tfr IS NOT NULL AND regexp_matches(tfr, {_q(TLS_RE)}) THEN tfr
+      WHEN nz(downstream_transport_failure_reason) IS NOT NULL
+           AND regexp_matches(downstream_transport_failure_reason, {_q(TLS_RE)})
         THEN downstream_transport_failure_reason
-      WHEN regexp_matches(coalesce(det, ''), {_q(TLS_RE)}) THEN det
+      WHEN det IS NOT NULL AND det <> 'via_upstream' AND regexp_matches(det, {_q(TLS_RE)}) THEN det
     END AS tls_reason
   FROM g)
 SELECT seq, klass, line, src_ts_ns, stream_id, position, pre_reject, body, prefix_pod,

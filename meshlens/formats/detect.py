@@ -80,17 +80,20 @@ def _first_words(text: str, n: int = 80) -> str:
 class Parser:
     """Parses batches; holds one in-memory DuckDB connection (use one Parser per thread)."""
 
-    def __init__(self, fmt: str | None = None, json_mapping: dict[str, str] | None = None) -> None:
+    def __init__(self, fmt: str | None = None, json_mapping: dict[str, str] | None = None,
+                 con: duckdb.DuckDBPyConnection | None = None) -> None:
         fmt = fmt or "auto"
         if fmt not in FORMATS:
             raise ConfigError(f"unknown format {fmt!r}; choose one of: {', '.join(sorted(FORMATS))}")
         self.fmt = fmt
         self.cls = FORMATS[fmt]
         self.json_mapping = json_mapping
-        self.con = duckdb.connect(":memory:")
-        self.con.execute("SET threads TO 2")
+        # Own in-memory connection, or the store's (then only TEMP tables/macros are created on it).
+        self.con = con if con is not None else duckdb.connect(":memory:")
         for m in bulk.MACROS:
             self.con.execute(m)
+        self.con.execute(f"CREATE OR REPLACE TEMP TABLE events_template AS SELECT * FROM ({_template_sql(schema.EVENT_COLUMNS)}) LIMIT 0")
+        self.con.execute(f"CREATE OR REPLACE TEMP TABLE rejects_template AS SELECT * FROM ({_template_sql(schema.REJECT_COLUMNS)}) LIMIT 0")
         self._ecs = _load_ecs()
         self._label_cache: dict[int, tuple[Labels | None, str, str | None, str | None, str | None]] = {}
 
@@ -140,11 +143,19 @@ class Parser:
         })
         return sid, streams
 
-    def parse(self, batch: RawBatch, ingested_at: Any = None) -> tuple[pa.Table, pa.Table]:
-        """Return (events, rejects) Arrow tables with the store's column names."""
+    def parse_into(self, batch: RawBatch, ingested_at: Any = None) -> tuple[int, int]:
+        """Parse into the temp tables ``_ml_events`` and ``_ml_rejects`` of the parser's connection.
+
+        With ``Parser(con=store.con)`` the store then inserts straight from those tables: the wide
+        result never leaves DuckDB (no Arrow round trip). Returns (events, rejects) counts.
+        """
         n = len(batch.lines)
+        con = self.con
         if n == 0:
-            return _empty_events(), _empty_rejects()
+            self.drop_results()
+            con.execute("CREATE OR REPLACE TEMP VIEW _ml_events AS SELECT * FROM events_template")
+            con.execute("CREATE OR REPLACE TEMP VIEW _ml_rejects AS SELECT * FROM rejects_template")
+            return 0, 0
         sid, streams = self._streams(batch, n)
         raw = pa.table({
             "seq": pa.array(range(n), pa.int64()),
@@ -154,18 +165,36 @@ class Parser:
             "position": pa.array(batch.positions if batch.positions else [""] * n, pa.string()),
             "pre_reject": pa.array(batch.reject_reasons if batch.reject_reasons else [None] * n, pa.string()),
         })
-        con = self.con
-        con.register("raw_in", raw)
-        con.register("streams_in", streams)
+        con.register("_ml_raw_in", raw)
+        con.register("_ml_streams_in", streams)
         try:
-            return self._parse_registered(batch, ingested_at)
+            self._parse_registered(batch)
+            return self._finalize(batch, ingested_at)
+        except BaseException:
+            self.drop_results()
+            raise
         finally:
-            con.unregister("raw_in")
-            con.unregister("streams_in")
-            for t in ("p", "ev_py", "rej_py", "streams"):
-                con.execute(f"DROP TABLE IF EXISTS {t}")
+            con.unregister("_ml_raw_in")
+            con.unregister("_ml_streams_in")
 
-    def _parse_registered(self, batch: RawBatch, ingested_at: Any) -> tuple[pa.Table, pa.Table]:
+    def parse(self, batch: RawBatch, ingested_at: Any = None) -> tuple[pa.Table, pa.Table]:
+        """Return (events, rejects) as Arrow tables with the store's column names."""
+        self.parse_into(batch, ingested_at)
+        try:
+            events = self.con.sql("SELECT * FROM _ml_events").to_arrow_table()
+            rejects = self.con.sql("SELECT * FROM _ml_rejects").to_arrow_table()
+        finally:
+            self.drop_results()
+        return events, rejects
+
+    def drop_results(self) -> None:
+        """Drop the result views and the temp tables behind them (call after storing a batch)."""
+        self.con.execute("DROP VIEW IF EXISTS _ml_events")
+        self.con.execute("DROP VIEW IF EXISTS _ml_rejects")
+        for t in ("_ml_p", "_ml_ev_py", "_ml_rej_py", "_ml_streams", "_ml_occ", "_ml_ctx"):
+            self.con.execute(f"DROP TABLE IF EXISTS {t}")
+
+    def _parse_registered(self, batch: RawBatch) -> None:
         con = self.con
         forced = self.cls
         if forced == "auto":
@@ -175,7 +204,7 @@ class Parser:
                   WHEN (contains(body, '"upstream_cluster"') OR contains(body, '"response_code"'))
                        AND json_valid(body) THEN 'envoy_json'
                   ELSE 'python' END
-              WHEN (body[1] = '"' OR regexp_matches(body, '^\\[[^\\]]*\\]\\s*"')) THEN 'envoy_text'
+              WHEN body[1] = '"' OR (body[1] = '[' AND regexp_matches(body, '^\\[[^\\]]*\\]\\s*"')) THEN 'envoy_text'
               ELSE 'python' END"""
         elif forced == "envoy_text":
             klass = "CASE WHEN pre_reject IS NOT NULL THEN 'pre_reject' ELSE 'envoy_text' END"
@@ -184,14 +213,14 @@ class Parser:
                        WHEN json_valid(body) AND body[1] = '{' THEN 'envoy_json' ELSE 'bad_json' END"""
         else:
             klass = "CASE WHEN pre_reject IS NOT NULL THEN 'pre_reject' ELSE 'python' END"
-        con.execute("CREATE OR REPLACE TEMP TABLE streams AS SELECT * FROM streams_in")
+        con.execute("CREATE OR REPLACE TEMP TABLE _ml_streams AS SELECT * FROM _ml_streams_in")
         base = f"""
             (WITH r AS (
               SELECT r.*, s.self_workload AS sw, s.self_namespace AS sn, s.self_container AS sc,
                 CASE WHEN line[1] = '[' AND NOT regexp_matches(substr(line, 2, 1), '[0-9 ]')
                      THEN regexp_extract(line, '^\\[([^\\]\\s]+) ([^\\]\\s]+)\\] ', ['pod', 'container'])
                 END AS kp
-              FROM raw_in r JOIN streams s USING (stream_id)),
+              FROM _ml_raw_in r JOIN _ml_streams s USING (stream_id)),
             b AS (
               SELECT seq, line, src_ts_ns, stream_id, position, pre_reject,
                 CASE WHEN kp.pod <> '' THEN substr(line, length(kp.pod) + length(kp.container) + 5)
@@ -203,22 +232,21 @@ class Parser:
               FROM r)
             SELECT *, {klass} AS klass FROM b)"""
         fields = bulk.fields_sql(base, self.json_mapping)
-        con.execute(f"CREATE OR REPLACE TEMP TABLE p AS {bulk.derive_sql('(' + fields + ')')}")
+        con.execute(f"CREATE OR REPLACE TEMP TABLE _ml_p AS {bulk.derive_sql('(' + fields + ')')}")
         rows = con.execute(
-            "SELECT seq, body, prefix_pod, self_container FROM p WHERE klass = 'python' ORDER BY seq"
+            "SELECT seq, body, prefix_pod, self_container FROM _ml_p WHERE klass = 'python' ORDER BY seq"
         ).fetchall()
         py_events, py_rejects = self._parse_python(rows, batch)
-        con.register("ev_py_in", _events_arrow(py_events))
-        con.execute("CREATE OR REPLACE TEMP TABLE ev_py AS SELECT * FROM ev_py_in")
-        con.unregister("ev_py_in")
-        con.register("rej_py_in", pa.table({
+        con.register("_ml_ev_py_in", _events_arrow(py_events))
+        con.execute("CREATE OR REPLACE TEMP TABLE _ml_ev_py AS SELECT * FROM _ml_ev_py_in")
+        con.unregister("_ml_ev_py_in")
+        con.register("_ml_rej_py_in", pa.table({
             "seq": pa.array([r[0] for r in py_rejects], pa.int64()),
             "format": pa.array([r[1] for r in py_rejects], pa.string()),
             "reason": pa.array([r[2] for r in py_rejects], pa.string()),
         }))
-        con.execute("CREATE OR REPLACE TEMP TABLE rej_py AS SELECT * FROM rej_py_in")
-        con.unregister("rej_py_in")
-        return self._finalize(batch, ingested_at)
+        con.execute("CREATE OR REPLACE TEMP TABLE _ml_rej_py AS SELECT * FROM _ml_rej_py_in")
+        con.unregister("_ml_rej_py_in")
 
     def _parse_python(self, rows: list[tuple[Any, ...]], batch: RawBatch,
                       ) -> tuple[list[Event], list[tuple[int, str | None, str]]]:
@@ -323,12 +351,13 @@ class Parser:
             raise
 
     # -- assemble ----------------------------------------------------------------------------
-    def _finalize(self, batch: RawBatch, ingested_at: Any) -> tuple[pa.Table, pa.Table]:
+    def _finalize(self, batch: RawBatch, ingested_at: Any) -> tuple[int, int]:
+        """Build ``_ml_events`` and ``_ml_rejects`` (temp tables, store column order)."""
         con = self.con
-        now = "now()" if ingested_at is None else "$ingested_at"
-        params: dict[str, Any] = {"source": batch.source}
-        if ingested_at is not None:
-            params["ingested_at"] = ingested_at
+        # views cannot take parameters: the batch constants live in a one-row temp table
+        con.execute("CREATE OR REPLACE TEMP TABLE _ml_ctx AS SELECT ?::VARCHAR AS source, "
+                    "coalesce(?::TIMESTAMPTZ, now()) AS ingested_at", [batch.source, ingested_at])
+        now = "(SELECT ingested_at FROM _ml_ctx)"
         sel = []
         for c in schema.EVENT_COLUMN_NAMES:
             if c == "event_id":
@@ -338,10 +367,8 @@ class Parser:
                 sel.append("make_timestamptz(coalesce(e.ts_ns, e.src_ts_ns) // 1000) AS ts")
             elif c == "ts_ns":
                 sel.append("coalesce(e.ts_ns, e.src_ts_ns) AS ts_ns")
-            elif c == "labels":
-                sel.append("e.labels")
             elif c == "source":
-                sel.append("$source AS source")
+                sel.append("(SELECT source FROM _ml_ctx) AS source")
             elif c == "raw":
                 sel.append("coalesce(e.raw_override, e.line) AS raw")
             elif c == "ingested_at":
@@ -351,48 +378,58 @@ class Parser:
             else:
                 sel.append(f"e.{c}")
         con.execute("""
-            CREATE OR REPLACE TEMP TABLE streams AS
+            CREATE OR REPLACE TEMP TABLE _ml_streams AS
             SELECT *, CASE WHEN stream_key = '' THEN MAP {} ELSE CAST(json_transform(stream_key,
-                   '"MAP(VARCHAR, VARCHAR)"') AS MAP(VARCHAR, VARCHAR)) END AS labels FROM streams""")
+                   '"MAP(VARCHAR, VARCHAR)"') AS MAP(VARCHAR, VARCHAR)) END AS labels FROM _ml_streams""")
         # identical records within the batch (rare): number them so both are kept, deterministically
         con.execute("""
-            CREATE OR REPLACE TEMP TABLE occ AS
-            WITH hh AS (SELECT seq, hash(stream_id, src_ts_ns, line) AS hh FROM p),
+            CREATE OR REPLACE TEMP TABLE _ml_occ AS
+            WITH hh AS (SELECT seq, hash(stream_id, src_ts_ns, line) AS hh FROM _ml_p),
             d AS (SELECT hh FROM hh GROUP BY hh HAVING count(*) > 1)
             SELECT seq, row_number() OVER (PARTITION BY hh ORDER BY seq) AS occ
             FROM hh WHERE hh IN (SELECT hh FROM d)""")
-        events = con.sql(f"""
+        con.execute(f"""
+            CREATE OR REPLACE TEMP VIEW _ml_events AS
             WITH e AS (
-              SELECT * EXCLUDE (reason), NULL::VARCHAR AS raw_override FROM p
+              SELECT * EXCLUDE (reason), NULL::VARCHAR AS raw_override FROM _ml_p
               WHERE klass IN ('envoy_text', 'envoy_json') AND reason IS NULL
               UNION ALL BY NAME
               SELECT y.* EXCLUDE (raw), y.raw AS raw_override, p.line, p.src_ts_ns, p.stream_id, p.position
-              FROM ev_py y JOIN p USING (seq)),
+              FROM _ml_ev_py y JOIN _ml_p p USING (seq)),
             k AS (
               SELECT e.*, md5(s.stream_key || chr(31) || coalesce(CAST(e.src_ts_ns AS VARCHAR), '') || chr(31)
                               || e.line) AS h, s.labels
-              FROM e JOIN streams s USING (stream_id))
+              FROM e JOIN _ml_streams s USING (stream_id))
             SELECT {", ".join(sel)}
-            FROM k e LEFT JOIN occ o USING (seq)
-        """, params=params).to_arrow_table()
-        rejects = con.sql(f"""
+            FROM k e LEFT JOIN _ml_occ o USING (seq)""")
+        con.execute(f"""
+            CREATE OR REPLACE TEMP VIEW _ml_rejects AS
             WITH j AS (
-              SELECT seq, format, reason FROM p WHERE klass IN ('envoy_text', 'envoy_json') AND reason IS NOT NULL
-              UNION ALL SELECT seq, format, reason FROM rej_py
-              UNION ALL SELECT seq, NULL, pre_reject FROM p WHERE klass = 'pre_reject'
-              UNION ALL SELECT seq, 'istio_json', 'invalid JSON (forced format {self.fmt})' FROM p
+              SELECT seq, format, reason FROM _ml_p
+              WHERE klass IN ('envoy_text', 'envoy_json') AND reason IS NOT NULL
+              UNION ALL SELECT seq, format, reason FROM _ml_rej_py
+              UNION ALL SELECT seq, NULL, pre_reject FROM _ml_p WHERE klass = 'pre_reject'
+              UNION ALL SELECT seq, 'istio_json', 'invalid JSON (forced format {self.fmt})' FROM _ml_p
                 WHERE klass = 'bad_json')
-            SELECT md5($source || chr(31) || r.position || chr(31) || r.line) AS reject_id,
-              $source AS source, r.position, r.src_ts_ns AS ts_ns, j.format,
+            SELECT md5(c.source || chr(31) || r.position || chr(31) || r.line) AS reject_id,
+              c.source, r.position, r.src_ts_ns AS ts_ns, j.format,
               CASE WHEN length(r.line) > {MAX_RAW_REJECT}
                    THEN j.reason || ' [raw truncated to {MAX_RAW_REJECT} of ' || length(r.line) || ' chars]'
                    ELSE j.reason END AS reason,
               left(r.line, {MAX_RAW_REJECT}) AS raw,
               {now} AS ingested_at
-            FROM j JOIN p r USING (seq) ORDER BY seq
-        """, params=params).to_arrow_table()
-        con.execute("DROP TABLE IF EXISTS occ")
-        return events, rejects
+            FROM j JOIN _ml_p r USING (seq), _ml_ctx c""")
+        n_ev, n_rej = con.execute("""
+            SELECT count(*) FILTER (WHERE klass IN ('envoy_text', 'envoy_json') AND reason IS NULL)
+                     + (SELECT count(*) FROM _ml_ev_py),
+                   count(*) FILTER (WHERE (klass IN ('envoy_text', 'envoy_json') AND reason IS NOT NULL)
+                                    OR klass IN ('pre_reject', 'bad_json')) + (SELECT count(*) FROM _ml_rej_py)
+            FROM _ml_p""").fetchall()[0]
+        return int(n_ev), int(n_rej)
+
+
+def _template_sql(cols: tuple[schema.Column, ...]) -> str:
+    return "SELECT " + ", ".join(f'NULL::{c.type} AS "{c.name}"' for c in cols)
 
 
 _ASSEMBLED = {"event_id", "ts", "ts_ns", "labels", "source", "position", "raw", "ingested_at"}
@@ -418,15 +455,6 @@ def _events_arrow(events: list[Event]) -> pa.Table:
     cols["ts_ns"] = pa.array([e.get("ts_ns") for e in events], pa.int64())
     cols["raw"] = pa.array([e.get("raw") for e in events], pa.string())
     return pa.table(cols)
-
-
-def _empty_events() -> pa.Table:
-    return pa.table({c.name: pa.array([], _arrow_type(c.type)) for c in schema.EVENT_COLUMNS
-                     if c.type not in ("TIMESTAMPTZ", "MAP(VARCHAR, VARCHAR)")})
-
-
-def _empty_rejects() -> pa.Table:
-    return pa.table({c.name: pa.array([], pa.string()) for c in schema.REJECT_COLUMNS})
 
 
 def workload_of(pod: str | None) -> str | None:
