@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import re
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -28,6 +29,9 @@ from meshlens.sources.files import DEFAULT_BATCH, expand_paths, read_file
 from meshlens.store import Store, open_store
 
 SNAPSHOT_EVERY_S = 60.0
+# DuckDB caches written blocks up to its memory limit (80% of RAM by default); ingest needs little of
+# it, so the writer is capped to keep memory bounded whatever the input size (override with env).
+INGEST_MEMORY_LIMIT = os.environ.get("MESHLENS_INGEST_MEMORY_LIMIT", "1GB")
 
 
 @dataclass
@@ -110,6 +114,8 @@ def ingest_batches(
     snapshot_every_s: float = SNAPSHOT_EVERY_S,
 ) -> IngestCounts:
     """Parse and store batches; returns the counts. ``source`` must not contain credentials."""
+    if INGEST_MEMORY_LIMIT and re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]i?B", INGEST_MEMORY_LIMIT):
+        store.con.execute(f"SET memory_limit = '{INGEST_MEMORY_LIMIT}'")
     parser = Parser(fmt, json_mapping, con=store.con)
     counts = IngestCounts(run_id=store.start_run(source))
     bar = progress if isinstance(progress, tqdm) else tqdm(

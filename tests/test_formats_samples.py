@@ -15,7 +15,7 @@ from meshlens.store import open_store
 # file -> (events, rejects) when ingested on its own
 EXPECTED_COUNTS: dict[str, tuple[int, int]] = {
     "envoy/contour_docs_envoy_default_format.log": (1, 0),
-    "envoy/envoy_docs_default_format_example_wrapped.log": (0, 2),
+    "envoy/envoy_docs_default_format_example_wrapped.log": (1, 0),  # one line wrapped in two: rejoined
     "istio/istio_io_access_log_task.log": (2, 0),
     "istio/istio_issue17139_json_istio13_strings.jsonl": (2, 0),
     "istio/istio_issue31555_mixed_proxy_stdout.log": (2, 2),
@@ -200,3 +200,19 @@ def test_loki_documents_are_rejected_with_reasons(all_events) -> None:
     docs = rej[rej.reason.str.contains("multi-line JSON document")]
     assert len(docs) == 4  # three doc examples with `...` and the truncated fragment
     assert rej.reason.str.contains("unrecognised format").sum() >= 6
+
+
+def test_wrapped_envoy_doc_line_is_rejoined(all_events) -> None:
+    ev, _ = all_events
+    e = _one(ev, request_id="cc21d9b0-cf5c-432b-8c7e-98aeb7988cd2")
+    assert (e.format, e.method, e.path, e.status, e.authority, e.upstream_host) == (
+        "envoy_default", "POST", "/api/v1/locations", 204, "locations", "tcp://10.0.2.1:80")
+    assert e.position == "1-2" and e.user_agent == "nsq2http"
+
+
+def test_a_truncated_envoy_line_is_not_joined_with_an_unrelated_line(tmp_path: Path) -> None:
+    head = '[2016-04-15T20:17:00.310Z] "POST /api/v1/locations HTTP/2" 204 - 154 0 226 100 "10.0.35.28"'
+    f = tmp_path / "t.log"
+    f.write_text(head + '\n"just a quoted line"\n')
+    c = ingest_files(tmp_path / "t.duckdb", [f], progress=False)
+    assert (c.read, c.stored, c.rejects) == (2, 0, 2)

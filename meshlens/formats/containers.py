@@ -114,8 +114,48 @@ def records_from_lines(lines: Iterable[bytes], path: str, kind: str,
         yield from _plain(lines, path, max_record_bytes)
 
 
+# An Envoy text line cut in two (terminal or document wrapping): the first part starts with
+# `[START_TIME] "`, the second with `"`, and only together do they hold Envoy's 12 (default format) or
+# Istio's 14 double quotes. Such a pair is one record.
+_ENVOY_HEAD = re.compile(rb'^\[[^\]]+\] "')
+_ENVOY_QUOTES = (12, 14)
+
+
+def _wrapped_pair(first: bytes, second: bytes) -> bool:
+    return (bool(_ENVOY_HEAD.match(first)) and second.startswith(b'"')
+            and first.count(b'"') < 12 and first.count(b'"') + second.count(b'"') in _ENVOY_QUOTES)
+
+
 def _plain(lines: Iterable[bytes], path: str, limit: int, first_lineno: int = 1) -> Iterator[Record]:
     base_labels = labels_from_path(path)
+    pending: tuple[int, bytes] | None = None
+    for rec in _plain_records(lines, path, limit, first_lineno, base_labels):
+        if isinstance(rec, tuple):  # a candidate first half of a wrapped Envoy line
+            if pending is not None:
+                yield _line_record(pending[1], pending[0], path, base_labels)
+            pending = rec
+            continue
+        if pending is not None:
+            lineno, first = pending
+            pending = None
+            second = rec.text.encode("utf-8", errors="replace")
+            if rec.reject_reason is None and rec.position == str(lineno + 1) and _wrapped_pair(first, second):
+                yield _line_record(first + b" " + second, lineno, path, base_labels, f"{lineno}-{lineno + 1}")
+                continue
+            yield _line_record(first, lineno, path, base_labels)
+        yield rec
+    if pending is not None:
+        yield _line_record(pending[1], pending[0], path, base_labels)
+
+
+def _line_record(raw: bytes, lineno: int, path: str, labels: dict[str, str] | None,
+                 position: str | None = None) -> Record:
+    text, err = _decode(raw, path)
+    return Record(text.rstrip("\r"), position or str(lineno), None, labels, err)
+
+
+def _plain_records(lines: Iterable[bytes], path: str, limit: int, first_lineno: int,
+                   base_labels: dict[str, str] | None) -> Iterator[Record | tuple[int, bytes]]:
     block: list[bytes] = []
     block_start = 0
     block_size = 0
@@ -146,6 +186,9 @@ def _plain(lines: Iterable[bytes], path: str, limit: int, first_lineno: int = 1)
         if len(raw) > limit:
             text, _ = _decode(raw[:65536], path)
             yield Record(text, str(lineno), None, base_labels, _too_large(len(raw), limit))
+            continue
+        if raw[:1] == b"[" and raw.count(b'"') < 12 and _ENVOY_HEAD.match(raw):
+            yield (lineno, raw)
             continue
         text, err = _decode(raw, path)
         yield Record(text.rstrip("\r"), str(lineno), None, base_labels, err)
@@ -327,7 +370,7 @@ def plain_chunks(fh: Any, path: str, head: list[bytes], limit: int = MAX_RECORD_
             lineno += 1
             continue
         raw_lines = body.split(b"\n")
-        if _LONE_BRACE.search(body):
+        if _LONE_BRACE.search(body) or b'\n"' in body or body[:1] == b'"':
             rest = itertools.chain(raw_lines, _iter_lines(carry, fh))
             yield from _plain(rest, path, limit, lineno)
             return
