@@ -31,11 +31,37 @@ def run_demo(*, db: Path, samples: Path, out: Path, reports: bool = True,
         echo(format_summary(summary(store)))
     if not reports:
         return None
-    try:
-        from meshlens.reports_demo import run_all_reports
-    except ImportError:
-        echo("== reports: not available in this build")
-        return None
-    index = run_all_reports(db=db, out=out, echo=echo)
+    return run_all_reports(db=db, out=out, echo=echo)
+
+
+def demo_schedule(db: Path, out: Path) -> dict[str, object]:
+    """A schedule config (as a mapping) listing every packaged report with its defaults."""
+    from meshlens.reports import list_notebooks
+
+    return {
+        "db": str(db.resolve()),
+        "out_dir": str(out.resolve()),
+        "reports": [{"name": name, "notebook": name, "cron": "0 6 * * *", "keep_runs": 5}
+                    for name in sorted(list_notebooks())],
+    }
+
+
+def run_all_reports(*, db: Path, out: Path, echo: Callable[[str], None] = print) -> Path | None:
+    """Run every report once through the scheduler's path (``run_due(force=True)``)."""
+    from meshlens.schedule import parse_config, run_due
+
+    cfg = parse_config(demo_schedule(db, out), base_dir=Path.cwd())
+    echo(f"== reports: {', '.join(r.name for r in cfg.reports)}")
+    result = run_due(cfg, force=True)
+    for o in result.outcomes:
+        line = f"  {o.name:<20} {o.status or o.action:<8} {o.html or o.run_dir or ''}"
+        echo(line + (f"  error: {o.error}" if o.error else ""))
+    index = Path(result.index[0]) if result.index else None
     echo(f"== reports index: {index}")
+    if result.exit_code:
+        raise ReportsFailed(f"{len(result.failures)} report(s) failed; see {index}")
     return index
+
+
+class ReportsFailed(ConfigError):
+    """At least one demo report failed (its HTML, with the error cell, is still written)."""

@@ -246,3 +246,53 @@ def test_conservation_property_on_random_lines(tmp_path: Path) -> None:
         assert ev.num_rows + rej.num_rows == len(lines)
 
     check()
+
+
+def test_consul_json_access_log_and_intentions_denial(tmp_path: Path, db: Path) -> None:
+    """Consul's default JSON access log has Istio's 24 keys with %UPSTREAM_CLUSTER% (formats.md §3)."""
+    base = {"start_time": "2024-05-01T10:00:00.000Z", "method": "GET", "path": "/api", "protocol": "HTTP/1.1",
+            "response_code": 200, "response_flags": "-", "response_code_details": "via_upstream",
+            "connection_termination_details": None, "upstream_transport_failure_reason": None,
+            "bytes_received": 0, "bytes_sent": 10, "duration": 3, "upstream_service_time": "2",
+            "x_forwarded_for": None, "user_agent": "curl/8", "request_id": "r1", "authority": "backend",
+            "upstream_host": "10.0.0.9:20000",
+            "upstream_cluster": "backend.default.dc1.internal.0a1b2c3d-1111-2222-3333-444455556666.consul",
+            "upstream_local_address": "10.0.0.5:4000", "downstream_local_address": "127.0.0.1:9191",
+            "downstream_remote_address": "127.0.0.1:5000", "requested_server_name": None, "route_name": None}
+    denied = {**base, "request_id": "r2", "response_code": 403, "upstream_cluster": "local_app", "authority": "web",
+              "response_code_details": "rbac_access_denied_matched_policy[consul-intentions-layer7-0]",
+              "bytes_sent": 19}
+    f = tmp_path / "consul.jsonl"
+    f.write_text(json.dumps(base) + "\n" + json.dumps(denied) + "\n")
+    labels_file = tmp_path / "consul-export.jsonl"
+    labels_file.write_text("\n".join(json.dumps({"labels": {"namespace": "default", "app": "web",
+                                                             "container": "consul-dataplane"},
+                                                  "line": ln, "timestamp": "2024-05-01T10:00:00Z"})
+                                      for ln in f.read_text().splitlines()) + "\n")
+    assert ingest_files(db, [labels_file], progress=False).stored == 2
+    rows = _rows(db, "SELECT request_id, mesh, direction, dst_service, dst_namespace, event_type, authz_policy "
+                     "FROM events ORDER BY request_id")
+    assert rows == [("r1", "consul", "outbound", "backend", "default", "request", None),
+                    ("r2", "consul", "inbound", "web", "default", "authz", "consul-intentions-layer7-0")]
+
+
+def test_audit_patch_takes_the_new_spec_from_the_response(tmp_path: Path, db: Path) -> None:
+    ev = {"kind": "Event", "apiVersion": "audit.k8s.io/v1", "level": "RequestResponse", "auditID": "a1",
+          "stage": "ResponseComplete", "verb": "patch",
+          "requestURI": "/apis/security.istio.io/v1/namespaces/shop/authorizationpolicies/deny-legacy",
+          "user": {"username": "alice@example.com"}, "sourceIPs": ["10.0.0.1"],
+          "objectRef": {"resource": "authorizationpolicies", "namespace": "shop", "name": "deny-legacy",
+                        "apiGroup": "security.istio.io", "apiVersion": "v1"},
+          "responseStatus": {"code": 200},
+          "requestObject": {"spec": {"action": "DENY"}},
+          "responseObject": {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+                             "metadata": {"name": "deny-legacy", "namespace": "shop"},
+                             "spec": {"action": "DENY", "selector": {"matchLabels": {"app": "payments"}}}},
+          "stageTimestamp": "2024-05-01T09:19:43.706060Z"}
+    delete = {**ev, "auditID": "a2", "verb": "delete", "requestObject": None,
+              "responseObject": {"kind": "Status", "status": "Success"}}
+    f = tmp_path / "audit.log"
+    f.write_text(json.dumps(ev) + "\n" + json.dumps(delete) + "\n")
+    ingest_files(db, [f], progress=False)
+    rows = _rows(db, "SELECT verb, resource_kind, change_targets, change_spec->>'$.action' FROM events ORDER BY verb")
+    assert rows == [("delete", "AuthorizationPolicy", [], None), ("patch", "AuthorizationPolicy", ["payments"], "DENY")]

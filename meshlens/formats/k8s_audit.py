@@ -94,7 +94,9 @@ def _short_hosts(hosts: Any) -> list[str]:
 def targets_of(kind: str, name: str | None, spec: Any) -> list[str]:
     """Short names of the workloads/hosts a change targets (``*`` = every workload in the namespace)."""
     t: list[str] = []
-    spec = spec if isinstance(spec, dict) else {}
+    if not isinstance(spec, dict):
+        # no spec logged (delete, Metadata level): only the object's own name can be a target
+        return [name] if name and kind in WORKLOAD_KINDS else []
     if kind == "VirtualService":
         t += _short_hosts(spec.get("hosts"))
         for section in ("http", "tcp", "tls"):
@@ -196,16 +198,18 @@ def parse(text: str, obj: Any, labels: Labels) -> Event:
         change_spec = {"revision": int(rev) if rev.isdigit() else rev}
     elif verb in MUTATING_VERBS and resource and resource != "secrets":
         body = req if isinstance(req, dict) and req.get("kind") not in ("DeleteOptions",) else None
-        if verb == "patch" and body is not None:
+        after = resp if isinstance(resp, dict) and resp.get("kind") not in ("Status",) else None
+        # The new object's spec: the response (RequestResponse level) is the object after the change;
+        # else the request body -- the whole object for create/update/server-side apply, but only the
+        # changed fields for a merge/JSON patch.
+        for src in (after, body):
+            if isinstance(src, dict) and (isinstance(src.get("spec"), dict) or "data" in src):
+                spec = src.get("spec") if isinstance(src.get("spec"), dict) else {"data": src.get("data")}
+                break
+        if verb == "patch" and body is not None and after is None:
             change_spec = {"patch": body}
-            spec = body.get("spec") if isinstance(body.get("spec"), dict) else None
         else:
-            src = body or (resp if isinstance(resp, dict) and resp.get("kind") not in ("Status",) else None)
-            if isinstance(src, dict):
-                spec = src.get("spec")
-                if spec is None and "data" in src:
-                    spec = {"data": src["data"]}
-                change_spec = spec
+            change_spec = spec
     targets = targets_of(kind, name, spec) if kind and verb in MUTATING_VERBS else []
     if kind == "HelmRelease" and name:
         targets = [name]
