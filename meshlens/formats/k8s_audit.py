@@ -206,10 +206,7 @@ def parse(text: str, obj: Any, labels: Labels) -> Event:
             if isinstance(src, dict) and (isinstance(src.get("spec"), dict) or "data" in src):
                 spec = src.get("spec") if isinstance(src.get("spec"), dict) else {"data": src.get("data")}
                 break
-        if verb == "patch" and body is not None and after is None:
-            change_spec = {"patch": body}
-        else:
-            change_spec = spec
+        change_spec = {"patch": body} if verb == "patch" and body is not None and after is None else spec
     targets = targets_of(kind, name, spec) if kind and verb in MUTATING_VERBS else []
     if kind == "HelmRelease" and name:
         targets = [name]
