@@ -1,0 +1,389 @@
+"""Small helpers the notebooks call, so every notebook stays "a parameters cell, then package calls".
+
+Why these live in the package and not in the notebooks: notebooks are hard to test, review and reuse;
+the same helpers run interactively in JupyterLab, under papermill in a scheduled report and in tests.
+
+How a notebook plugs in (the contract :mod:`meshlens.reports` and :mod:`meshlens.schedule` rely on)
+-------------------------------------------------------------------------------------------------
+1. Put the notebook in ``notebooks/<name>.ipynb`` (the report name is the file stem).
+2. Its first code cell is tagged ``parameters`` (papermill) and holds plain literal assignments only.
+   Standard names, so the scheduler and ``meshlens report run -p`` work the same for every report::
+
+       db = ""          # store path; empty: $MESHLENS_DB, else the bundled samples (see resolve_db)
+       start = ""       # empty: from the first event; RFC 3339, Unix s, now, -24h, now-2h, latest-6h
+       end = ""         # empty: up to the last event; same forms
+       namespace = ""   # empty: every namespace
+       service = ""     # empty: every service (root cause: the symptom service)
+       # ... notebook-specific thresholds as int/float/str/bool literals ...
+
+   Comments must not contain ``=`` (papermill's own parameter parser gives up on such lines).
+   Never a credential: :func:`meshlens.reports.run_report` rejects parameters named like
+   password/token/secret/api_key. Sources read credentials from the environment, not from notebooks.
+3. The next cell calls :func:`setup`::
+
+       from meshlens import notebook as nb
+       session = nb.setup(db, start, end)      # read-only store, resolved window, offline charts
+       store, window = session.store, session.window
+
+   then analysis functions (``meshlens.analysis.*``: they take the store and ``window.start`` /
+   ``window.end``) and display helpers: Altair charts from :mod:`meshlens.viz` (just leave the chart as
+   the last expression), :func:`show_table`, :func:`note`.
+4. Commit the notebook with outputs cleared and add it to the notebook list in ``tests/test_reports.py``
+   so it is executed with papermill in CI.
+
+Charts render offline everywhere: :func:`configure_altair` enables the ``meshlens`` Altair renderer,
+which emits each chart as a static SVG (drawn by vl-convert in the kernel: JupyterLab, nbviewer and the
+HTML report show it with no JavaScript) plus the Vega-Lite spec. The HTML report inlines the vega-embed
+bundle once (:func:`vega_embed_bundle`, :data:`UPGRADE_JS`) and upgrades every chart to an interactive
+one (tooltips) -- no CDN is ever contacted.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import html
+import itertools
+import json
+import os
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import altair as alt
+import pandas as pd
+
+from meshlens.errors import ConfigError, StoreError
+from meshlens.store import Store
+from meshlens.store import open_store as _open_store
+from meshlens.timeutil import ns_to_rfc3339, parse_time_ns
+
+DB_ENV = "MESHLENS_DB"
+CACHE_ENV = "MESHLENS_CACHE_DIR"
+RENDERER = "meshlens"
+MAX_CHART_ROWS = 50_000
+
+# ------------------------------------------------------------------------------------------------
+# Where things are
+# ------------------------------------------------------------------------------------------------
+
+
+def repo_root() -> Path | None:
+    """The source checkout holding this package (``notebooks/`` and ``data/`` beside it), or None."""
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "pyproject.toml").exists() else None
+
+
+def samples_dir() -> Path | None:
+    """``data/samples`` of a source checkout, when it exists and is not empty."""
+    root = repo_root()
+    d = root / "data" / "samples" if root else None
+    return d if d is not None and d.is_dir() and any(d.iterdir()) else None
+
+
+SAMPLE_DOCS = ("README*", "*.md", "ground_truth*", ".*")
+"""Files of data/samples that describe the dataset rather than hold logs (not ingested)."""
+
+
+def _is_sample_doc(p: Path) -> bool:
+    return any(p.match(pattern) for pattern in SAMPLE_DOCS)
+
+
+def _samples_fingerprint(d: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(x for x in d.rglob("*") if x.is_file()):
+        st = p.stat()
+        h.update(f"{p.relative_to(d)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def samples_store() -> Path:
+    """A store holding the bundled ``data/samples``, ingested once and cached by content fingerprint.
+
+    Why: a notebook must run "with its defaults on the bundled samples" without any set-up, while the
+    samples are compressed logs, not a DuckDB file. The cache lives in ``$MESHLENS_CACHE_DIR`` (default
+    ``~/.cache/meshlens``); a file lock keeps two kernels from building it at once.
+    """
+    d = samples_dir()
+    if d is None:
+        raise ConfigError(
+            "no store given: pass db=PATH (meshlens report run NAME --db PATH), set $MESHLENS_DB, or run "
+            "from a source checkout that has data/samples/ to use the bundled samples"
+        )
+    cache = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "meshlens")
+    cache.mkdir(parents=True, exist_ok=True)
+    target = cache / f"samples-{_samples_fingerprint(d)}.duckdb"
+    with open(cache / "samples.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not target.exists():
+            from meshlens.ingest import ingest_files  # imported lazily: needed once per sample set
+
+            tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+            logs = [p for p in sorted(d.rglob("*")) if p.is_file() and not _is_sample_doc(p)]
+            try:
+                ingest_files(str(tmp), logs, progress=False)
+                for suffix in (".snapshot", ""):  # the main file last: its presence marks the cache complete
+                    src = Path(str(tmp) + suffix)
+                    if src.exists():
+                        os.replace(src, str(target) + suffix)
+            finally:
+                for leftover in tmp.parent.glob(tmp.name + "*"):
+                    leftover.unlink()
+    return target
+
+
+def resolve_db(db: str | os.PathLike[str] | None) -> Path:
+    """The store a notebook should read: ``db``, else ``$MESHLENS_DB``, else the bundled samples."""
+    value = str(db or "").strip() or os.environ.get(DB_ENV, "").strip()
+    if value:
+        return Path(value).expanduser()
+    return samples_store()
+
+
+def open_store(db: str | os.PathLike[str] | None = "") -> Store:
+    """Open the store read-only (the published snapshot when there is one, see :mod:`meshlens.store`).
+
+    Read-only is what lets a JupyterLab kernel, scheduled reports and a running ingest share one file.
+    """
+    path = resolve_db(db)
+    if not path.exists() and not Path(str(path) + ".snapshot").exists():
+        raise StoreError(
+            f"store {str(path)!r} does not exist; ingest into it first (meshlens ingest file ... --db {path})"
+        )
+    return _open_store(path, read_only=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Time ranges
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TimeRange:
+    """A resolved, half-open analysis window ``[start, end)`` in UTC; None means unbounded."""
+
+    start: pd.Timestamp | None
+    end: pd.Timestamp | None
+
+    @property
+    def start_ns(self) -> int | None:
+        return None if self.start is None else int(self.start.value)
+
+    @property
+    def end_ns(self) -> int | None:
+        return None if self.end is None else int(self.end.value)
+
+    def describe(self) -> str:
+        lo = ns_to_rfc3339(self.start_ns) if self.start is not None else "the first event"
+        hi = ns_to_rfc3339(self.end_ns) if self.end is not None else "the last event"
+        return f"{lo} to {hi}"
+
+
+def _latest_ns(store: Store | None) -> int:
+    if store is None:
+        raise ConfigError("a time relative to 'latest' needs the store (pass store=...)")
+    latest = store.scalar("SELECT max(ts_ns) FROM events")
+    if latest is None:
+        raise ConfigError("a time relative to 'latest' needs events in the store, and it is empty")
+    return int(latest) + 1  # +1 so that "latest" as an end bound includes the newest event
+
+
+def parse_time(value: Any, *, now_ns: int | None = None, store: Store | None = None) -> pd.Timestamp | None:
+    """One time bound: ``""``/None (unbounded), anything :func:`meshlens.timeutil.parse_time_ns` takes,
+    or ``latest`` / ``latest-6h`` (relative to the newest event in the store: handy on old captures)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, str) and value.strip().startswith("latest"):
+        rest = value.strip()[len("latest"):].strip()
+        ns = parse_time_ns("now" + rest, now_ns=_latest_ns(store))
+    else:
+        ns = parse_time_ns(value, now_ns=now_ns)
+    return pd.Timestamp(ns, unit="ns", tz="UTC")
+
+
+def time_range(start: Any = "", end: Any = "", *, now_ns: int | None = None, store: Store | None = None) -> TimeRange:
+    """Resolve the ``start``/``end`` parameters of a notebook into a :class:`TimeRange`."""
+    lo = parse_time(start, now_ns=now_ns, store=store)
+    hi = parse_time(end, now_ns=now_ns, store=store)
+    if lo is not None and hi is not None and lo >= hi:
+        raise ConfigError(f"empty time range: start {start!r} ({lo}) is not before end {end!r} ({hi})")
+    return TimeRange(lo, hi)
+
+
+# ------------------------------------------------------------------------------------------------
+# Offline Altair rendering
+# ------------------------------------------------------------------------------------------------
+
+_ID_RE = re.compile(r'\bid="([^"]+)"')
+_chart_ids = itertools.count(1)
+
+# Runs once in the HTML report (after the vega-embed bundle): upgrades every static chart to an
+# interactive vega-embed view, and marks it so tests can tell a browser-drawn chart from the fallback.
+UPGRADE_JS = """
+(function () {
+  function upgrade(el) {
+    var specEl = el.querySelector('script.meshlens-chart-spec');
+    var target = el.querySelector('.meshlens-chart-view');
+    var fallback = el.querySelector('.meshlens-chart-static');
+    if (!specEl || !target || typeof vegaEmbed !== 'function') { return; }
+    var spec = JSON.parse(specEl.textContent);
+    vegaEmbed(target, spec, {renderer: 'svg', actions: false, mode: 'vega-lite'})
+      .then(function () {
+        if (fallback) { fallback.remove(); }
+        el.setAttribute('data-rendered', 'vega-embed');
+      })
+      .catch(function (err) {
+        el.setAttribute('data-rendered', 'static');
+        el.setAttribute('data-error', String(err));
+      });
+  }
+  function all() { document.querySelectorAll('.meshlens-chart').forEach(upgrade); }
+  if (document.readyState === 'loading') { document.addEventListener('DOMContentLoaded', all); }
+  else { all(); }
+})();
+"""
+
+
+@lru_cache(maxsize=1)
+def vega_embed_bundle() -> str:
+    """vega + vega-lite + vega-embed as one inline script, from vl-convert-python (no CDN)."""
+    import vl_convert as vlc
+    from altair.utils.html import vl_version_for_vl_convert
+
+    return vlc.javascript_bundle(vl_version=vl_version_for_vl_convert())
+
+
+def _uniquify_svg_ids(svg: str, prefix: str) -> str:
+    """Prefix the ids in one SVG: several inline SVGs on a page must not share clip-path ids."""
+    for old in set(_ID_RE.findall(svg)):
+        new = f"{prefix}-{old}"
+        svg = svg.replace(f'id="{old}"', f'id="{new}"').replace(f"url(#{old})", f"url(#{new})")
+        svg = svg.replace(f'href="#{old}"', f'href="#{new}"')
+    return svg
+
+
+def chart_html(spec: dict[str, Any]) -> str:
+    """A chart as HTML: static SVG (drawn now by vl-convert) plus its spec for an in-browser upgrade."""
+    import vl_convert as vlc
+    from altair.utils.html import vl_version_for_vl_convert
+
+    chart_id = f"mlc{os.getpid()}-{next(_chart_ids)}"
+    svg = vlc.vegalite_to_svg(spec, vl_version=vl_version_for_vl_convert())
+    svg = _uniquify_svg_ids(svg, chart_id)
+    spec_json = json.dumps(spec).replace("</", "<\\/").replace("<!--", "<\\!--")
+    return (
+        f'<div class="meshlens-chart" id="{chart_id}" data-rendered="static">'
+        f'<div class="meshlens-chart-static">{svg}</div><div class="meshlens-chart-view"></div>'
+        f'<script type="application/json" class="meshlens-chart-spec">{spec_json}</script></div>'
+    )
+
+
+def _meshlens_renderer(spec: dict[str, Any], **metadata: Any) -> dict[str, str]:
+    title = spec.get("title")
+    text = title.get("text") if isinstance(title, dict) else title
+    return {"text/html": chart_html(spec), "text/plain": f"<meshlens chart: {text or spec.get('mark', 'chart')}>"}
+
+
+def configure_altair() -> None:
+    """Enable offline chart rendering (see the module docstring) and allow larger inline data."""
+    if RENDERER not in alt.renderers.names():
+        alt.renderers.register(RENDERER, _meshlens_renderer)
+    alt.renderers.enable(RENDERER)
+    alt.data_transformers.enable("default", max_rows=MAX_CHART_ROWS)
+
+
+# ------------------------------------------------------------------------------------------------
+# Display helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def _display(obj: Any) -> None:
+    from IPython.display import display
+
+    display(obj)
+
+
+def note(markdown: str) -> None:
+    """Show a Markdown paragraph (headings, findings, "nothing found" messages)."""
+    from IPython.display import Markdown
+
+    _display(Markdown(markdown))
+
+
+def table_html(df: pd.DataFrame, *, title: str | None = None, max_rows: int = 50, empty: str = "none") -> str:
+    """A DataFrame as an escaped HTML table with a caption saying how many rows exist and are shown."""
+    head = f"<h4>{html.escape(title)}</h4>" if title else ""
+    if df.empty:
+        return f'{head}<p class="meshlens-empty"><em>{html.escape(empty)}</em></p>'
+    shown = df.head(max_rows)
+    caption = f"{len(df)} rows" if len(df) <= max_rows else f"first {max_rows} of {len(df)} rows"
+    body = shown.to_html(index=False, border=0, classes="meshlens-table", na_rep="", escape=True, justify="left")
+    return f'{head}{body}<p class="meshlens-caption"><small>{caption}</small></p>'
+
+
+def show_table(df: pd.DataFrame, *, title: str | None = None, max_rows: int = 50, empty: str = "none") -> None:
+    """Display a DataFrame as a table (see :func:`table_html`)."""
+    from IPython.display import HTML
+
+    _display(HTML(table_html(df, title=title, max_rows=max_rows, empty=empty)))
+
+
+@dataclass
+class Session:
+    """What :func:`setup` gives a notebook: the read-only store and the resolved window."""
+
+    store: Store
+    window: TimeRange
+
+    @property
+    def start(self) -> pd.Timestamp | None:
+        return self.window.start
+
+    @property
+    def end(self) -> pd.Timestamp | None:
+        return self.window.end
+
+
+def setup(db: str | os.PathLike[str] | None = "", start: Any = "", end: Any = "", *, quiet: bool = False) -> Session:
+    """The one call at the top of every notebook: offline charts, read-only store, resolved window."""
+    configure_altair()
+    store = open_store(db)
+    window = time_range(start, end, store=store)
+    if not quiet:
+        n = store.scalar("SELECT count(*) FROM events")
+        note(f"**Store** `{store.path}` ({n:,} events) &middot; **window** {window.describe()}")
+    return Session(store, window)
+
+
+# ------------------------------------------------------------------------------------------------
+# JupySQL
+# ------------------------------------------------------------------------------------------------
+
+
+def setup_sql(store_or_db: Store | str | os.PathLike[str] | None = "", *, alias: str = "meshlens") -> Store:
+    """ONE call that makes ``%sql`` / ``%%sql`` cells query the store, read-only.
+
+    JupySQL is given the store's own DuckDB connection (opened read-only on the published snapshot), so
+    SQL cells can never write and never block an ingest. Returns the store so Python cells share it.
+    """
+    store = store_or_db if isinstance(store_or_db, Store) else open_store(store_or_db)
+    if not store.read_only:
+        raise ConfigError("setup_sql needs a read-only store: open it with meshlens.notebook.open_store(db)")
+    try:
+        from IPython import get_ipython
+    except ImportError as exc:  # pragma: no cover - IPython comes with ipykernel
+        raise ConfigError("setup_sql must run inside IPython/Jupyter") from exc
+    ip = get_ipython()
+    if ip is None:
+        raise ConfigError("setup_sql must run inside IPython/Jupyter (a notebook kernel)")
+    os.environ.setdefault("PLOOMBER_STATS_ENABLED", "false")
+    os.environ.setdefault("PLOOMBER_VERSION_CHECK_DISABLED", "true")
+    ip.run_line_magic("load_ext", "sql")
+    ip.run_line_magic("config", "SqlMagic.displaycon = False")
+    ip.run_line_magic("config", "SqlMagic.feedback = 0")
+    ip.run_line_magic("config", "SqlMagic.displaylimit = 50")
+    ip.user_ns["_meshlens_sql_con"] = store.con
+    ip.run_line_magic("sql", f"_meshlens_sql_con --alias {alias}")
+    return store

@@ -1,0 +1,307 @@
+"""The compliance views and explorer data access of meshlens.analysis.audit, on a store with known content.
+
+``build_audit_store`` (also used by the report, schedule and browser tests) writes a small mesh whose
+every finding is planted by hand, so each view's expected rows are known exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from meshlens import schema
+from meshlens.analysis import audit
+from meshlens.errors import ConfigError
+from meshlens.store import open_store, writing
+
+T0 = pd.Timestamp("2024-05-01T10:00:00Z")
+NS = "bookinfo"
+LEGACY = "spiffe://cluster.local/ns/shop/sa/legacy"
+DENY_POLICY = "ns[bookinfo]-policy[deny-legacy]-rule[0]"
+
+_ARROW = {
+    "VARCHAR": pa.string(), "TIMESTAMPTZ": pa.timestamp("ns", tz="UTC"), "BIGINT": pa.int64(),
+    "INTEGER": pa.int32(), "DOUBLE": pa.float64(), "BOOLEAN": pa.bool_(), "JSON": pa.string(),
+    "VARCHAR[]": pa.list_(pa.string()), "MAP(VARCHAR, VARCHAR)": pa.map_(pa.string(), pa.string()),
+}
+EVENT_SCHEMA = pa.schema([pa.field(c.name, _ARROW[c.type]) for c in schema.EVENT_COLUMNS])
+
+
+def events_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """Rows (dicts with any subset of the event columns) -> an Arrow table of the full events schema."""
+    out = []
+    for i, r in enumerate(rows):
+        ts = pd.Timestamp(r["ts"])
+        full = {c: None for c in schema.EVENT_COLUMN_NAMES}
+        full.update(r)
+        full["ts"] = ts.to_pydatetime()
+        full["ts_ns"] = int(ts.value)
+        full["event_id"] = r.get("event_id") or f"ev{i:06d}"
+        full["ingested_at"] = T0.to_pydatetime()
+        full["source"] = r.get("source", "test:audit")
+        full["raw"] = r.get("raw") or json.dumps({k: str(v) for k, v in r.items()})
+        if isinstance(full.get("change_spec"), dict):
+            full["change_spec"] = json.dumps(full["change_spec"])
+        if full.get("labels") is not None:
+            full["labels"] = list(full["labels"].items())
+        out.append(full)
+    return pa.Table.from_pylist(out, schema=EVENT_SCHEMA)
+
+
+def _hop(ts: pd.Timestamp, rid: str, src: str, dst: str, *, status: int = 200, mtls: bool | None = True,
+         path: str = "/", flags: str | None = None, tls_reason: str | None = None,
+         principal: str | None = None, src_ns: str = NS, method: str = "GET") -> list[dict[str, Any]]:
+    """Both proxy records of one hop: the client's outbound and the server's inbound record."""
+    common = {"ts": ts, "event_type": "request", "record_kind": "access_log", "mesh": "istio",
+              "format": "istio_json", "status": status, "mtls": mtls, "path": path, "method": method,
+              "response_flags": flags, "request_id": rid, "dst_service": dst, "dst_namespace": NS,
+              "dst_port": 9080, "protocol": "HTTP/1.1", "duration_ms": 12.0, "tls_failure_reason": tls_reason}
+    if tls_reason:
+        common["event_type"] = "tls"
+    outbound = {**common, "direction": "outbound", "src_workload": src, "src_namespace": src_ns}
+    inbound = {**common, "direction": "inbound", "dst_workload": dst,
+               "src_principal": principal or (f"spiffe://cluster.local/ns/{src_ns}/sa/{src}" if mtls else None),
+               "src_ip": "10.0.0.9"}
+    return [outbound, inbound]
+
+
+def audit_rows() -> list[dict[str, Any]]:
+    """Two hours of bookinfo traffic with every audit finding planted at a known place."""
+    rows: list[dict[str, Any]] = []
+    for minute in range(0, 120, 2):
+        ts = T0 + pd.Timedelta(minutes=minute)
+        rows += _hop(ts, f"r{minute}-a", "productpage", "reviews")
+        late = minute >= 90
+        rows += _hop(ts + pd.Timedelta(seconds=1), f"r{minute}-b", "reviews", "ratings",
+                     status=503 if late else 200, flags="UF,URX" if late else None)
+        # productpage -> details: plaintext for the first 10 requests only
+        rows += _hop(ts + pd.Timedelta(seconds=2), f"r{minute}-c", "productpage", "details",
+                     mtls=minute >= 20)
+    # A denied legacy caller: 3 enforced denials (each logged by the access log AND an RBAC debug line),
+    # and one dry-run denial.
+    for i in range(3):
+        ts = T0 + pd.Timedelta(minutes=30 + i)
+        base = {"ts": ts, "event_type": "authz", "mesh": "istio", "authz_decision": "deny",
+                "authz_policy": DENY_POLICY, "src_principal": LEGACY, "dst_service": "ratings",
+                "dst_namespace": NS, "path": f"/ratings/{i}", "request_id": f"deny-{i}", "status": 403,
+                "direction": "inbound"}
+        rows.append({**base, "record_kind": "access_log", "format": "istio_json"})
+        rows.append({**base, "record_kind": "proxy_log", "format": "envoy_rbac_debug", "status": None})
+    rows.append({"ts": T0 + pd.Timedelta(minutes=40), "event_type": "authz", "record_kind": "proxy_log",
+                 "mesh": "istio", "authz_decision": "shadow_deny", "authz_policy": DENY_POLICY,
+                 "src_principal": LEGACY, "dst_service": "reviews", "dst_namespace": NS, "request_id": "shadow-1"})
+    # Sensitive endpoints: 2 allowed /admin requests by debug-tool, one denied, one /administrator
+    # (must NOT match the /admin prefix), one /actuator/health.
+    rows += _hop(T0 + pd.Timedelta(minutes=50), "adm-1", "debug-tool", "reviews", path="/admin/users")
+    rows += _hop(T0 + pd.Timedelta(minutes=51), "adm-2", "debug-tool", "reviews", path="/admin?verbose=1",
+                 method="POST")
+    rows += _hop(T0 + pd.Timedelta(minutes=52), "adm-3", "productpage", "reviews", path="/admin", status=403)
+    rows += _hop(T0 + pd.Timedelta(minutes=53), "adm-4", "productpage", "reviews", path="/administrator")
+    rows += _hop(T0 + pd.Timedelta(minutes=54), "act-1", "productpage", "details", path="/actuator/health")
+    # TLS failures on reviews -> ratings at the incident.
+    for i in range(4):
+        rows += _hop(T0 + pd.Timedelta(minutes=91 + i, seconds=30), f"tls-{i}", "reviews", "ratings",
+                     status=503, flags="UF", mtls=None,
+                     tls_reason="TLS_error:|268435581:SSL routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED")
+    # Config changes: two mesh policies, one Deployment (not a mesh policy) and one Secret (never shown).
+    change = {"event_type": "config_change", "record_kind": "audit", "mesh": "kubernetes", "format": "k8s_audit",
+              "resource_namespace": NS}
+    rows.append({**change, "ts": T0 + pd.Timedelta(minutes=29), "actor": "alice@example.com", "verb": "create",
+                 "resource_kind": "AuthorizationPolicy", "resource_name": "deny-legacy",
+                 "resource_api_group": "security.istio.io", "change_targets": ["ratings"],
+                 "change_spec": {"action": "DENY", "selector": {"matchLabels": {"app": "ratings"}}}})
+    rows.append({**change, "ts": T0 + pd.Timedelta(minutes=88), "actor": "ci-bot", "verb": "patch",
+                 "resource_kind": "DestinationRule", "resource_name": "ratings",
+                 "resource_api_group": "networking.istio.io", "change_targets": ["ratings"],
+                 "change_spec": {"host": "ratings", "trafficPolicy": {"tls": {"mode": "SIMPLE"}}}})
+    rows.append({**change, "ts": T0 + pd.Timedelta(minutes=60), "actor": "bob", "verb": "patch",
+                 "resource_kind": "Deployment", "resource_name": "details", "resource_api_group": "apps",
+                 "change_targets": ["details"]})
+    rows.append({**change, "ts": T0 + pd.Timedelta(minutes=61), "actor": "bob", "verb": "create",
+                 "resource_kind": "Secret", "resource_name": "db-creds", "resource_api_group": ""})
+    # A denial logged by the server with only the caller's IP; the client's twin record names the workload.
+    twin = {"ts": T0 + pd.Timedelta(minutes=45), "mesh": "istio", "record_kind": "access_log", "status": 403,
+            "dst_service": "ratings", "dst_namespace": NS, "request_id": "twin-1", "path": "/ratings/9"}
+    rows.append({**twin, "event_type": "authz", "direction": "inbound", "src_ip": "10.0.7.7",
+                 "authz_decision": "deny", "authz_policy": DENY_POLICY})
+    rows.append({**twin, "event_type": "request", "direction": "outbound", "src_workload": "batch",
+                 "src_namespace": "jobs"})
+    # Kubelet probes: plaintext by design, left out of the plaintext findings by default.
+    for i in range(3):
+        rows.append({"ts": T0 + pd.Timedelta(minutes=10 * i), "event_type": "request", "record_kind": "access_log",
+                     "mesh": "istio", "direction": "inbound", "src_ip": "10.0.0.1", "dst_service": "details",
+                     "dst_namespace": NS, "path": "/healthz", "status": 200, "mtls": False,
+                     "user_agent": "kube-probe/1.29", "request_id": f"probe-{i}"})
+    # Another namespace, to test the namespace filter.
+    rows.append({"ts": T0 + pd.Timedelta(minutes=5), "event_type": "authz", "record_kind": "access_log",
+                 "mesh": "linkerd", "authz_decision": "deny", "authz_policy": "shop/server-auth",
+                 "src_workload": "scanner", "src_namespace": "tools", "dst_service": "cart",
+                 "dst_namespace": "shop", "path": "/cart", "request_id": "shop-deny", "status": 403})
+    return rows
+
+
+def build_audit_store(path: str | Path) -> Path:
+    """Write the planted audit data to ``path`` and publish its read-only snapshot."""
+    with writing(path) as store:
+        store.insert_batch(events_table(audit_rows()))
+    return Path(path)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory):
+    db = build_audit_store(tmp_path_factory.mktemp("audit") / "audit.duckdb")
+    s = open_store(db, read_only=True)
+    yield s
+    s.close()
+
+
+def test_denied_requests_counts_each_request_once_by_policy_and_caller(store) -> None:
+    df = audit.denied_requests(store)
+    row = df[(df.policy == DENY_POLICY) & (df.caller == LEGACY) & (df.dst_service == "ratings")].iloc[0]
+    assert row.denied == 3  # 6 records (access log + RBAC debug line per request) = 3 requests
+    assert row.example_paths == "/ratings/0, /ratings/1, /ratings/2"
+    twin = df[df.caller == "jobs/batch"].iloc[0]  # the workload came from the client's twin record
+    assert (twin.policy, twin.denied, twin.example_paths) == (DENY_POLICY, 1, "/ratings/9")
+    assert "10.0.7.7" not in df.caller.tolist()
+    shadow = df[(df.caller == LEGACY) & (df.dst_service == "reviews")].iloc[0]
+    assert (shadow.denied, shadow.dry_run_denied) == (0, 1)
+    assert df.iloc[0].policy == DENY_POLICY  # most denied first
+    assert set(audit.denied_requests(store, include_dry_run=False).dry_run_denied) == {0}
+
+
+def test_filters_by_namespace_service_and_half_open_window(store) -> None:
+    assert audit.denied_requests(store, namespace="shop").caller.tolist() == ["tools/scanner"]
+    assert DENY_POLICY not in audit.denied_requests(store, namespace="shop").policy.tolist()
+    assert audit.denied_requests(store, service="cart").dst_service.tolist() == ["cart"]
+    # The denials are at minutes 30, 31, 32: [T0+31m, T0+32m) holds exactly one.
+    df = audit.denied_requests(store, T0 + pd.Timedelta(minutes=31), "2024-05-01T10:32:00Z")
+    assert df[df.policy == DENY_POLICY].denied.sum() == 1
+    with pytest.raises(ConfigError, match="empty time range"):
+        audit.denied_requests(store, "2024-05-01T11:00:00Z", "2024-05-01T10:00:00Z")
+    with pytest.raises(ConfigError, match="start: invalid time"):
+        audit.denied_requests(store, "yesterday-ish")
+
+
+def test_plaintext_traffic_only_edges_with_plaintext_and_share(store) -> None:
+    df = audit.plaintext_traffic(store)
+    assert set(df.dst) == {f"{NS}/details"}
+    client = df[df.src == f"{NS}/productpage"].iloc[0]  # the outbound side names the caller workload
+    assert client.plaintext == 10
+    assert client.requests == 61  # 60 hops + the /actuator request
+    assert client.plaintext_ratio == pytest.approx(10 / 61)
+    assert client.ports == "9080"
+    assert client.first_plaintext == T0 + pd.Timedelta(seconds=2)
+    assert "10.0.0.1" not in df.src.tolist()  # kubelet probes are plaintext by design
+    probes = audit.plaintext_traffic(store, include_probes=True)
+    assert probes[probes.src == "10.0.0.1"].plaintext.tolist() == [3]
+
+
+def test_sensitive_access_prefix_semantics_and_allowed_vs_denied(store) -> None:
+    df = audit.sensitive_access(store)
+    admin = df[df.pattern == "/admin"]
+    by_caller = {r.caller: r for r in admin.itertuples()}
+    debug = by_caller[f"spiffe://cluster.local/ns/{NS}/sa/debug-tool"]
+    assert (debug.requests, debug.allowed, debug.denied) == (2, 2, 0)
+    assert debug.methods == "GET, POST"
+    pp = by_caller[f"spiffe://cluster.local/ns/{NS}/sa/productpage"]
+    assert (pp.requests, pp.allowed, pp.denied) == (1, 0, 1)  # /admin 403; /administrator is not /admin
+    assert "/administrator" not in " ".join(df.example_paths)
+    assert set(df.pattern) == {"/admin", "/actuator"}
+    glob = audit.sensitive_access(store, patterns=["*/users"])
+    assert glob.requests.sum() == 1
+    with pytest.raises(ConfigError, match="must start with '/'"):
+        audit.sensitive_access(store, patterns=["admin"])
+
+
+def test_policy_changes_lists_mesh_policies_only_never_secrets(store) -> None:
+    df = audit.policy_changes(store)
+    assert df[["actor", "kind", "name"]].values.tolist() == [
+        ["alice@example.com", "AuthorizationPolicy", "deny-legacy"],
+        ["ci-bot", "DestinationRule", "ratings"],
+    ]
+    assert df.iloc[0].targets == "ratings"
+    assert '"DENY"' in df.iloc[0].spec
+    assert len(audit.policy_changes(store, spec_chars=10).iloc[0].spec) == 10
+    every = audit.policy_changes(store, kinds=["Deployment", "Secret"])
+    assert "Secret" not in every.kind.tolist()
+    assert "Deployment" in every.kind.tolist()
+
+
+def test_tls_failures_by_edge_and_reason(store) -> None:
+    df = audit.tls_failures(store)
+    assert df.failures.sum() == 4
+    assert df.iloc[0].reason.startswith("TLS_error")
+    assert set(df.dst) == {f"{NS}/ratings"}
+    assert df.iloc[0].response_flags == "UF"
+
+
+def test_summary_headline_counts(store) -> None:
+    s = audit.summary(store).set_index("check")["count"]
+    assert s["denied"] == 5  # 3 legacy + 1 twin + 1 shop
+    assert s["denied_callers"] == 3
+    assert s["plaintext"] == 10
+    assert s["sensitive"] == 4  # adm-1, adm-2, adm-3, act-1 (not /administrator)
+    assert s["policy_changes"] == 2
+    assert s["tls_failures"] == 4
+    assert s["events"] == len(audit_rows())
+
+
+def test_explorer_data_access(store) -> None:
+    opts = audit.filter_options(store)
+    assert opts["namespaces"] == ["bookinfo", "jobs", "shop", "tools"]
+    assert {"reviews", "ratings", "productpage", "scanner"} <= set(opts["services"])
+    assert opts["event_types"][:2] == ["request", "authz"]
+    assert opts["start"] == T0
+    rows = audit.events(store, event_types=["config_change"], limit=2)
+    assert len(rows) == 2 and rows.ts.is_monotonic_decreasing
+    assert audit.count_events(store, event_types="config_change") == 4
+    assert audit.count_events(store, namespace="shop") == 1
+    tl = audit.event_timeline(store, buckets=12)
+    assert tl.events.sum() == len(audit_rows())
+    assert tl.ts.nunique() <= 13
+    edges = audit.top_edges(store, limit=3)
+    assert len(edges) == 3 and edges.requests.is_monotonic_decreasing
+    ratings = audit.top_edges(store, service="ratings")
+    rr = ratings[(ratings.src == f"{NS}/reviews") & (ratings.dst == f"{NS}/ratings")].iloc[0]
+    assert rr.errors_5xx == 15 + 4  # minutes 90..118 step 2, plus the TLS failures
+    with pytest.raises(ConfigError, match="unknown event columns"):
+        audit.events(store, columns=["ts", "password"])
+    assert audit.event_timeline(store, namespace="nowhere").empty
+
+
+def test_views_on_an_empty_store(tmp_path: Path) -> None:
+    with writing(tmp_path / "empty.duckdb"):
+        pass
+    with open_store(tmp_path / "empty.duckdb", read_only=True) as s:
+        for fn in (audit.denied_requests, audit.plaintext_traffic, audit.sensitive_access,
+                   audit.policy_changes, audit.tls_failures):
+            assert fn(s).empty
+        assert audit.summary(s)["count"].sum() == 0
+
+
+def test_explorer_widget_controls_drive_the_views(store) -> None:
+    from meshlens.widgets import Explorer
+
+    ex = Explorer(store, limit=5)
+    assert ex.error is None and ex.total == len(audit_rows()) and len(ex.events) == 5
+    assert ex.row.value == 0 and len(ex.row.options) == 5
+    ex.namespace.value = "shop"
+    assert [v for _, v in ex.service.options] == ["", "cart"]  # the service list follows the namespace
+    assert ex.total == 1 and ex.events.dst_service.tolist() == ["cart"]
+    ex.namespace.value = ""
+    ex.event_types.value = ("config_change",)
+    assert ex.total == 4 and set(ex.events.event_type) == {"config_change"}
+    ex.start.value = "latest-30m"  # relative to the newest event: only the last half hour
+    assert ex.total == 0 and ex.row.value is None
+    ex.event_types.value = ()
+    assert 0 < ex.total < len(audit_rows()) and ex.timeline.events.sum() == ex.total
+    ex.start.value = "not a time"
+    assert "invalid time" in ex.error and "invalid time" in ex.status.value
+    ex.start.value = ""
+    assert ex.error is None and ex.total == len(audit_rows())
+    assert {"src", "dst", "requests", "errors_5xx"} <= set(ex.edges.columns)

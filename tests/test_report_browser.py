@@ -1,0 +1,81 @@
+"""The HTML report draws its charts in a real browser with no network (headless Debian chromium).
+
+Chromium gets a proxy that goes nowhere and a resolver that resolves nothing, so any fetch from a CDN
+would fail; the test then reads the DOM after the page's scripts ran and requires every chart to have
+been re-drawn by the inlined vega-embed (``data-rendered="vega-embed"``, the static SVG fallback gone,
+a Vega SVG with marks in its place).
+
+CI set-up: ``apt-get update && apt-get install -y chromium``. Without chromium the test is skipped.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from meshlens import reports
+from tests.test_audit import build_audit_store
+
+CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser") if shutil.which(n)), None)
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)"),
+]
+
+
+def dump_dom(page: Path, profile: Path) -> str:
+    """The DOM of ``page`` after its scripts ran, rendered offline."""
+    cmd = [
+        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--no-first-run", "--disable-sync", f"--user-data-dir={profile}",
+        "--proxy-server=http://127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND",
+        "--virtual-time-budget=20000", "--dump-dom", page.resolve().as_uri(),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def chart_blocks(dom: str) -> list[str]:
+    """The HTML of each chart container (up to the next chart)."""
+    starts = [m.start() for m in re.finditer(r'<div[^>]*class="meshlens-chart"', dom)]
+    return [dom[a:b] for a, b in zip(starts, [*starts[1:], len(dom)], strict=True)]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> reports.ReportResult:
+    db = build_audit_store(tmp_path_factory.mktemp("store") / "audit.duckdb")
+    result = reports.run_report("mesh_audit", db, {}, tmp_path_factory.mktemp("out"))
+    assert result.status == "ok", result.error
+    return result
+
+
+def test_report_charts_draw_in_headless_chromium_without_network(report: reports.ReportResult, tmp_path: Path) -> None:
+    source = Path(report.html).read_text()
+    expected = len(re.findall(r'class="meshlens-chart-spec"', source))
+    assert expected >= 4
+    dom = dump_dom(Path(report.html), tmp_path / "profile")
+    blocks = chart_blocks(dom)
+    assert len(blocks) == expected
+    for block in blocks:
+        head = block[: block.index(">")]
+        assert 'data-rendered="vega-embed"' in head, head
+        assert "data-error" not in head
+        assert "meshlens-chart-static" not in block  # the static fallback was replaced
+        assert re.search(r'<div[^>]*class="meshlens-chart-view[^"]*vega-embed', block)  # drawn by vega-embed
+        assert re.search(r'<svg[^>]*class="marks"', block)
+        assert re.search(r'<g class="mark-(rect|line|rule|symbol|text|area)', block)
+    # The banner and tables are there too (the page as a whole rendered).
+    assert 'data-status="ok"' in dom and "deny-legacy" in dom
+
+
+def test_index_page_renders_with_links(report: reports.ReportResult, tmp_path: Path) -> None:
+    index = Path(report.run_dir).parent.parent / reports.INDEX_FILE
+    dom = dump_dom(index, tmp_path / "profile")
+    assert "mesh_audit" in dom and ">ok<" in dom
+    rel = Path(report.html).relative_to(index.parent).as_posix()
+    assert f'href="{rel}"' in dom
