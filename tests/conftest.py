@@ -8,7 +8,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_SAMPLES = Path(os.environ.get("MESHLENS_SHARED_SAMPLES", ROOT.parent / "shared" / "samples"))
+# The real sample records from ../shared/samples (public docs, tests and issues; MANIFEST.tsv says where
+# each came from). A verbatim copy lives in tests/data/shared-samples so the suite never depends on a
+# sibling folder; the sibling wins when present (it may have gained samples) unless overridden.
+_SIBLING = ROOT.parent / "shared" / "samples"
+SHARED_SAMPLES = Path(os.environ.get("MESHLENS_SHARED_SAMPLES")
+                      or (_SIBLING if _SIBLING.exists() else ROOT / "tests" / "data" / "shared-samples"))
 
 
 @pytest.fixture(scope="session")
