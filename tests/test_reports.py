@@ -26,11 +26,12 @@ from meshlens import reports, viz
 from meshlens.cli_reports import register
 from meshlens.errors import ConfigError
 from meshlens.store import writing
+from tests import conftest
 from tests.test_audit import DENY_POLICY, LEGACY, audit_rows, build_audit_store, events_table
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = sorted(p.stem for p in (REPO / "notebooks").glob("*.ipynb"))
-SHARED_SAMPLES = (REPO.parent / "shared" / "samples", Path("/work/shared/samples"))
+SHARED_SAMPLES = (conftest.SHARED_SAMPLES,)
 SECRET = "s3cr3t-Loki-pw-9f2Q"  # what the secret tests plant in the environment
 
 

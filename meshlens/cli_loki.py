@@ -1,0 +1,177 @@
+"""``meshlens ingest loki`` and ``meshlens aggregate loki``: thin typer commands over meshlens.sources.loki.
+
+The lead's ``meshlens/cli.py`` wires them in with ``register(ingest_app, aggregate_app)``. Credentials
+also come from logcli's ``LOKI_*`` environment variables, so existing Loki users need no new flags.
+Failures print one actionable line (no traceback for :class:`~meshlens.errors.MeshlensError`) and exit
+non-zero: 1 for errors, 2 for bad options, 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from meshlens.errors import ConfigError, MeshlensError, SourceError
+
+T = TypeVar("T")
+
+Url = Annotated[str | None, typer.Option("--url", help="Loki base URL, e.g. http://loki:3100 (default $LOKI_ADDR).")]
+Db = Annotated[Path, typer.Option("--db", help="DuckDB store to write (created if missing).")]
+Since = Annotated[str | None, typer.Option("--since", help="Relative range ending now (or at --to): 2h, 30m, 7d.")]
+From = Annotated[str | None, typer.Option("--from", help="Start (inclusive): RFC3339, Unix s/ns, now-2h.")]
+To = Annotated[str | None, typer.Option("--to", help="End (exclusive); default now.")]
+OrgId = Annotated[str | None, typer.Option("--org-id", "--tenant",
+                                          help="Tenant (X-Scope-OrgID); a|b queries several (default $LOKI_ORG_ID).")]
+Header = Annotated[list[str] | None, typer.Option("--header", help="Extra header 'Name: value' (repeatable).")]
+User = Annotated[str | None, typer.Option("--username", help="Basic-auth user (default $LOKI_USERNAME).")]
+Password = Annotated[str | None, typer.Option("--password", help="Basic-auth password (default $LOKI_PASSWORD).")]
+Token = Annotated[str | None, typer.Option("--bearer-token", help="Bearer token (default $LOKI_BEARER_TOKEN).")]
+TokenFile = Annotated[str | None, typer.Option("--bearer-token-file",
+                                              help="File holding a bearer token (default $LOKI_BEARER_TOKEN_FILE).")]
+CaCert = Annotated[str | None, typer.Option("--ca-cert", help="CA bundle to verify the server (default $LOKI_CA_CERT_PATH).")]
+Cert = Annotated[str | None, typer.Option("--cert", help="Client certificate (default $LOKI_CLIENT_CERT_PATH).")]
+Key = Annotated[str | None, typer.Option("--key", help="Client key (default $LOKI_CLIENT_KEY_PATH).")]
+Insecure = Annotated[bool, typer.Option("--insecure", help="Skip TLS verification (testing only; or LOKI_TLS_SKIP_VERIFY).")]
+Timeout = Annotated[float, typer.Option("--timeout", help="Per-request timeout in seconds.")]
+Retries = Annotated[int, typer.Option("--max-retries", help="Retries for 429/5xx/connection errors.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")]
+Progress = Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar (on a terminal).")]
+
+
+def _auth(username: str | None, password: str | None, bearer_token: str | None, bearer_token_file: str | None,
+          headers: list[str] | None, ca_cert: str | None, cert: str | None, key: str | None, insecure: bool,
+          timeout: float, max_retries: int) -> dict[str, Any]:
+    return {"username": username, "password": password, "bearer_token": bearer_token,
+            "bearer_token_file": bearer_token_file, "headers": headers or [], "ca_cert": ca_cert,
+            "client_cert": cert, "client_key": key, "insecure": True if insecure else None,
+            "timeout_s": timeout, "max_retries": max_retries}
+
+
+def _run(fn: Callable[[], T]) -> T:
+    """Run a command body; turn expected failures into one line on stderr and an exit code."""
+    try:
+        return fn()
+    except KeyboardInterrupt:
+        typer.echo("meshlens: interrupted; everything stored so far is kept -- re-run with --resume to continue",
+                   err=True)
+        raise typer.Exit(130) from None
+    except ConfigError as exc:
+        typer.echo(f"meshlens: error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except MeshlensError as exc:
+        hint = ""
+        if isinstance(exc, SourceError) and exc.resumable and "--resume" not in str(exc):
+            hint = " Re-run with --resume to continue where this run stopped."
+        typer.echo(f"meshlens: error: {exc}{hint}", err=True)
+        raise typer.Exit(1) from None
+
+
+def ingest_loki_cmd(
+    query: Annotated[str, typer.Option("--query", "-q", help="LogQL log query, e.g. '{namespace=\"shop\", container=\"istio-proxy\"}'.")],
+    db: Db,
+    url: Url = None,
+    since: Since = None,
+    from_: From = None,
+    to: To = None,
+    parallel: Annotated[int, typer.Option("--parallel", help="Time shards fetched concurrently (one writer).")] = 1,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Lines per request (Loki's limit; max 5000 by default).")] = 5000,
+    shard: Annotated[str | None, typer.Option("--shard", help="Shard width, e.g. 1h (default: range / (4 x parallel)).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the stored watermark for this url+tenant+query.")] = False,
+    resume_overlap: Annotated[str, typer.Option("--resume-overlap", help="Re-read this much before the last run's end, for late-arriving lines.")] = "60s",
+    fmt: Annotated[str | None, typer.Option("--format", help="Force a log format (default: detected per line).")] = None,
+    org_id: OrgId = None,
+    header: Header = None,
+    username: User = None,
+    password: Password = None,
+    bearer_token: Token = None,
+    bearer_token_file: TokenFile = None,
+    ca_cert: CaCert = None,
+    cert: Cert = None,
+    key: Key = None,
+    insecure: Insecure = False,
+    timeout: Timeout = 60.0,
+    max_retries: Retries = 8,
+    as_json: AsJson = False,
+    progress: Progress = True,
+) -> None:
+    """Pull every line of a LogQL range from Loki into the store (exact, parallel, resumable)."""
+    from meshlens.sources.loki import ingest_loki
+
+    def body() -> None:
+        counts = ingest_loki(
+            db, query=query, url=url, since=since, start=from_, end=to, parallel=parallel,
+            batch_size=batch_size, shard=shard, resume=resume, resume_overlap=resume_overlap, fmt=fmt,
+            progress=progress and not as_json and sys.stderr.isatty(), org_id=org_id,
+            **_auth(username, password, bearer_token, bearer_token_file, header, ca_cert, cert, key, insecure,
+                    timeout, max_retries),
+        )
+        if as_json:
+            typer.echo(json.dumps(counts.as_dict(), sort_keys=True))
+        else:
+            typer.echo(f"records read:       {counts.read}")
+            typer.echo(f"events stored:      {counts.stored}")
+            typer.echo(f"duplicates skipped: {counts.duplicates}")
+            typer.echo(f"rejects:            {counts.rejects}")
+            if getattr(counts, "filtered", 0):
+                typer.echo(f"filtered:           {counts.filtered}")
+
+    _run(body)
+
+
+def aggregate_loki_cmd(
+    db: Db,
+    selector: Annotated[str | None, typer.Option("--selector", "-s", help="Stream selector for the presets, e.g. '{namespace=\"shop\", container=\"istio-proxy\"}'.")] = None,
+    query: Annotated[str | None, typer.Option("--query", "-q", help="A custom LogQL metric query (instead of presets).")] = None,
+    metric: Annotated[str | None, typer.Option("--metric", help="Name to store a custom query under.")] = None,
+    preset: Annotated[list[str] | None, typer.Option("--preset", help="Preset metric(s): requests, errors_5xx, authz_denials, p50_duration_ms, p99_duration_ms (repeatable).")] = None,
+    step: Annotated[str, typer.Option("--step", help="Bucket width / query step, e.g. 1m, 5m.")] = "1m",
+    log_format: Annotated[str, typer.Option("--log-format", help="Access-log encoding for presets: json, text or auto.")] = "auto",
+    url: Url = None,
+    since: Since = None,
+    from_: From = None,
+    to: To = None,
+    org_id: OrgId = None,
+    header: Header = None,
+    username: User = None,
+    password: Password = None,
+    bearer_token: Token = None,
+    bearer_token_file: TokenFile = None,
+    ca_cert: CaCert = None,
+    cert: Cert = None,
+    key: Key = None,
+    insecure: Insecure = False,
+    timeout: Timeout = 60.0,
+    max_retries: Retries = 8,
+    as_json: AsJson = False,
+) -> None:
+    """Run LogQL metric queries in Loki (push-down) and store the time series in the `series` table."""
+    from meshlens.sources.loki import aggregate_loki
+
+    def body() -> None:
+        counts = aggregate_loki(
+            db, selector=selector, query=query, metric_name=metric, metrics=preset or None, step=step,
+            log_format=log_format, url=url, since=since, start=from_, end=to, org_id=org_id,
+            **_auth(username, password, bearer_token, bearer_token_file, header, ca_cert, cert, key, insecure,
+                    timeout, max_retries),
+        )
+        if as_json:
+            typer.echo(json.dumps(counts.as_dict(), sort_keys=True))
+        else:
+            typer.echo(f"queries run:    {counts.queries}")
+            typer.echo(f"series stored:  {counts.series}")
+            typer.echo(f"samples stored: {counts.samples}")
+            for name, n in counts.metrics.items():
+                typer.echo(f"  {name}: {n} samples")
+
+    _run(body)
+
+
+def register(ingest_app: typer.Typer, aggregate_app: typer.Typer) -> None:
+    """Add ``ingest loki`` and ``aggregate loki`` to the lead's typer sub-apps."""
+    ingest_app.command("loki")(ingest_loki_cmd)
+    aggregate_app.command("loki")(aggregate_loki_cmd)

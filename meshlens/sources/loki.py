@@ -1,0 +1,1484 @@
+"""Grafana Loki source: every line of a LogQL range into the store -- complete, fast and resumable.
+
+Why it is built this way (see ``/work/shared/formats.md`` sections 5-6 for the Loki facts):
+
+**Exact pagination.** ``query_range`` with ``direction=forward`` returns the ``limit`` oldest entries of
+``[start, end)`` across all streams. logcli pages by restarting at the last page's timestamp and
+skipping lines whose *text* equals one already printed at that timestamp -- which loses a line when two
+streams log identical text in the same nanosecond, and aborts when one nanosecond holds more lines than a
+page. Here an entry's identity is ``(canonical stream labels, ts_ns, line)`` (Loki itself drops an entry
+identical in all three, ``unorderedHeadBlock.Append``), and for a full page whose newest timestamp is
+``T``:
+
+* every entry older than ``T`` is complete (forward order), so they are emitted and the cursor moves to
+  ``T`` (inclusive start), remembering the keys already emitted at ``T`` to skip them next page;
+* if the *whole* page is one nanosecond ``T``, that nanosecond is fetched on its own: with the largest
+  limit the server allows, then split per stream (``/series``), then -- for a single stream with more
+  lines in one nanosecond than a page, which happens when timestamps are parsed at second precision --
+  partitioned by line prefix with ``|~ "^prefix[class]"`` filters until every part fits in a page. The
+  cursor then moves to ``T + 1``. No loop, no failure, nothing lost.
+
+**Parallel shards, one writer.** The range is cut into time shards (``parallel * 4`` by default, like
+logcli's ``--parallel-duration``); worker threads page through shards and hand pages to the generator,
+which runs in the caller's thread, so exactly one thread writes to DuckDB. An idle worker takes the
+second half of a busy shard, so skewed data still uses every worker.
+
+**Adaptive to Loki's limits.** "query time range exceeds the limit", "maximum number of series", "query
+too large", "would read too many bytes", "max number of chunks" (400) and query timeouts (504) split the
+shard in two and retry; 429/5xx are retried with backoff and jitter honouring ``Retry-After``
+(:mod:`meshlens.sources.http`); "max entries limit per query exceeded" lowers the page size to the server's
+maximum; a LogQL parse error raises :class:`~meshlens.errors.QueryError` at once with Loki's message.
+
+**Resumable.** Every batch carries the watermark ``{start_ns, end_ns, pending: [[cursor, end], ...]}``
+(``cursor`` = everything older in that shard is stored), committed with the batch in one transaction
+under the key ``loki:<url>|<tenant>|<query>``. A run killed at any moment and re-run with ``resume=True``
+re-fetches each unfinished shard from its cursor; the few lines re-read at a cursor are dropped by the
+store's ``event_id`` dedup, so the result is exactly the same set of events.
+
+**Push-down aggregation.** :func:`aggregate_loki` runs LogQL metric queries (presets for Istio access
+logs in JSON or text format, or any custom query) and stores the matrix into the ``series`` table,
+splitting on labels when Loki's series limit is hit and on time when the range is too long.
+
+This module does not parse lines; the ingest pipeline does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import queue
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from meshlens.errors import AuthError, ConfigError, QueryError, SourceError
+from meshlens.records import RawBatch
+from meshlens.sources.http import HttpClient, HttpConfig
+from meshlens.timeutil import ns_to_rfc3339, parse_duration_ns, parse_time_ns
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from meshlens.ingest import IngestCounts
+    from meshlens.store import Store
+
+log = logging.getLogger("meshlens.loki")
+
+NS = 1_000_000_000
+QUERY_RANGE = "/loki/api/v1/query_range"
+SERIES = "/loki/api/v1/series"
+LOKI_DEFAULT_MAX_ENTRIES = 5000  # max_entries_limit_per_query default (pkg/validation/limits.go)
+DEFAULT_BATCH_SIZE = 5000
+DEFAULT_WRITE_BATCH = 50_000  # lines per stored batch (pages are coalesced up to this)
+DEFAULT_RESUME_OVERLAP_NS = 60 * NS
+SHARDS_PER_WORKER = 4
+MIN_DONATE_NS = 2 * NS  # do not hand out shards narrower than this to idle workers
+MAX_SHARDS = 4096  # planned shards (adaptive splits may add more); bounds the checkpoint size
+# 504 is not retried by the HTTP layer for range queries: a Loki query timeout means "too much work",
+# so the shard is split instead of re-sending the same query.
+QUERY_RETRY_STATUSES = (429, 500, 502, 503)
+LOKI_PRODUCT = "Loki"
+
+LabelKey = tuple[tuple[str, str], ...]
+EntryKey = tuple[LabelKey, int, str]
+
+# ================================================================================================
+# Time inputs (parsing itself lives in meshlens.timeutil)
+# ================================================================================================
+def parse_duration(value: str | int | float) -> int:
+    """``2h``, ``90m``, ``1h30m``, ``500ms`` or a number of seconds -> nanoseconds."""
+    if isinstance(value, int | float):
+        return int(value * NS)
+    text = value.strip()
+    if re.fullmatch(r"\d+(?:\.\d+)?", text):
+        return int(float(text) * NS)
+    return parse_duration_ns(text)
+
+
+def parse_time(value: str | int | float | datetime, now_ns: int | None = None) -> int:
+    """RFC 3339, Unix seconds/ns, ``now``, ``now-2h`` or a ``datetime`` -> Unix ns."""
+    return parse_time_ns(value, now_ns=now_ns)
+
+
+def resolve_range(
+    since: str | int | None = None,
+    start: str | int | datetime | None = None,
+    end: str | int | datetime | None = None,
+    now_ns: int | None = None,
+) -> tuple[int, int]:
+    """``since`` (relative to ``end``/now) or ``start``/``end`` -> ``[start_ns, end_ns)``."""
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    end_ns = parse_time(end, now_ns) if end is not None else now_ns
+    if since is not None and start is not None:
+        raise ConfigError("give either --since or --from/--to, not both")
+    if since is not None:
+        start_ns = end_ns - parse_duration(since)
+    elif start is not None:
+        start_ns = parse_time(start, now_ns)
+    else:
+        raise ConfigError("no time range: give --since 2h, or --from T (and optionally --to T)")
+    if end_ns <= start_ns:
+        raise ConfigError(
+            f"empty time range: end {_iso(end_ns)} is not after start {_iso(start_ns)}"
+        )
+    return start_ns, end_ns
+
+
+def _iso(ns: int) -> str:
+    return ns_to_rfc3339(ns)
+
+
+# ================================================================================================
+# Configuration from arguments and logcli's environment variables
+# ================================================================================================
+def _truthy(v: str | None) -> bool:
+    return (v or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def loki_http_config(
+    url: str | None = None,
+    *,
+    username: str | None = None,
+    password: str | None = None,
+    bearer_token: str | None = None,
+    bearer_token_file: str | None = None,
+    org_id: str | None = None,
+    headers: Mapping[str, str] | Sequence[str] | None = None,
+    ca_cert: str | None = None,
+    client_cert: str | None = None,
+    client_key: str | None = None,
+    insecure: bool | None = None,
+    timeout_s: float = 60,
+    max_retries: int = 8,
+    backoff_base_s: float = 0.5,
+    backoff_max_s: float = 30,
+    env: Mapping[str, str] | None = None,
+) -> tuple[HttpConfig, str | None]:
+    """Build the HTTP config and tenant, arguments first, then logcli's ``LOKI_*`` environment variables.
+
+    Existing logcli users need no new configuration: ``LOKI_ADDR``, ``LOKI_USERNAME``,
+    ``LOKI_PASSWORD``, ``LOKI_BEARER_TOKEN``, ``LOKI_BEARER_TOKEN_FILE``, ``LOKI_ORG_ID``,
+    ``LOKI_CA_CERT_PATH``, ``LOKI_CLIENT_CERT_PATH``, ``LOKI_CLIENT_KEY_PATH`` and
+    ``LOKI_TLS_SKIP_VERIFY`` are read when the matching argument is not given.
+    """
+    env = os.environ if env is None else env
+    url = url or env.get("LOKI_ADDR")
+    if not url:
+        raise ConfigError("no Loki URL: pass --url http://loki:3100 or set LOKI_ADDR (as for logcli)")
+    username = username if username is not None else env.get("LOKI_USERNAME") or None
+    password = password if password is not None else env.get("LOKI_PASSWORD") or None
+    bearer_token = bearer_token or env.get("LOKI_BEARER_TOKEN") or None
+    bearer_token_file = bearer_token_file or env.get("LOKI_BEARER_TOKEN_FILE") or None
+    if bearer_token_file and not bearer_token:
+        try:
+            bearer_token = Path(bearer_token_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read bearer token file {bearer_token_file!r}: {exc.strerror}") from exc
+    elif bearer_token_file and bearer_token:
+        raise ConfigError("give a bearer token or a bearer token file, not both")
+    org_id = org_id or env.get("LOKI_ORG_ID") or None
+    ca_cert = ca_cert or env.get("LOKI_CA_CERT_PATH") or None
+    client_cert = client_cert or env.get("LOKI_CLIENT_CERT_PATH") or None
+    client_key = client_key or env.get("LOKI_CLIENT_KEY_PATH") or None
+    if insecure is None:
+        insecure = _truthy(env.get("LOKI_TLS_SKIP_VERIFY"))
+    for label, path in (("CA certificate", ca_cert), ("client certificate", client_cert), ("client key", client_key)):
+        if path and not Path(path).is_file():
+            raise ConfigError(f"{label} file {path!r} does not exist")
+    hdrs = parse_headers(headers)
+    if org_id:
+        hdrs["X-Scope-OrgID"] = org_id
+    cfg = HttpConfig(
+        url=url, username=username, password=password, bearer_token=bearer_token, headers=hdrs,
+        ca_cert=ca_cert, client_cert=client_cert, client_key=client_key, verify=not insecure,
+        timeout_s=timeout_s, max_retries=max_retries, backoff_base_s=backoff_base_s, backoff_max_s=backoff_max_s,
+    )
+    return cfg, org_id
+
+
+def parse_headers(headers: Mapping[str, str] | Sequence[str] | None) -> dict[str, str]:
+    """``{"K": "V"}`` or ``["K: V", "K2=V2"]`` -> dict (for ``--header K:V``)."""
+    if headers is None:
+        return {}
+    if isinstance(headers, Mapping):
+        return {str(k): str(v) for k, v in headers.items()}
+    out: dict[str, str] = {}
+    for h in headers:
+        m = re.match(r"\s*([^:=\s]+)\s*[:=]\s*(.*)$", h)
+        if not m:
+            raise ConfigError(f"bad header {h!r}; use --header 'Name: value'")
+        out[m.group(1)] = m.group(2).strip()
+    return out
+
+
+# ================================================================================================
+# LogQL helpers (selector surgery; no parsing of lines)
+# ================================================================================================
+def _scan_string_end(q: str, i: int) -> int:
+    """Index just past the string literal starting at ``q[i]`` (``"..."`` or backticks)."""
+    quote = q[i]
+    j = i + 1
+    while j < len(q):
+        c = q[j]
+        if quote == '"' and c == "\\":
+            j += 2
+            continue
+        if c == quote:
+            return j + 1
+        j += 1
+    raise QueryError(f"unterminated string literal in LogQL query at offset {i}: {q!r}")
+
+
+def selector_spans(q: str) -> list[tuple[int, int]]:
+    """Spans ``(open, close)`` of every stream selector ``{...}`` outside string literals."""
+    spans: list[tuple[int, int]] = []
+    i, depth, open_at = 0, 0, -1
+    while i < len(q):
+        c = q[i]
+        if c in "\"`":
+            i = _scan_string_end(q, i)
+            continue
+        if c == "{":
+            if depth == 0:
+                open_at = i
+            depth += 1
+        elif c == "}" and depth:
+            depth -= 1
+            if depth == 0:
+                spans.append((open_at, i))
+        i += 1
+    return spans
+
+
+def split_log_query(q: str) -> tuple[str, str]:
+    """``'{a="b"} |= "x" | json'`` -> (``'{a="b"}'``, ``' |= "x" | json'``); QueryError for metric queries."""
+    s = q.strip()
+    spans = selector_spans(s)
+    if not s.startswith("{") or not spans:
+        raise QueryError(
+            f"{s!r} is not a LogQL log query (it must start with a stream selector like "
+            '{namespace="shop"}); for metric queries use `meshlens aggregate loki`'
+        )
+    _open, close = spans[0]
+    return s[: close + 1], s[close + 1:]
+
+
+def logql_quote(value: str) -> str:
+    """A LogQL (Go) double-quoted string literal."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def exact_selector(labels: Mapping[str, str]) -> str:
+    return "{" + ", ".join(f"{k}={logql_quote(v)}" for k, v in sorted(labels.items())) + "}"
+
+
+def add_matcher(q: str, name: str, op: str, value: str) -> str:
+    """Add ``name op "value"`` to every stream selector of a (log or metric) query."""
+    spans = selector_spans(q)
+    if not spans:
+        raise QueryError(f"no stream selector in LogQL query {q!r}")
+    out, last = [], 0
+    for _open, close in spans:
+        inner = q[_open + 1:close].strip()
+        sep = ", " if inner else ""
+        out.append(q[last:close])
+        out.append(f"{sep}{name}{op}{logql_quote(value)}")
+        last = close
+    out.append(q[last:])
+    return "".join(out)
+
+
+_RE2_META = set("\\.+*?()|[]{}^$-")
+
+
+def re2_escape(text: str) -> str:
+    """Escape text for an RE2 regex (and Python's ``re`` after ``\\x{..}`` translation)."""
+    out = []
+    for ch in text:
+        if ch in _RE2_META:
+            out.append("\\" + ch)
+        elif " " <= ch <= "~":
+            out.append(ch)
+        else:
+            out.append(f"\\x{{{ord(ch):x}}}")
+    return "".join(out)
+
+
+# ================================================================================================
+# Loki protocol: one request, classified
+# ================================================================================================
+class _SplitSignal(SourceError):
+    """Loki refused a query for its size or time: split it and try again.
+
+    A :class:`SourceError` so that, should one ever escape the splitting logic, the user still gets
+    Loki's message as a one-line error rather than a traceback.
+    """
+
+    def __init__(self, reason: str, message: str, status: int) -> None:
+        super().__init__(f"Loki refused the query ({reason}): {message}", status=status, resumable=True)
+        self.reason = reason
+        self.message = message
+
+
+class _EntriesLimit(SourceError):
+    """``limit`` above ``max_entries_limit_per_query``: lower the page size to ``server_max``."""
+
+    def __init__(self, server_max: int, message: str) -> None:
+        super().__init__(f"Loki: {message}", status=400)
+        self.server_max = server_max
+
+
+_SPLIT_PATTERNS: tuple[tuple[str, str], ...] = (
+    ("the query time range exceeds the limit", "range"),
+    ("query time range exceeds the limit", "range"),
+    ("maximum number of series", "series"),
+    ("query too large", "size"),
+    ("would read too many bytes", "size"),
+    ("max number of chunks", "size"),
+    ("exceeded maximum resolution", "points"),
+    ("request timed out", "timeout"),
+    ("too many bytes", "size"),
+)
+_PARSE_PATTERNS = ("parse error", "syntax error", "only label matchers are supported",
+                   "queries require at least one", "invalid aggregation", "error parsing regexp",
+                   "pipeline error", "unexpected")
+
+
+def classify_error(status: int, body: str) -> tuple[str, str]:
+    """(kind, reason) for a non-2xx Loki answer: kind is split, entries, query, no_org, not_found, other."""
+    low = body.lower()
+    if "no org id" in low:
+        return "no_org", ""
+    if "max entries limit" in low:
+        return "entries", ""
+    for pat, reason in _SPLIT_PATTERNS:
+        if pat in low:
+            return "split", reason
+    if status == 504:
+        return "split", "timeout"
+    if status == 413:
+        return "split", "size"
+    if status == 404:
+        return "not_found", ""
+    if status in (400, 422) and any(p in low for p in _PARSE_PATTERNS):
+        return "query", ""
+    return "other", ""
+
+
+class LokiClient:
+    """Loki's query API over :class:`HttpClient`, turning answers into data or typed errors."""
+
+    def __init__(self, http: HttpClient, tenant: str | None = None) -> None:
+        self.http = http
+        self.tenant = tenant
+
+    @property
+    def identity(self) -> str:
+        return self.http.cfg.identity()
+
+    def _get(self, path: str, params: Mapping[str, Any] | list[tuple[str, Any]],
+             retry_statuses: Iterable[int] = QUERY_RETRY_STATUSES) -> Any:
+        try:
+            resp, doc = self.http.request_json("GET", path, params=params, retry_statuses=retry_statuses)
+        except AuthError as exc:
+            if "no org id" in str(exc).lower():
+                raise AuthError(
+                    f"Loki at {self.identity} needs a tenant (multi-tenancy is on; it answered 'no org id'). "
+                    "Pass --org-id TENANT or set LOKI_ORG_ID.",
+                    status=exc.status,
+                ) from None
+            raise
+        if doc is not None:
+            if not isinstance(doc, dict) or doc.get("status") != "success":
+                raise SourceError(
+                    f"Loki at {self.http.where(path)} answered 200 without status=success: {str(doc)[:300]}",
+                    status=resp.status_code,
+                )
+            return doc.get("data")
+        body = " ".join(resp.text.split())
+        kind, reason = classify_error(resp.status_code, body)
+        where = self.http.where(path)
+        if kind == "no_org":
+            raise AuthError(
+                f"Loki at {self.identity} needs a tenant ('no org id', HTTP {resp.status_code}). "
+                "Pass --org-id TENANT or set LOKI_ORG_ID.",
+                status=resp.status_code,
+            )
+        if kind == "entries":
+            m = re.search(r"\((\d+)\s*>\s*(\d+)\)", body)
+            raise _EntriesLimit(int(m.group(2)) if m else LOKI_DEFAULT_MAX_ENTRIES, body)
+        if kind == "split":
+            raise _SplitSignal(reason, body, resp.status_code)
+        if kind == "query":
+            raise QueryError(f"Loki rejected the query: {body}", status=resp.status_code)
+        if kind == "not_found":
+            raise SourceError(
+                f"Loki API not found at {where} (HTTP 404: {body[:200]}). --url must be Loki's base URL, "
+                "e.g. http://loki:3100 (without /loki/api/v1).",
+                status=404,
+            )
+        raise SourceError(f"Loki at {where} answered HTTP {resp.status_code}: {body[:500]}", status=resp.status_code)
+
+    def query_range(self, query: str, start_ns: int, end_ns: int, *, limit: int | None = None,
+                    direction: str = "forward", step_s: float | None = None) -> dict[str, Any]:
+        params: dict[str, Any] = {"query": query, "start": str(start_ns), "end": str(end_ns),
+                                  "direction": direction}
+        if limit is not None:
+            params["limit"] = str(limit)
+        if step_s is not None:
+            params["step"] = _fmt_step(step_s)
+        data = self._get(QUERY_RANGE, params)
+        if not isinstance(data, dict) or "resultType" not in data:
+            raise SourceError(f"Loki query_range at {self.identity} returned no data.resultType")
+        return data
+
+    def series(self, selector: str, start_ns: int, end_ns: int) -> list[dict[str, str]]:
+        data = self._get(SERIES, [("match[]", selector), ("start", str(start_ns)), ("end", str(end_ns))],
+                         retry_statuses=(429, 500, 502, 503, 504))
+        return list(data or [])
+
+    def label_values(self, name: str, selector: str | None, start_ns: int, end_ns: int) -> list[str]:
+        params = {"start": str(start_ns), "end": str(end_ns)}
+        if selector:
+            params["query"] = selector
+        data = self._get(f"/loki/api/v1/label/{name}/values", params, retry_statuses=(429, 500, 502, 503, 504))
+        return [str(v) for v in data or []]
+
+
+def _fmt_step(step_s: float) -> str:
+    return str(int(step_s)) if float(step_s).is_integer() else repr(float(step_s))
+
+
+# ================================================================================================
+# Pages of entries
+# ================================================================================================
+@dataclass
+class _Entries:
+    """Columns of entries from one or more responses."""
+
+    ts: list[int] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+    labels: list[dict[str, str]] = field(default_factory=list)
+    lkeys: list[LabelKey] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ts)
+
+    def key(self, i: int) -> EntryKey:
+        return (self.lkeys[i], self.ts[i], self.lines[i])
+
+    def extend(self, other: _Entries) -> None:
+        self.ts += other.ts
+        self.lines += other.lines
+        self.labels += other.labels
+        self.lkeys += other.lkeys
+
+    def select(self, keep: Iterable[int]) -> _Entries:
+        out = _Entries()
+        for i in keep:
+            out.ts.append(self.ts[i])
+            out.lines.append(self.lines[i])
+            out.labels.append(self.labels[i])
+            out.lkeys.append(self.lkeys[i])
+        return out
+
+    def dedup(self, skip: set[EntryKey] | None = None) -> _Entries:
+        seen: set[EntryKey] = set(skip or ())
+        keep = []
+        for i in range(len(self.ts)):
+            k = self.key(i)
+            if k not in seen:
+                seen.add(k)
+                keep.append(i)
+        return self if len(keep) == len(self.ts) else self.select(keep)
+
+
+def parse_streams(data: Mapping[str, Any]) -> _Entries:
+    """Flatten a ``streams`` result (repeated label sets, 3-element values) into entry columns."""
+    if data.get("resultType") != "streams":
+        raise QueryError(
+            f"Loki returned a {data.get('resultType')!r} result, not log lines; ingest needs a log query "
+            "(a stream selector with an optional pipeline). Use `meshlens aggregate loki` for metric queries."
+        )
+    out = _Entries()
+    label_keys: set[LabelKey] = set()
+    repeated = False
+    for item in data.get("result") or []:
+        labels = {str(k): str(v) for k, v in (item.get("stream") or {}).items()}
+        lkey = tuple(sorted(labels.items()))
+        if lkey in label_keys:
+            repeated = True  # grafana/loki#5079: one label set split over several result items
+        label_keys.add(lkey)
+        for v in item.get("values") or []:
+            out.ts.append(int(v[0]))
+            out.lines.append(v[1])
+            out.labels.append(labels)
+            out.lkeys.append(lkey)
+    return out.dedup() if repeated else out
+
+
+# ================================================================================================
+# Shards, pages and the paginator
+# ================================================================================================
+@dataclass
+class _Shard:
+    id: int
+    start: int  # cursor: every entry older than this in [start, end) is already emitted
+    end: int
+    skip: frozenset[EntryKey] = frozenset()  # keys already emitted at ts == start
+
+
+@dataclass
+class _Page:
+    shard_id: int
+    entries: _Entries
+    cursor: int
+    done: bool
+
+
+@dataclass
+class _Split:
+    """Shard ``shard_id`` is replaced by ``children`` (adaptive split) -- or shrunk (donation)."""
+
+    shard_id: int
+    children: list[_Shard]
+    keep_end: int | None = None  # donation: the shard continues with this end
+
+
+class _Stopped(Exception):
+    pass
+
+
+class Paginator:
+    """Pages one shard exactly (see the module docstring). Thread-safe: workers share one instance."""
+
+    def __init__(
+        self,
+        client: LokiClient,
+        query: str,
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        max_entries: int = LOKI_DEFAULT_MAX_ENTRIES,
+        stop: threading.Event | None = None,
+        want_work: Callable[[], bool] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if batch_size < 2:
+            raise ConfigError(f"batch size must be >= 2, got {batch_size}")
+        self.client = client
+        self.query = query.strip()
+        # Kept for per-stream splits; a query that does not split here is still sent, so that Loki's own
+        # parse error (or a metric result) is what the user sees.
+        try:
+            self.selector, self.pipeline = split_log_query(self.query)
+        except QueryError:
+            self.selector, self.pipeline = None, ""
+        self.max_entries = max(max_entries, 2)
+        self.page_limit = min(batch_size, self.max_entries)
+        self.stop = stop or threading.Event()
+        self.want_work = want_work or (lambda: False)
+        self._sleep = sleep
+        self._ids = iter(range(1_000_000, 10**12))
+        self._lock = threading.Lock()
+        self.requests = 0
+        self.splits = 0
+
+    def new_id(self) -> int:
+        with self._lock:
+            return next(self._ids)
+
+    # -- one request -------------------------------------------------------------------------------
+    def fetch(self, query: str, start: int, end: int, limit: int) -> tuple[_Entries, int]:
+        """Entries of ``query`` in [start, end) (at most ``limit``), and the limit actually used."""
+        while True:
+            if self.stop.is_set():
+                raise _Stopped
+            with self._lock:
+                self.requests += 1
+                limit = min(limit, self.max_entries)
+            try:
+                data = self.client.query_range(query, start, end, limit=limit, direction="forward")
+            except _EntriesLimit as exc:
+                if limit <= exc.server_max:
+                    raise SourceError(
+                        f"Loki rejected limit={limit} although it reports a maximum of {exc.server_max}: {exc}",
+                        status=400,
+                    ) from None
+                with self._lock:
+                    self.max_entries = max(2, min(self.max_entries, exc.server_max))
+                    self.page_limit = min(self.page_limit, self.max_entries)
+                log.info("Loki's max_entries_limit_per_query is %d; using smaller pages", self.max_entries)
+                continue
+            return parse_streams(data), limit
+
+    # -- a shard -------------------------------------------------------------------------------------
+    def run_shard(self, sh: _Shard) -> Iterator[_Page | _Split]:
+        cur, end = sh.start, sh.end
+        skip: set[EntryKey] = set(sh.skip)
+        timeouts = 0
+        while cur < end:
+            try:
+                page, limit = self.fetch(self.query, cur, end, self.page_limit)
+                full = None
+                if len(page) >= limit and min(page.ts) == max(page.ts):
+                    full = self.fetch_one_ns(page.ts[0])
+            except _SplitSignal as sig:
+                # Also reached when one crowded nanosecond cannot be fetched: the shard then shrinks
+                # around it until it is that nanosecond alone, where only timeouts are worth retrying.
+                if end - cur > 1:
+                    yield self._split(sh.id, cur, end, skip, sig)
+                    return
+                timeouts += 1
+                if sig.reason != "timeout" or timeouts > self.client.http.cfg.max_retries:
+                    raise SourceError(
+                        f"Loki cannot answer the query even for a single nanosecond at {_iso(cur)}: "
+                        f"{sig.message}. Narrow the query (more label matchers) or raise the server limit.",
+                        status=sig.status, resumable=True,
+                    ) from None
+                self._sleep(self.client.http.backoff_delay(timeouts))
+                continue
+            timeouts = 0
+            n = len(page)
+            if n < limit:
+                emit = page.dedup(skip) if skip else page
+                yield _Page(sh.id, emit, end, True)
+                return
+            tmax = max(page.ts)
+            if full is not None:  # the whole page is one nanosecond: it was fetched on its own
+                emit = full.dedup(skip if tmax == cur else None)
+                cur, skip = tmax + 1, set()
+                yield _Page(sh.id, emit, cur, cur >= end)
+                continue
+            keep = [i for i in range(n) if page.ts[i] != cur or page.key(i) not in skip] if skip else range(n)
+            emit = page.select(keep) if skip else page
+            skip = {page.key(i) for i in range(n) if page.ts[i] == tmax}
+            cur = tmax
+            donated = self._maybe_donate(sh, cur, end)
+            if donated is not None:
+                end = donated.keep_end  # type: ignore[assignment]
+                yield _Page(sh.id, emit, cur, False)
+                yield donated
+                continue
+            yield _Page(sh.id, emit, cur, False)
+
+    def _split(self, shard_id: int, cur: int, end: int, skip: set[EntryKey], sig: _SplitSignal) -> _Split:
+        mid = cur + (end - cur) // 2
+        with self._lock:
+            self.splits += 1
+        log.info("Loki refused [%s, %s) (%s: %s); splitting in two", _iso(cur), _iso(end), sig.reason,
+                 sig.message[:200])
+        return _Split(shard_id, [_Shard(self.new_id(), cur, mid, frozenset(skip)),
+                                 _Shard(self.new_id(), mid, end)])
+
+    def _maybe_donate(self, sh: _Shard, cur: int, end: int) -> _Split | None:
+        """Give the second half of this shard to an idle worker (load balancing for skewed data)."""
+        if end - cur < 2 * MIN_DONATE_NS or not self.want_work():
+            return None
+        mid = cur + (end - cur) // 2
+        return _Split(sh.id, [_Shard(self.new_id(), mid, end)], keep_end=mid)
+
+    # -- one nanosecond that does not fit in a page ---------------------------------------------------
+    def fetch_one_ns(self, t: int) -> _Entries:
+        """Every entry at exactly ``t``: biggest page, else per stream, else per line prefix."""
+        page, limit = self.fetch(self.query, t, t + 1, self.max_entries)
+        if len(page) < limit:
+            return page
+        log.info("more than %d lines at %s; fetching that nanosecond per stream", limit, t)
+        if self.selector is None:
+            raise QueryError(f"cannot split query {self.query!r} by stream: it does not start with a selector")
+        out = _Entries()
+        for labels in self.client.series(self.selector, t, t + 1):
+            out.extend(self._prefix_partition(exact_selector(labels) + self.pipeline, t, ""))
+        return out.dedup()
+
+    def _prefix_partition(self, q: str, t: int, prefix: str) -> _Entries:
+        """Entries at ``t`` of one stream whose line starts with ``prefix``.
+
+        A full page is split by the next character. When every line of the page shares a longer prefix
+        (lines usually start with the same timestamp), the lines that do *not* share it are fetched in
+        one query (``|~ "^prefix" !~ "^longer"``) and the search jumps to the longer prefix, so a common
+        prefix costs one query instead of one per character.
+        """
+        filt = q if not prefix else f"{q} |~ {logql_quote('^' + re2_escape(prefix))}"
+        page, limit = self.fetch(filt, t, t + 1, self.max_entries)
+        if len(page) < limit:
+            return page
+        lcp = os.path.commonprefix(page.lines)
+        if len(lcp) > len(prefix):
+            rest, lim = self.fetch(f"{filt} !~ {logql_quote('^' + re2_escape(lcp))}", t, t + 1, self.max_entries)
+            if len(rest) < lim:
+                rest.extend(self._prefix_partition(q, t, lcp))
+                return rest
+        out, _ = self.fetch(f"{q} |~ {logql_quote('^' + re2_escape(prefix) + '$')}", t, t + 1, self.max_entries)
+        out.extend(self._char_range(q, t, prefix, 0, 0x10FFFF, page))
+        return out
+
+    def _char_range(self, q: str, t: int, prefix: str, lo: int, hi: int, seen: _Entries | None) -> _Entries:
+        """Entries at ``t`` whose line starts with ``prefix`` followed by a char in [lo, hi]."""
+        if lo == hi:
+            return self._prefix_partition(q, t, prefix + chr(lo))
+        if seen is None:
+            cls = f"[\\x{{{lo:x}}}-\\x{{{hi:x}}}]"
+            page, limit = self.fetch(f"{q} |~ {logql_quote('^' + re2_escape(prefix) + cls)}", t, t + 1,
+                                     self.max_entries)
+            if len(page) < limit:
+                return page
+            seen = page
+        n = len(prefix)
+        chars = sorted({ord(line[n]) for line in seen.lines if len(line) > n and lo <= ord(line[n]) <= hi})
+        if not chars:
+            ranges = [(lo, lo + (hi - lo) // 2), (lo + (hi - lo) // 2 + 1, hi)]
+        elif len(chars) == 1:
+            c = chars[0]
+            ranges = [r for r in ((lo, c - 1), (c, c), (c + 1, hi)) if r[0] <= r[1]]
+        else:
+            m = chars[len(chars) // 2]
+            ranges = [(lo, m - 1), (m, hi)]
+        out = _Entries()
+        for a, b in ranges:
+            out.extend(self._char_range(q, t, prefix, a, b, None))
+        return out
+
+
+# ================================================================================================
+# Executors: inline (parallel=1) and threaded (parallel>1)
+# ================================================================================================
+@dataclass
+class _WorkerExit:
+    pass
+
+
+@dataclass
+class _WorkerError:
+    exc: BaseException
+
+
+def _run_inline(pag: Paginator, shards: list[_Shard]) -> Iterator[_Page | _Split]:
+    todo = deque(shards)
+    while todo:
+        sh = todo.popleft()
+        for msg in pag.run_shard(sh):
+            yield msg
+            if isinstance(msg, _Split):
+                todo.extendleft(reversed(msg.children))
+
+
+class _Threaded:
+    """Worker threads page through shards; the consumer (one writer) receives messages in order."""
+
+    def __init__(self, pag: Paginator, shards: list[_Shard], parallel: int) -> None:
+        self.pag = pag
+        self.parallel = parallel
+        self.work: queue.Queue[_Shard | None] = queue.Queue()
+        self.out: queue.Queue[Any] = queue.Queue(maxsize=max(2, parallel * 2))
+        self.outstanding = len(shards)
+        self.idle = 0
+        self.lock = threading.Lock()
+        for sh in shards:
+            self.work.put(sh)
+        pag.want_work = self._want_work
+        self.threads = [threading.Thread(target=self._worker, name=f"loki-worker-{i}", daemon=True)
+                        for i in range(parallel)]
+
+    def _want_work(self) -> bool:
+        with self.lock:
+            return self.idle > 0 and self.work.empty()
+
+    def _put(self, msg: Any) -> None:
+        while True:
+            try:
+                self.out.put(msg, timeout=0.1)
+                return
+            except queue.Full:
+                if self.pag.stop.is_set():
+                    raise _Stopped from None
+
+    def _finish_one(self, added: int = 0) -> None:
+        with self.lock:
+            self.outstanding += added - 1
+            done = self.outstanding == 0
+        if done:
+            for _ in range(self.parallel):
+                self.work.put(None)
+
+    def _worker(self) -> None:
+        try:
+            while not self.pag.stop.is_set():
+                with self.lock:
+                    self.idle += 1
+                sh = self.work.get()
+                with self.lock:
+                    self.idle -= 1
+                if sh is None:
+                    break
+                finished = False
+                for msg in self.pag.run_shard(sh):
+                    self._put(msg)
+                    if isinstance(msg, _Split):
+                        if msg.keep_end is None:
+                            self._finish_one(added=len(msg.children))
+                            finished = True
+                        else:
+                            with self.lock:
+                                self.outstanding += len(msg.children)
+                        for c in msg.children:
+                            self.work.put(c)
+                if not finished:
+                    self._finish_one()
+        except _Stopped:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer thread
+            self.pag.stop.set()
+            with contextlib.suppress(queue.Full):
+                self.out.put(_WorkerError(exc), timeout=5)
+        finally:
+            with contextlib.suppress(queue.Full):
+                self.out.put(_WorkerExit(), timeout=5)
+
+    def messages(self) -> Iterator[_Page | _Split]:
+        for t in self.threads:
+            t.start()
+        exits = 0
+        error: BaseException | None = None
+        try:
+            while exits < self.parallel:
+                msg = self.out.get()
+                if isinstance(msg, _WorkerExit):
+                    exits += 1
+                elif isinstance(msg, _WorkerError):
+                    if error is None:
+                        error = msg.exc
+                        self.pag.stop.set()
+                        for _ in self.threads:  # wake idle workers so that they exit too
+                            self.work.put(None)
+                elif error is None:
+                    yield msg
+            if error is not None:
+                raise error
+        finally:
+            self.pag.stop.set()
+            for _ in self.threads:
+                self.work.put(None)
+            deadline = time.monotonic() + 10
+            while any(t.is_alive() for t in self.threads) and time.monotonic() < deadline:
+                with contextlib.suppress(queue.Empty):
+                    self.out.get(timeout=0.05)
+
+
+# ================================================================================================
+# The source
+# ================================================================================================
+def source_identity(url_identity: str, tenant: str | None, query: str) -> str:
+    """``loki:<url>|<tenant>|<query>``: the source id on events and the watermark key."""
+    return f"loki:{url_identity}|{tenant or ''}|{query.strip()}"
+
+
+class LokiSource:
+    """Yields :class:`RawBatch` objects for a LogQL range, with resumable checkpoints.
+
+    Typical use (what :func:`ingest_loki` does)::
+
+        src = LokiSource(client, query, start_ns, end_ns, parallel=4)
+        src.plan(store.get_watermark(src.watermark_key) if resume else None)
+        ingest_batches(store, src.batches(), source=src.source_id, watermark_key=src.watermark_key)
+        store.set_watermark(src.watermark_key, src.final_state())
+    """
+
+    def __init__(
+        self,
+        client: LokiClient,
+        query: str,
+        start_ns: int,
+        end_ns: int,
+        *,
+        parallel: int = 1,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        max_entries: int = LOKI_DEFAULT_MAX_ENTRIES,
+        shard_ns: int | None = None,
+        resume_overlap_ns: int = DEFAULT_RESUME_OVERLAP_NS,
+        progress: bool = True,
+        write_batch: int = DEFAULT_WRITE_BATCH,
+        flush_every_s: float = 5.0,
+    ) -> None:
+        if parallel < 1:
+            raise ConfigError(f"--parallel must be >= 1, got {parallel}")
+        if end_ns <= start_ns:
+            raise ConfigError(f"empty time range [{_iso(start_ns)}, {_iso(end_ns)})")
+        self.client = client
+        self.query = query.strip()
+        self.start_ns = start_ns
+        self.end_ns = end_ns
+        self.parallel = parallel
+        self.batch_size = batch_size
+        self.max_entries = max_entries
+        self.shard_ns = shard_ns
+        self.resume_overlap_ns = resume_overlap_ns
+        self.progress = progress
+        self.write_batch = max(1, write_batch)
+        self.flush_every_s = flush_every_s
+        self.stop = threading.Event()
+        self.paginator = Paginator(client, self.query, batch_size=batch_size, max_entries=max_entries,
+                                   stop=self.stop)
+        self._pending: dict[int, list[int]] = {}
+        self._range = (start_ns, end_ns)
+        self._shards: list[_Shard] = []
+        self.lines = 0
+        self._planned = False
+
+    @property
+    def source_id(self) -> str:
+        return source_identity(self.client.identity, self.client.tenant, self.query)
+
+    @property
+    def watermark_key(self) -> str:
+        return self.source_id
+
+    # -- planning ------------------------------------------------------------------------------------
+    def plan(self, previous: Mapping[str, Any] | None = None) -> list[tuple[int, int]]:
+        """Decide what to fetch: the requested range, or (resuming) the unfinished parts and what is new.
+
+        Returns the intervals to fetch. With ``previous`` (a stored watermark), the unfinished shard
+        remainders are fetched, plus ``[prev_end - overlap, requested_end)`` when the request goes past
+        the previous run's end -- without a gap, even if the requested start is later.
+        """
+        intervals: list[tuple[int, int]]
+        if previous and previous.get("v") == 1:
+            p_start, p_end = int(previous["start_ns"]), int(previous["end_ns"])
+            intervals = [(int(c), int(e)) for c, e in previous.get("pending", []) if int(c) < int(e)]
+            if self.end_ns > p_end:
+                intervals.append((max(p_start, p_end - self.resume_overlap_ns), self.end_ns))
+            self._range = (p_start, max(p_end, self.end_ns))
+        else:
+            intervals = [(self.start_ns, self.end_ns)]
+            self._range = (self.start_ns, self.end_ns)
+        intervals = _merge_intervals(intervals)
+        self._shards = self._make_shards(intervals)
+        self._pending = {sh.id: [sh.start, sh.end] for sh in self._shards}
+        self._planned = True
+        return intervals
+
+    def _make_shards(self, intervals: list[tuple[int, int]]) -> list[_Shard]:
+        total = sum(e - s for s, e in intervals)
+        if self.shard_ns:
+            width = self.shard_ns
+        elif self.parallel == 1:
+            width = max(total, 1)
+        else:
+            width = max(total // (self.parallel * SHARDS_PER_WORKER), NS)
+        if total // width > MAX_SHARDS:
+            width = -(-total // MAX_SHARDS)
+            log.warning("shard width raised to %d ns to keep at most %d shards", width, MAX_SHARDS)
+        shards = []
+        for s, e in intervals:
+            t = s
+            while t < e:
+                u = min(e, t + width)
+                if e - u < width // 4:  # do not leave a sliver
+                    u = e
+                shards.append(_Shard(self.paginator.new_id(), t, u))
+                t = u
+        return shards
+
+    def checkpoint(self) -> dict[str, Any]:
+        pending = sorted([c, e] for c, e in self._pending.values() if c < e)
+        return {"v": 1, "query": self.query, "start_ns": self._range[0], "end_ns": self._range[1],
+                "pending": pending}
+
+    def final_state(self) -> dict[str, Any]:
+        return self.checkpoint()
+
+    def _remaining_ns(self) -> int:
+        return sum(max(0, e - c) for c, e in self._pending.values())
+
+    # -- iteration -----------------------------------------------------------------------------------
+    def _apply(self, msg: _Page | _Split) -> None:
+        if isinstance(msg, _Split):
+            if msg.keep_end is not None:
+                self._pending[msg.shard_id][1] = msg.keep_end
+            else:
+                self._pending.pop(msg.shard_id, None)
+            for c in msg.children:
+                self._pending[c.id] = [c.start, c.end]
+            return
+        if msg.done:
+            self._pending.pop(msg.shard_id, None)
+        elif msg.shard_id in self._pending:
+            self._pending[msg.shard_id][0] = msg.cursor
+
+    def batches(self) -> Iterator[RawBatch]:
+        """Yield batches in the caller's thread; each carries the checkpoint valid once it is stored."""
+        if not self._planned:
+            self.plan(None)
+        shards = [s for s in self._shards if s.start < s.end]
+        if not shards:
+            return
+        total_ns = self._remaining_ns()
+        bar = _ProgressBar(total_ns, enabled=self.progress, desc=f"loki {self.client.identity}")
+        source = self.source_id
+        pos_prefix = self.query + "@"
+        self.stop.clear()
+        messages = (_run_inline(self.paginator, shards) if self.parallel == 1
+                    else _Threaded(self.paginator, shards, self.parallel).messages())
+        acc = _Entries()
+        last_yield = time.monotonic()
+
+        def flush() -> RawBatch:
+            nonlocal acc, last_yield
+            e, acc = acc, _Entries()
+            last_yield = time.monotonic()
+            return RawBatch(source=source, lines=e.lines, ts_ns=e.ts, labels=e.labels,  # type: ignore[arg-type]
+                            positions=[f"{pos_prefix}{t}" for t in e.ts], checkpoint=self.checkpoint())
+
+        try:
+            for msg in messages:
+                self._apply(msg)
+                if isinstance(msg, _Page) and len(msg.entries):
+                    acc.extend(msg.entries)
+                    self.lines += len(msg.entries)
+                bar.update(total_ns - self._remaining_ns(), self.lines)
+                # Several pages per batch: each stored batch has a fixed cost (parse setup, transaction),
+                # so writing 5000-line pages one by one would halve throughput. Flush on size or age so
+                # checkpoints stay frequent when Loki is slow.
+                if len(acc) >= self.write_batch or (
+                        len(acc) and time.monotonic() - last_yield >= self.flush_every_s):
+                    yield flush()
+            if len(acc):
+                yield flush()
+        finally:
+            self.stop.set()
+            close = getattr(messages, "close", None)
+            if close is not None:
+                close()
+            bar.close()
+
+
+def _merge_intervals(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for s, e in sorted(i for i in intervals if i[0] < i[1]):
+        if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((s, e))
+    return out
+
+
+class _ProgressBar:
+    """tqdm bar of time covered, with lines and lines/s; ``tqdm.auto`` renders in notebooks too."""
+
+    def __init__(self, total_ns: int, *, enabled: bool, desc: str) -> None:
+        self.bar = None
+        self.t0 = time.monotonic()
+        self.done_s = 0.0
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=round(total_ns / NS, 3), desc=desc, unit="s", leave=True,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f}s of range "
+                                       "[{elapsed}<{remaining}{postfix}]")
+
+    def update(self, covered_ns: int, lines: int) -> None:
+        if self.bar is None:
+            return
+        covered_s = round(covered_ns / NS, 3)
+        self.bar.update(covered_s - self.done_s)
+        self.done_s = covered_s
+        rate = lines / max(time.monotonic() - self.t0, 1e-9)
+        self.bar.set_postfix_str(f"{lines:,} lines, {rate:,.0f} lines/s", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ================================================================================================
+# Python API: ingest
+# ================================================================================================
+def ingest_loki(
+    db: str | os.PathLike[str] | Store,
+    *,
+    query: str,
+    url: str | None = None,
+    since: str | int | None = None,
+    start: str | int | datetime | None = None,
+    end: str | int | datetime | None = None,
+    parallel: int = 1,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    write_batch: int = DEFAULT_WRITE_BATCH,
+    max_entries: int = LOKI_DEFAULT_MAX_ENTRIES,
+    shard: str | int | None = None,
+    resume: bool = False,
+    resume_overlap: str | int = "60s",
+    fmt: str | None = None,
+    progress: bool = True,
+    org_id: str | None = None,
+    tenant: str | None = None,
+    http_client: HttpClient | None = None,
+    ingest_options: Mapping[str, Any] | None = None,
+    **auth: Any,
+) -> IngestCounts:
+    """Ingest every line of a LogQL range into a meshlens store (the notebook/CLI entry point).
+
+    Args:
+        db: store path (opened read-write, snapshot published at the end) or an open :class:`Store`.
+        query: LogQL log query, e.g. ``'{namespace="shop", container="istio-proxy"}'``.
+        url: Loki base URL (default ``$LOKI_ADDR``).
+        since / start / end: the range (``since="2h"`` or ``start=..., end=...``; end defaults to now).
+        parallel: worker threads fetching time shards concurrently (one writer regardless).
+        batch_size: page size (``limit``); lowered automatically to the server's maximum.
+        write_batch: lines per stored batch (pages are coalesced; each batch is one transaction with
+            its checkpoint).
+        resume: continue from the stored watermark for (url, tenant, query).
+        org_id / tenant: ``X-Scope-OrgID`` (default ``$LOKI_ORG_ID``).
+        ingest_options: extra keyword arguments for :func:`meshlens.ingest.ingest_batches` (filters,
+            sampling, JSON key mapping...).
+        **auth: ``username``, ``password``, ``bearer_token``, ``bearer_token_file``, ``headers``,
+            ``ca_cert``, ``client_cert``, ``client_key``, ``insecure``, ``timeout_s``, ``max_retries``,
+            ``backoff_base_s``, ``backoff_max_s`` (see :func:`loki_http_config`).
+
+    Returns the ingest counts (records read, events stored, duplicates skipped, rejects).
+    """
+    from meshlens.ingest import ingest_batches
+    from meshlens.store import Store, open_store
+
+    start_ns, end_ns = resolve_range(since, start, end)
+    own_http = http_client is None
+    if http_client is None:
+        cfg, org = loki_http_config(url, org_id=org_id or tenant, **auth)
+        http_client = HttpClient(cfg, LOKI_PRODUCT)
+    else:
+        org = org_id or tenant or http_client.cfg.headers.get("X-Scope-OrgID")
+    client = LokiClient(http_client, org)
+    src = LokiSource(
+        client, query, start_ns, end_ns, parallel=parallel, batch_size=batch_size, max_entries=max_entries,
+        shard_ns=parse_duration(shard) if shard is not None else None,
+        resume_overlap_ns=parse_duration(resume_overlap), progress=progress, write_batch=write_batch,
+    )
+    own_store = not isinstance(db, Store)
+    store = open_store(db) if own_store else db  # type: ignore[arg-type]
+    try:
+        previous = store.get_watermark(src.watermark_key) if resume else None
+        src.plan(previous)
+        batches = src.batches()
+        try:
+            counts = ingest_batches(store, batches, source=src.source_id, fmt=fmt,
+                                    watermark_key=src.watermark_key, progress=False, **(ingest_options or {}))
+        finally:
+            batches.close()  # stops worker threads if the ingest failed midway
+        store.set_watermark(src.watermark_key, src.final_state())
+        if own_store:
+            store.publish_snapshot()
+        return counts
+    finally:
+        if own_store:
+            store.close()
+        if own_http:
+            http_client.close()
+
+
+# ================================================================================================
+# Push-down aggregation
+# ================================================================================================
+ISTIO_TEXT_REGEXP = (
+    r'"(?P<method>\S+) \S+ \S+" (?P<response_code>\d+) (?P<response_flags>\S+) (?P<response_code_details>\S+) '
+    r'\S+ "[^"]*" \d+ \d+ (?P<duration>\d+) \S+ "[^"]*" "[^"]*" "[^"]*" "(?P<authority>[^"]*)" "[^"]*" '
+    r"(?P<upstream_cluster>\S+)"
+)
+PARSERS = {
+    "json": "| json",
+    # Istio >= 1.9 default TEXT format (formats.md 1.1); backticks: a raw LogQL string
+    "text": f"| regexp `{ISTIO_TEXT_REGEXP}`",
+}
+SERIES_RENAME = {"app": "service", "response_code": "status", "response_flags": "flags"}
+
+
+@dataclass(frozen=True)
+class MetricPreset:
+    """A LogQL metric query template for Istio access logs (``{selector}``, ``{parser}``, ``{range}``)."""
+
+    metric: str
+    template: str
+    doc: str
+
+
+PRESETS: dict[str, MetricPreset] = {p.metric: p for p in (
+    MetricPreset(
+        "requests",
+        'sum by (namespace, app, response_code, response_flags) (count_over_time({selector} {parser} '
+        '| __error__="" [{range}]))',
+        "Requests per service (stream label app), status and response flags.",
+    ),
+    MetricPreset(
+        "errors_5xx",
+        'sum by (namespace, app, response_code, response_flags) (count_over_time({selector} {parser} '
+        '| __error__="" | response_code=~"5.." [{range}]))',
+        "5xx responses per service, status and flags.",
+    ),
+    MetricPreset(
+        "authz_denials",
+        'sum by (namespace, app) (count_over_time({selector} {parser} | __error__="" | response_code="403" '
+        '| response_code_details=~"rbac_access_denied.*" [{range}]))',
+        "RBAC denials (403 rbac_access_denied_*) per service.",
+    ),
+    MetricPreset(
+        "p50_duration_ms",
+        'quantile_over_time(0.5, {selector} {parser} | __error__="" | unwrap duration | __error__="" '
+        "[{range}]) by (namespace, app)",
+        "Median request duration (ms) per service.",
+    ),
+    MetricPreset(
+        "p99_duration_ms",
+        'quantile_over_time(0.99, {selector} {parser} | __error__="" | unwrap duration | __error__="" '
+        "[{range}]) by (namespace, app)",
+        "99th percentile request duration (ms) per service.",
+    ),
+)}
+DEFAULT_METRICS = ("requests", "errors_5xx", "p99_duration_ms")
+DEFAULT_SPLIT_LABELS = ("namespace", "app", "pod")
+MAX_POINTS = 11000
+
+
+@dataclass
+class AggregateCounts:
+    """What an aggregation stored."""
+
+    queries: int = 0
+    series: int = 0
+    samples: int = 0
+    metrics: dict[str, int] = field(default_factory=dict)
+    log_format: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"queries": self.queries, "series": self.series, "samples": self.samples,
+                "metrics": dict(self.metrics), "log_format": self.log_format}
+
+
+def render_preset(name: str, selector: str, step_ns: int, log_format: str) -> str:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown metric preset {name!r}; choose from {', '.join(PRESETS)} or pass a custom query")
+    if log_format not in PARSERS:
+        raise ConfigError(f"unknown log format {log_format!r}; use json, text or auto")
+    return PRESETS[name].template.format(selector=selector.strip(), parser=PARSERS[log_format],
+                                         range=_prom_range(step_ns))
+
+
+def _prom_range(ns: int) -> str:
+    for unit, size in (("d", 86400 * NS), ("h", 3600 * NS), ("m", 60 * NS), ("s", NS), ("ms", 1_000_000)):
+        if ns % size == 0:
+            return f"{ns // size}{unit}"
+    raise ConfigError(f"step {ns} ns is not a whole number of milliseconds")
+
+
+def detect_log_format(client: LokiClient, selector: str, start_ns: int, end_ns: int, sample: int = 50) -> str | None:
+    """``json`` or ``text`` from a sample of the newest lines (None when the range is empty)."""
+    try:
+        data = client.query_range(selector, start_ns, end_ns, limit=sample, direction="backward")
+    except _SplitSignal:  # a long range can time out even for 50 lines: sample the last 15 minutes
+        try:
+            data = client.query_range(selector, max(start_ns, end_ns - 900 * NS), end_ns, limit=sample,
+                                      direction="backward")
+        except _SplitSignal:
+            log.warning("cannot sample lines to detect the log format; assuming Istio's TEXT format")
+            return None
+    lines = parse_streams(data).lines
+    if not lines:
+        return None
+    js = sum(1 for ln in lines if ln.lstrip().startswith("{"))
+    return "json" if js * 2 >= len(lines) else "text"
+
+
+class MetricRunner:
+    """Runs one metric query over a range, splitting on Loki's limits; returns matrix items."""
+
+    def __init__(self, client: LokiClient, step_ns: int, split_labels: Sequence[str] = DEFAULT_SPLIT_LABELS) -> None:
+        self.client = client
+        self.step_ns = step_ns
+        self.split_labels = tuple(split_labels)
+        self.queries = 0
+
+    def run(self, query: str, start_ns: int, end_ns: int) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        chunk = self.step_ns * (MAX_POINTS - 1)
+        t = start_ns
+        while t <= end_ns:
+            u = min(end_ns, t + chunk)
+            out += self._run(query, t, u, 0)
+            t = u + self.step_ns
+        return out
+
+    def _run(self, query: str, start_ns: int, end_ns: int, depth: int) -> list[dict[str, Any]]:
+        self.queries += 1
+        try:
+            data = self.client.query_range(query, start_ns, end_ns, step_s=self.step_ns / NS)
+        except _SplitSignal as sig:
+            if sig.reason == "series" and depth < len(self.split_labels):
+                return self._split_by_label(query, start_ns, end_ns, depth, sig)
+            steps = (end_ns - start_ns) // self.step_ns
+            if steps >= 1:
+                mid = start_ns + (steps // 2) * self.step_ns
+                log.info("Loki refused the metric query (%s); splitting the time range", sig.reason)
+                return self._run(query, start_ns, mid, depth) + self._run(query, mid + self.step_ns, end_ns, depth)
+            raise QueryError(
+                f"Loki refused the metric query even for one step and one label value: {sig.message}. "
+                "Group by fewer labels or narrow the selector.",
+                status=sig.status,
+            ) from None
+        if data.get("resultType") != "matrix":
+            raise QueryError(
+                f"Loki returned a {data.get('resultType')!r} result; aggregation needs a metric query "
+                "(e.g. sum by (app) (count_over_time({...}[1m])))."
+            )
+        return list(data.get("result") or [])
+
+    def _split_by_label(self, query: str, start_ns: int, end_ns: int, depth: int,
+                        sig: _SplitSignal) -> list[dict[str, Any]]:
+        label = self.split_labels[depth]
+        spans = selector_spans(query)
+        selector = query[spans[0][0]:spans[0][1] + 1] if spans else None
+        try:
+            values = self.client.label_values(label, selector, start_ns - self.step_ns, end_ns)
+        except _SplitSignal:
+            return self._run(query, start_ns, end_ns, len(self.split_labels))  # time splits only
+        log.info("Loki series limit hit (%s); splitting on %s (%d values)", sig.message[:120], label, len(values))
+        out: list[dict[str, Any]] = []
+        for v in [*values, ""]:
+            out += self._run(add_matcher(query, label, "=", v), start_ns, end_ns, depth + 1)
+        return out
+
+
+def matrix_to_series(result: list[dict[str, Any]], *, metric: str, origin: str, step_ns: int,
+                     rename: Mapping[str, str] | None = None) -> pa.Table:
+    """Loki matrix items -> rows of the ``series`` table (ts = bucket start = eval time - step)."""
+    import pyarrow as pa
+
+    from meshlens.schema import SERIES_COLUMNS
+
+    rename = SERIES_RENAME if rename is None else rename
+    keys, tss, metrics, labels, values, steps, origins = [], [], [], [], [], [], []
+    step_s = step_ns / NS
+    for item in result:
+        lb = {rename.get(k, k): str(v) for k, v in (item.get("metric") or {}).items()}
+        canon = json.dumps(sorted(lb.items()), separators=(",", ":"))
+        skey = hashlib.md5(f"{origin}|{metric}|{canon}".encode()).hexdigest()
+        items = sorted(lb.items())
+        for t, v in item.get("values") or []:
+            ts_ns = round(float(t) * 1000) * 1_000_000 - step_ns
+            keys.append(skey)
+            tss.append(ts_ns // 1000)
+            metrics.append(metric)
+            labels.append(items)
+            values.append(float(v))
+            steps.append(step_s)
+            origins.append(origin)
+    arrays = [
+        pa.array(keys, pa.string()),
+        pa.array(tss, pa.timestamp("us", tz="UTC")),
+        pa.array(metrics, pa.string()),
+        pa.array(labels, pa.map_(pa.string(), pa.string())),
+        pa.array(values, pa.float64()),
+        pa.array(steps, pa.float64()),
+        pa.array(origins, pa.string()),
+    ]
+    return pa.Table.from_arrays(arrays, names=[c.name for c in SERIES_COLUMNS])
+
+
+def aggregate_loki(
+    db: str | os.PathLike[str] | Store,
+    *,
+    selector: str | None = None,
+    url: str | None = None,
+    since: str | int | None = None,
+    start: str | int | datetime | None = None,
+    end: str | int | datetime | None = None,
+    step: str | int = "1m",
+    metrics: Sequence[str] | None = None,
+    query: str | None = None,
+    metric_name: str | None = None,
+    log_format: str = "auto",
+    split_labels: Sequence[str] = DEFAULT_SPLIT_LABELS,
+    org_id: str | None = None,
+    tenant: str | None = None,
+    http_client: HttpClient | None = None,
+    **auth: Any,
+) -> AggregateCounts:
+    """Run LogQL metric queries in Loki and store the resulting time series in ``series``.
+
+    Either ``selector`` (a stream selector such as ``'{namespace="shop", container="istio-proxy"}'``) with
+    preset ``metrics`` (default: requests, errors_5xx, p99_duration_ms; see :data:`PRESETS`), or a custom
+    metric ``query`` stored under ``metric_name``. ``log_format`` (``json``/``text``/``auto``) picks the
+    LogQL parser for the presets; ``auto`` samples the newest lines. Series labels from the presets are
+    renamed ``app``->``service``, ``response_code``->``status``, ``response_flags``->``flags``.
+    Re-running is idempotent (upsert on series key + ts).
+    """
+    from meshlens.store import Store, open_store
+
+    if (selector is None) == (query is None):
+        raise ConfigError("give either a selector with preset metrics, or a custom metric --query")
+    if query is not None and not metric_name:
+        raise ConfigError("a custom metric query needs a --metric name to store it under")
+    start_ns, end_ns = resolve_range(since, start, end)
+    step_ns = parse_duration(step)
+    if step_ns < 1_000_000:
+        raise ConfigError(f"step {step!r} is too small; use e.g. 30s, 1m, 5m")
+    own_http = http_client is None
+    if http_client is None:
+        cfg, org = loki_http_config(url, org_id=org_id or tenant, **auth)
+        http_client = HttpClient(cfg, LOKI_PRODUCT)
+    else:
+        org = org_id or tenant or http_client.cfg.headers.get("X-Scope-OrgID")
+    client = LokiClient(http_client, org)
+    counts = AggregateCounts()
+    # Align evaluation times to the step so re-runs and adjacent runs hit the same bucket timestamps.
+    eval_start = ((start_ns + step_ns - 1) // step_ns) * step_ns + step_ns
+    eval_end = (end_ns // step_ns) * step_ns
+    jobs: list[tuple[str, str, Mapping[str, str]]] = []
+    if query is not None:
+        jobs.append((str(metric_name), query.strip(), {}))
+    else:
+        sel = (selector or "").strip()
+        split_log_query(sel)  # validates it is a selector
+        fmt = log_format
+        if fmt == "auto":
+            fmt = detect_log_format(client, sel, start_ns, end_ns) or "text"
+        counts.log_format = fmt
+        for name in metrics or DEFAULT_METRICS:
+            jobs.append((name, render_preset(name, sel, step_ns, fmt), SERIES_RENAME))
+    own_store = not isinstance(db, Store)
+    store = open_store(db) if own_store else db  # type: ignore[arg-type]
+    try:
+        runner = MetricRunner(client, step_ns, split_labels)
+        for name, q, rename in jobs:
+            if eval_end < eval_start:
+                break
+            result = runner.run(q, eval_start, eval_end)
+            origin = source_identity(client.identity, org, q)
+            table = matrix_to_series(result, metric=name, origin=origin, step_ns=step_ns, rename=rename)
+            store.upsert_series(table)
+            n_series = len({r for r in table.column("series_key").to_pylist()})
+            counts.metrics[name] = table.num_rows
+            counts.series += n_series
+            counts.samples += table.num_rows
+        counts.queries = runner.queries
+        if own_store:
+            store.publish_snapshot()
+        return counts
+    finally:
+        if own_store:
+            store.close()
+        if own_http:
+            http_client.close()
+
+
+__all__ = [
+    "AggregateCounts", "LokiClient", "LokiSource", "MetricPreset", "PRESETS", "Paginator", "add_matcher",
+    "aggregate_loki", "classify_error", "exact_selector", "ingest_loki", "loki_http_config", "parse_duration",
+    "parse_time", "resolve_range", "source_identity", "split_log_query",
+]

@@ -1,0 +1,84 @@
+"""``meshlens ingest loki`` / ``meshlens aggregate loki`` via the register() hook: counts, --json, and
+one-line errors with the right exit codes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from meshlens.cli_loki import register
+from meshlens.store import open_store
+from tests.servers.loki import NS, LokiServer, generate
+
+T0 = 1_700_000_000 * NS
+RANGE = ["--from", str(T0), "--to", str(T0 + 600 * NS)]
+
+
+@pytest.fixture
+def app() -> typer.Typer:
+    root, ingest, aggregate = typer.Typer(), typer.Typer(), typer.Typer()
+    root.add_typer(ingest, name="ingest")
+    root.add_typer(aggregate, name="aggregate")
+    register(ingest, aggregate)
+    return root
+
+
+def test_ingest_prints_the_four_counts_and_json(app: typer.Typer, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    db = tmp_path / "m.duckdb"
+    with LokiServer(auth_enabled=True) as srv:
+        generate(srv, lines=400, streams=2, start_ns=T0, span_ns=600 * NS, tenant="ops")
+        srv.push({"app": "x", "container": "istio-proxy"}, [(T0 + 5, "not an access log line")], tenant="ops")
+        monkeypatch.setenv("LOKI_ADDR", srv.url)  # logcli's variables work without flags
+        monkeypatch.setenv("LOKI_ORG_ID", "ops")
+        r = CliRunner().invoke(app, ["ingest", "loki", "--query", '{container="istio-proxy"}', "--db", str(db),
+                                     "--parallel", "2", *RANGE])
+        assert r.exit_code == 0, r.output
+        assert r.output.splitlines() == ["records read:       401", "events stored:      400",
+                                         "duplicates skipped: 0", "rejects:            1"]
+        r = CliRunner().invoke(app, ["ingest", "loki", "-q", '{container="istio-proxy"}', "--db", str(db),
+                                     "--json", "--header", "X-Debug: 1", *RANGE])
+        assert r.exit_code == 0, r.output
+        doc = json.loads(r.output)
+        assert {k: doc[k] for k in ("records_read", "events_stored", "duplicates_skipped", "rejects")} == {
+            "records_read": 401, "events_stored": 0, "duplicates_skipped": 400, "rejects": 1}
+        assert srv.query_requests()[-1].headers["X-Debug"] == "1"
+    with open_store(db, read_only=True) as s:  # the snapshot was published for readers
+        assert s.scalar("SELECT count(*) FROM events") == 400
+
+
+def test_failures_are_one_line_with_exit_codes(app: typer.Typer, tmp_path: Path) -> None:
+    db = str(tmp_path / "e.duckdb")
+    with LokiServer(bearer_token="right") as srv:
+        r = CliRunner().invoke(app, ["ingest", "loki", "--url", srv.url, "--bearer-token", "wrong", "-q",
+                                     '{a="b"}', "--db", db, *RANGE])
+        assert r.exit_code == 1 and r.exception is None or isinstance(r.exception, SystemExit)
+        assert r.output.startswith("meshlens: error: Loki at ") and "HTTP 401" in r.output and "wrong" not in r.output
+        assert len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output
+        r = CliRunner().invoke(app, ["ingest", "loki", "--url", srv.url, "--bearer-token", "right", "-q",
+                                     '{a="b"', "--db", db, *RANGE])
+        assert r.exit_code == 1 and "parse error at line 1" in r.output
+        r = CliRunner().invoke(app, ["ingest", "loki", "--url", srv.url, "-q", '{a="b"}', "--db", db,
+                                     "--since", "2h", "--from", "now-3h"])
+        assert r.exit_code == 2 and "either --since or --from" in r.output
+        srv.inject(status=503, times=100, retry_after="0")
+        r = CliRunner().invoke(app, ["ingest", "loki", "--url", srv.url, "--bearer-token", "right", "-q",
+                                     '{a="b"}', "--db", db, "--max-retries", "1", *RANGE])
+        assert r.exit_code == 1 and "--resume" in r.output
+
+
+def test_aggregate_command(app: typer.Typer, tmp_path: Path) -> None:
+    db = tmp_path / "a.duckdb"
+    with LokiServer() as srv:
+        generate(srv, lines=300, streams=2, start_ns=T0, span_ns=600 * NS)
+        r = CliRunner().invoke(app, ["aggregate", "loki", "--url", srv.url, "--selector", '{container="istio-proxy"}',
+                                     "--preset", "requests", "--preset", "p50_duration_ms", "--step", "5m",
+                                     "--db", str(db), "--json", *RANGE])
+        assert r.exit_code == 0, r.output
+        doc = json.loads(r.output)
+        assert doc["log_format"] == "text" and set(doc["metrics"]) == {"requests", "p50_duration_ms"}
+        assert doc["samples"] == sum(doc["metrics"].values()) > 0
