@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 from meshlens.errors import MeshlensError
+from meshlens.filters import FilterConfigOpt, NoDefaultFiltersOpt, SampleSuccessOpt
 
 app = typer.Typer(
     name="meshlens",
@@ -52,15 +53,20 @@ def ingest_file(
     batch_size: Annotated[int, typer.Option(help="Records per transaction.")] = 200_000,
     max_record_bytes: Annotated[int, typer.Option(help="Larger records are rejected.")] = 8 * 1024 * 1024,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    filter_config: FilterConfigOpt = None,
+    no_default_filters: NoDefaultFiltersOpt = False,
+    sample_success: SampleSuccessOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Ingest log files; prints records read, events stored, duplicates skipped and rejects."""
+    """Ingest log files; prints records read, events stored, duplicates skipped, rejects (and filtered)."""
+    from meshlens.filters import build_filter_config
     from meshlens.ingest import ingest_files
 
     json_mapping = _load_mapping(mapping) if mapping else None
     counts = ingest_files(db, [str(p) for p in paths], fmt=fmt, batch_size=batch_size,
                           progress=progress and not as_json, json_mapping=json_mapping,
-                          max_record_bytes=max_record_bytes)
+                          max_record_bytes=max_record_bytes,
+                          filters=build_filter_config(filter_config, no_default_filters, sample_success))
     _emit(counts.as_dict(), as_json, str(counts))
 
 
@@ -139,7 +145,8 @@ def _register_optional() -> None:
                       ("meshlens.cli_es", (ingest_app, aggregate_app)),
                       ("meshlens.cli_simulate", (app,)),
                       ("meshlens.cli_reports", (app,)),
-                      ("meshlens.cli_analysis", (app,))):
+                      ("meshlens.cli_analysis", (app,)),
+                      ("meshlens.cli_retention", (app,))):
         try:
             module = importlib.import_module(mod)
         except ImportError as exc:

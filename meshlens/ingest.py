@@ -1,7 +1,9 @@
 """Source -> parse/normalize -> DuckDB, with the conservation count and progress.
 
-For every ingest: records read = events stored + duplicates skipped + rejects. The count is checked per
-batch (a batch whose parse output does not add up aborts the run before anything of it is stored), and
+For every ingest: records read = events stored + duplicates skipped + rejects + filtered (dropped by an
+ingest filter rule or not kept by success sampling, counted per rule -- see :mod:`meshlens.filters`).
+The count is checked per batch (a batch whose output does not add up aborts the run before anything of
+it is stored), and
 each batch is stored in one transaction together with the source's checkpoint, so a run killed at any
 moment resumes without loss or duplicates.
 
@@ -17,11 +19,12 @@ import queue
 import re
 import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from tqdm.auto import tqdm
 
+from meshlens import filters as _filters
 from meshlens.errors import MeshlensError, StoreError
 from meshlens.formats.detect import Parser
 from meshlens.records import RawBatch
@@ -36,13 +39,18 @@ INGEST_MEMORY_LIMIT = os.environ.get("MESHLENS_INGEST_MEMORY_LIMIT", "1GB")
 
 @dataclass
 class IngestCounts:
-    """The four numbers every ingest reports (plus the run id for ``ingest_runs``)."""
+    """The numbers every ingest reports (plus the run id for ``ingest_runs``).
+
+    ``read == stored + duplicates + rejects + filtered``; ``filtered_by_rule`` splits ``filtered``.
+    """
 
     read: int = 0
     stored: int = 0
     duplicates: int = 0
     rejects: int = 0
     run_id: str = ""
+    filtered: int = 0
+    filtered_by_rule: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -56,10 +64,18 @@ class IngestCounts:
         self.stored += other.stored
         self.duplicates += other.duplicates
         self.rejects += other.rejects
+        self._add_filtered(other.filtered_by_rule)
+
+    def _add_filtered(self, by_rule: dict[str, int]) -> None:
+        for rule, n in by_rule.items():
+            self.filtered_by_rule[rule] = self.filtered_by_rule.get(rule, 0) + n
+            self.filtered += n
 
     def __str__(self) -> str:
-        return (f"records read: {self.read}  events stored: {self.stored}  "
-                f"duplicates skipped: {self.duplicates}  rejects: {self.rejects}")
+        text = (f"records read: {self.read}  events stored: {self.stored}  "
+                f"duplicates skipped: {self.duplicates}  rejects: {self.rejects}  filtered: {self.filtered}")
+        per_rule = ", ".join(f"{k}: {v}" for k, v in self.filtered_by_rule.items() if v)
+        return text + (f" ({per_rule})" if per_rule else "")
 
 
 _DONE = object()
@@ -112,12 +128,18 @@ def ingest_batches(
     progress: bool | tqdm = True,
     json_mapping: dict[str, str] | None = None,
     snapshot_every_s: float = SNAPSHOT_EVERY_S,
+    filters: _filters.FilterConfig | None = None,
 ) -> IngestCounts:
-    """Parse and store batches; returns the counts. ``source`` must not contain credentials."""
+    """Parse and store batches; returns the counts. ``source`` must not contain credentials.
+
+    ``filters`` (default :meth:`FilterConfig.default`: drop health checks) is applied to each parsed
+    batch before it is stored; pass ``FilterConfig()`` to keep everything.
+    """
+    cfg = _filters.FilterConfig.default() if filters is None else filters
     if INGEST_MEMORY_LIMIT and re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]i?B", INGEST_MEMORY_LIMIT):
         store.con.execute(f"SET memory_limit = '{INGEST_MEMORY_LIMIT}'")
     parser = Parser(fmt, json_mapping, con=store.con)
-    counts = IngestCounts(run_id=store.start_run(source))
+    counts = IngestCounts(run_id=store.start_run(source), filtered_by_rule=dict.fromkeys(cfg.rule_names(), 0))
     bar = progress if isinstance(progress, tqdm) else tqdm(
         total=None, unit="rec", unit_scale=True, desc="ingest", disable=not progress, leave=False,
         mininterval=0.5)
@@ -133,10 +155,17 @@ def ingest_batches(
                 )
             cp = (watermark_key, batch.checkpoint) if watermark_key and batch.checkpoint is not None else None
             try:
-                res = store.insert_batch("_ml_events", "_ml_rejects", cp)
+                fr = _filters.apply_filters(store.con, "_ml_events", cfg, n_ev)
+                if fr.kept + fr.filtered != n_ev:
+                    raise StoreError(
+                        f"internal error: {n_ev} parsed events of a batch from {batch.source} were split into "
+                        f"{fr.kept} kept + {fr.filtered} filtered; nothing of this batch was stored. Please report it.")
+                res = store.insert_batch(fr.view, "_ml_rejects", cp)
             finally:
+                _filters.drop_results(store.con)
                 parser.drop_results()
             counts.read += n
+            counts._add_filtered(fr.by_rule)
             counts.stored += res.stored
             counts.duplicates += res.duplicates
             counts.rejects += res.rejects
@@ -146,13 +175,15 @@ def ingest_batches(
     except BaseException as exc:
         msg = str(exc) if isinstance(exc, MeshlensError) else f"{type(exc).__name__}: {exc}"
         store.finish_run(counts.run_id, read=counts.read, stored=counts.stored, duplicates=counts.duplicates,
-                         rejects=counts.rejects, status="failed", message=msg[:2000])
+                         rejects=counts.rejects, status="failed", message=msg[:2000],
+                         filtered=counts.filtered, filtered_by_rule=counts.filtered_by_rule)
         raise
     finally:
         if not isinstance(progress, tqdm):
             bar.close()
     store.finish_run(counts.run_id, read=counts.read, stored=counts.stored, duplicates=counts.duplicates,
-                     rejects=counts.rejects, status="ok")
+                     rejects=counts.rejects, status="ok", filtered=counts.filtered,
+                     filtered_by_rule=counts.filtered_by_rule)
     return counts
 
 
@@ -165,8 +196,11 @@ def ingest_files(
     progress: bool = True,
     json_mapping: dict[str, str] | None = None,
     max_record_bytes: int | None = None,
+    filters: _filters.FilterConfig | None = None,
 ) -> IngestCounts:
-    """Ingest files (or directories of files) into the store at ``db``; returns the counts."""
+    """Ingest files (or directories of files) into the store at ``db``; returns the counts.
+
+    ``filters``: see :func:`ingest_batches` (default: drop health checks, counted per rule)."""
     files = expand_paths(paths)
     kw: dict[str, int] = {"batch_size": batch_size}
     if max_record_bytes:
@@ -179,11 +213,11 @@ def ingest_files(
     source = "file:" + ",".join(str(f) for f in files[:3]) + (f",+{len(files) - 3} more" if len(files) > 3 else "")
     if isinstance(db, Store):
         return ingest_batches(db, batches(), source=source, fmt=fmt, progress=progress,
-                              json_mapping=json_mapping)
+                              json_mapping=json_mapping, filters=filters)
     store = open_store(db)
     try:
         return ingest_batches(store, batches(), source=source, fmt=fmt, progress=progress,
-                              json_mapping=json_mapping)
+                              json_mapping=json_mapping, filters=filters)
     finally:
         try:
             store.publish_snapshot()

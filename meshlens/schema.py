@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -19,9 +19,10 @@ class Column:
     name: str
     type: str
     doc: str
+    default: str | None = None  # SQL default (also what a migration fills existing rows with)
 
 
-EVENT_TYPES = ("request", "authz", "tls", "config_change", "access")
+EVENT_TYPES = ("request", "authz", "authn", "tls", "config_change", "access")
 MESHES = ("istio", "linkerd", "consul", "envoy", "kubernetes")
 
 EVENT_COLUMNS: tuple[Column, ...] = (
@@ -31,8 +32,10 @@ EVENT_COLUMNS: tuple[Column, ...] = (
            "stageTimestamp...), else the backend's timestamp. NULL only if neither exists."),
     Column("ts_ns", "BIGINT", "`ts` as Unix nanoseconds: full precision (Linkerd and Loki carry ns)."),
     Column("event_type", "VARCHAR", "`request` (proxied request/connection), `authz` (an authorization "
-           "decision: RBAC/ext_authz/Linkerd policy), `tls` (TLS/mTLS failure), `config_change` "
-           "(mutating Kubernetes API call), `access` (read-only Kubernetes API call)."),
+           "decision: RBAC/ext_authz/Linkerd policy), `authn` (authentication failure: JWT/RequestAuthentication "
+           "401, Linkerd/Consul identity failure, server-side mTLS handshake failure; see `authn_reason`), "
+           "`tls` (TLS/mTLS failure of an upstream connection), `config_change` (mutating Kubernetes API call), "
+           "`access` (read-only Kubernetes API call)."),
     Column("record_kind", "VARCHAR", "`access_log` (one proxied request/connection: counts as traffic), "
            "`proxy_log` (policy debug/denial lines), `audit` (Kubernetes audit)."),
     Column("mesh", "VARCHAR", "`istio`, `linkerd`, `consul`, `envoy` (plain Envoy) or `kubernetes`."),
@@ -90,6 +93,12 @@ EVENT_COLUMNS: tuple[Column, ...] = (
     Column("position", "VARCHAR", "Where in the source (file:line, query@ts, index/_id)."),
     Column("raw", "VARCHAR", "The original record text."),
     Column("ingested_at", "TIMESTAMPTZ", "When meshlens stored it."),
+    # -- schema version 2 --
+    Column("sample_weight", "DOUBLE", "How many records this stored event stands for: 1 normally, 1/rate "
+           "for a successful request kept by `--sample-success RATE`. Counts and rates must be "
+           "`sum(sample_weight)`, not `count(*)`, to stay unbiased on sampled data.", default="1.0"),
+    Column("authn_reason", "VARCHAR", "authn: why authentication failed (`Jwt is expired`, the TLS "
+           "handshake error, the Linkerd identity error)."),
 )
 
 REJECT_COLUMNS: tuple[Column, ...] = (
@@ -124,6 +133,11 @@ INGEST_RUN_COLUMNS: tuple[Column, ...] = (
     Column("duplicates", "BIGINT", "Records skipped because already stored."),
     Column("rejects", "BIGINT", "Records that could not be parsed (kept in `rejects`)."),
     Column("message", "VARCHAR", "Error message when failed."),
+    # -- schema version 2 --
+    Column("filtered", "BIGINT", "Records dropped by ingest filters or not kept by success sampling "
+           "(records read = events stored + duplicates + rejects + filtered).", default="0"),
+    Column("filtered_by_rule", "JSON", "`filtered` per rule name (`health_probe_user_agent`, "
+           "`health_check_path`, `sample_success`, your rules)."),
 )
 
 WATERMARK_COLUMNS: tuple[Column, ...] = (
@@ -149,9 +163,28 @@ PRIMARY_KEYS: dict[str, tuple[str, ...]] = {
 EVENT_COLUMN_NAMES: tuple[str, ...] = tuple(c.name for c in EVENT_COLUMNS)
 
 
+def column_sql(c: Column) -> str:
+    """``"name" TYPE [DEFAULT x]`` for DDL (CREATE TABLE and migrations' ADD COLUMN)."""
+    return f'"{c.name}" {c.type}' + (f" DEFAULT {c.default}" if c.default is not None else "")
+
+
+# Columns added by each schema version (a migration step adds them to an existing store).
+ADDED_IN: dict[int, dict[str, tuple[str, ...]]] = {
+    2: {"events": ("sample_weight", "authn_reason"), "ingest_runs": ("filtered", "filtered_by_rule")},
+}
+
+
+def column(table: str, name: str) -> Column:
+    """The declared column ``name`` of ``table``."""
+    for c in TABLES[table]:
+        if c.name == name:
+            return c
+    raise KeyError(f"{table}.{name}")
+
+
 def create_table_sql(table: str) -> str:
     """``CREATE TABLE IF NOT EXISTS`` for one of :data:`TABLES`."""
-    cols = ",\n  ".join(f'"{c.name}" {c.type}' for c in TABLES[table])
+    cols = ",\n  ".join(column_sql(c) for c in TABLES[table])
     pk = PRIMARY_KEYS.get(table)
     if pk:
         cols += f",\n  PRIMARY KEY ({', '.join(pk)})"
@@ -169,6 +202,7 @@ def markdown() -> str:
     ]
     for table, cols in TABLES.items():
         out += [f"## `{table}`", "", "| column | type | meaning |", "|---|---|---|"]
-        out += [f"| `{c.name}` | {c.type} | {c.doc} |" for c in cols]
+        out += [f"| `{c.name}` | {c.type}{f' (default {c.default})' if c.default else ''} | {c.doc} |"
+                for c in cols]
         out.append("")
     return "\n".join(out)

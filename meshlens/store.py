@@ -139,6 +139,7 @@ class Store:
                     con.register("_ml_staged_events", events)
             if n_events:
                 cols = ", ".join(f'"{c}"' for c in schema.EVENT_COLUMN_NAMES)
+                select = _event_select(con, ev_name)
                 lo, hi, nulls = con.execute(
                     f"SELECT min(ts_ns), max(ts_ns), count(*) FILTER (WHERE ts_ns IS NULL) FROM {ev_name}"
                 ).fetchall()[0]
@@ -151,7 +152,7 @@ class Store:
                     existing = "SELECT event_id FROM events"
                     params = {}
                 row = con.execute(
-                    f"INSERT INTO events ({cols}) SELECT {cols} FROM {ev_name} s "
+                    f"INSERT INTO events ({cols}) SELECT {select} FROM {ev_name} s "
                     f"WHERE s.event_id NOT IN ({existing})",
                     params,
                 ).fetchall()
@@ -232,19 +233,22 @@ class Store:
         self._require_rw()
         run_id = uuid.uuid4().hex
         self.con.execute(
-            "INSERT INTO ingest_runs VALUES (?, ?, now(), NULL, 'running', 0, 0, 0, 0, NULL)", [run_id, source]
+            "INSERT INTO ingest_runs (run_id, source, started_at, finished_at, status, records_read, "
+            "events_stored, duplicates, rejects, message, filtered) "
+            "VALUES (?, ?, now(), NULL, 'running', 0, 0, 0, 0, NULL, 0)", [run_id, source]
         )
         return run_id
 
     def finish_run(
         self, run_id: str, *, read: int, stored: int, duplicates: int, rejects: int, status: str,
-        message: str | None = None,
+        message: str | None = None, filtered: int = 0, filtered_by_rule: dict[str, int] | None = None,
     ) -> None:
         self._require_rw()
         self.con.execute(
             "UPDATE ingest_runs SET finished_at = now(), status = ?, records_read = ?, events_stored = ?, "
-            "duplicates = ?, rejects = ?, message = ? WHERE run_id = ?",
-            [status, read, stored, duplicates, rejects, message, run_id],
+            "duplicates = ?, rejects = ?, message = ?, filtered = ?, filtered_by_rule = ? WHERE run_id = ?",
+            [status, read, stored, duplicates, rejects, message, filtered,
+             json.dumps(filtered_by_rule or {}, sort_keys=True), run_id],
         )
 
     # -- snapshots -------------------------------------------------------------------------------
@@ -267,6 +271,23 @@ class Store:
             self.publish_snapshot()
 
 
+_ADDED_EVENT_COLUMNS = {n for added in schema.ADDED_IN.values() for n in added.get("events", ())}
+
+
+def _event_select(con: duckdb.DuckDBPyConnection, source: str) -> str:
+    """Select list inserting ``source`` into ``events``: columns added by a later schema version that a
+    caller written for an older one does not have are NULL (any other missing column is an error), and ``sample_weight`` is never NULL (1.0 = not sampled), so ``sum(sample_weight)``
+    is always the unbiased count."""
+    have = {d[0] for d in con.execute(f"SELECT * FROM {source} LIMIT 0").description}
+    out = []
+    for c in schema.EVENT_COLUMNS:
+        expr = f's."{c.name}"' if c.name in have or c.name not in _ADDED_EVENT_COLUMNS else f"NULL::{c.type}"
+        if c.name == "sample_weight":
+            expr = f"coalesce({expr}, 1.0)"
+        out.append(f'{expr} AS "{c.name}"')
+    return ", ".join(out)
+
+
 def _read_version(con: duckdb.DuckDBPyConnection) -> int:
     try:
         rows = con.execute("SELECT value FROM meshlens_meta WHERE key = 'schema_version'").fetchall()
@@ -281,7 +302,18 @@ def _create_v1(con: duckdb.DuckDBPyConnection) -> None:
         con.execute(schema.create_table_sql(table))
 
 
-MIGRATIONS = [_create_v1]
+def _v2_volume_and_authn(con: duckdb.DuckDBPyConnection) -> None:
+    """v1 -> v2: ``events.sample_weight`` (1.0 for every stored event: none was sampled),
+    ``events.authn_reason``, ``ingest_runs.filtered`` (0: nothing was filtered) and ``filtered_by_rule``.
+
+    ``IF NOT EXISTS`` because a new store is created by :func:`_create_v1` from the current column lists.
+    """
+    for table, names in schema.ADDED_IN[2].items():
+        for name in names:
+            con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {schema.column_sql(schema.column(table, name))}")
+
+
+MIGRATIONS = [_create_v1, _v2_volume_and_authn]
 assert len(MIGRATIONS) == schema.SCHEMA_VERSION
 
 

@@ -21,7 +21,8 @@ def test_ingest_file_json_counts_and_summary(shared_samples: Path, db: Path) -> 
     assert r.returncode == 0, r.stderr
     counts = json.loads(r.stdout)
     assert set(counts) >= {"records_read", "events_stored", "duplicates_skipped", "rejects", "run_id"}
-    assert counts["records_read"] == counts["events_stored"] + counts["duplicates_skipped"] + counts["rejects"]
+    assert counts["records_read"] == (counts["events_stored"] + counts["duplicates_skipped"] + counts["rejects"]
+                                      + counts["filtered"])
     again = json.loads(run("ingest", "file", str(shared_samples / "istio"), "--db", str(db), "--json").stdout)
     assert again["events_stored"] == 0 and again["duplicates_skipped"] == counts["events_stored"]
     s = run("summary", "--db", str(db), "--json")

@@ -14,7 +14,8 @@ Two extractors produce the same *Envoy fields* (Istio's 24 JSON key names, plus 
 
 One derivation turns Envoy fields into normalized event columns: direction and peers from the
 upstream cluster / SNI / authority and the proxy's own labels, RBAC and ext_authz denials into ``authz``
-events, TLS transport failures into ``tls`` events.
+events, JWT (RequestAuthentication) rejections and server-side (downstream) TLS handshake failures into
+``authn`` events with ``authn_reason``, upstream TLS transport failures into ``tls`` events.
 """
 
 from __future__ import annotations
@@ -49,6 +50,11 @@ def _q(s: str) -> str:
 
 
 TLS_RE = "|".join(re.escape(m) for m in TLS_MARKERS)
+# Envoy's jwt_authn filter (Istio RequestAuthentication) rejects with RESPONSE_CODE_DETAILS
+# ``jwt_authn_access_denied{<status message>}``; access logs render the message's spaces as ``_``
+# (``jwt_authn_access_denied{Jwt_is_expired}``), usually with status 401 (403 for audience failures).
+JWT_DENIED_PREFIX = "jwt_authn_access_denied"
+JWT_REASON_RE = "^jwt_authn_access_denied\\{(.*)\\}$"
 
 MACROS = [
     "CREATE OR REPLACE TEMP MACRO nz(x) AS CASE WHEN x IS NULL OR x = '-' OR x = '' THEN NULL ELSE x END",
@@ -148,6 +154,7 @@ def derive_sql(table: str) -> str:
     (``self_workload``, ``self_namespace``, ``self_container``).
     """
     rbac = _q(RBAC_DENIED_PREFIX)
+    jwt = _q(JWT_DENIED_PREFIX)
     ext = ", ".join(_q(x) for x in EXT_AUTHZ_DETAILS)
     return f"""
 WITH f AS (
@@ -213,11 +220,19 @@ h AS (
            AND regexp_matches(downstream_transport_failure_reason, {_q(TLS_RE)})
         THEN downstream_transport_failure_reason
       WHEN det IS NOT NULL AND det <> 'via_upstream' AND regexp_matches(det, {_q(TLS_RE)}) THEN det
-    END AS tls_reason
+    END AS tls_reason,
+    CASE
+      WHEN starts_with(det, {jwt})
+        THEN coalesce(nullif(replace(regexp_extract(det, {_q(JWT_REASON_RE)}, 1), '_', ' '), ''), det)
+      WHEN nz(downstream_transport_failure_reason) IS NOT NULL
+           AND regexp_matches(downstream_transport_failure_reason, {_q(TLS_RE)})
+        THEN downstream_transport_failure_reason
+    END AS authn_reason
   FROM g)
 SELECT seq, klass, line, src_ts_ns, stream_id, position, pre_reject, body, prefix_pod,
   self_workload, self_namespace, self_container, format,
-  CASE WHEN authz = 'deny' THEN 'authz' WHEN tls_reason IS NOT NULL THEN 'tls' ELSE 'request' END AS event_type,
+  CASE WHEN authz = 'deny' THEN 'authz' WHEN authn_reason IS NOT NULL THEN 'authn'
+       WHEN tls_reason IS NOT NULL THEN 'tls' ELSE 'request' END AS event_type,
   'access_log' AS record_kind,
   CASE
     WHEN cl LIKE '%.consul' OR cl = 'local_app'
@@ -254,7 +269,7 @@ SELECT seq, klass, line, src_ts_ns, stream_id, position, pre_reject, body, prefi
     WHEN nz(upstream_peer_uri_san) IS NOT NULL AND dir = 'outbound' THEN TRUE
     WHEN dir = 'inbound' THEN sni IS NOT NULL
   END AS mtls,
-  tls_reason AS tls_failure_reason,
+  tls_reason AS tls_failure_reason, authn_reason,
   tfr AS transport_failure_reason,
   nz(request_id) AS request_id, nz(trace_id) AS trace_id, nz(user_agent) AS user_agent,
   cl AS upstream_cluster, nz(upstream_host) AS upstream_host, nz(route_name) AS route_name,

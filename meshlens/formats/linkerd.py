@@ -6,7 +6,8 @@ are nanosecond strings; ``client.id`` is ``<sa>.<ns>.serviceaccount.identity.lin
 Denials are INFO proxy log lines ("Request denied" / "Connection denied"); each is followed by an error
 line for the same denial, which is rejected with that reason so a denial is counted once. Proxy log
 prefixes like ``[  1289.245238s]`` are seconds since proxy start, not wall-clock time, so the
-collector's timestamp is used.
+collector's timestamp is used. Identity failures (the proxy cannot certify its identity; an inbound
+connection closed by a TLS/certificate error) become ``authn`` events with ``authn_reason``.
 """
 
 from __future__ import annotations
@@ -167,8 +168,55 @@ def parse_proxy(text: str, obj: Any, labels: Labels) -> Event:
     if "error=unauthorized " in text:
         raise Reject("Linkerd follow-up error line of a denial already recorded by its "
                      "'Request denied'/'Connection denied' line")
+    authn = _authn_event(text, labels)
+    if authn is not None:
+        return authn
     raise Reject("Linkerd proxy log line that is not an access or policy record")
 
 
+_CERTIFY = re.compile(r"Failed to certify identity: ?(?P<reason>.*)$")
+_CONN_ERROR = re.compile(r"(?:Connection closed|Unexpected error|Request failed|error)\S* error=(?P<reason>.+)$")
+# Identity/TLS words that make a server-side connection error an authentication failure. Not
+# "TLS detection timed out": that is protocol detection of a slow or non-meshed client, not a failed
+# authentication.
+_AUTHN_ERROR = re.compile(r"certificate|handshake|identity|\btls: |AccessDenied|\balert\b|UnknownIssuer|"
+                          r"BadCertificate|CertificateRequired|peer is not authenticated", re.IGNORECASE)
+_TRAILING_KV = re.compile(r"\s+[a-z_]+(?:\.[a-z_]+)+=")  # " client.addr=..." after the error text
+_PEER = re.compile(r"\b(?:peer|client)\.addr=([^\s}]+)")
+
+
+def _authn_event(text: str, labels: Labels) -> Event | None:
+    """Linkerd identity failures (``authn``) in proxy logs, or None.
+
+    Two kinds (linkerd2 issues #3937 and #5662): the proxy cannot obtain its own certificate from the
+    identity service (``linkerd2_proxy_identity::certify Failed to certify identity: ...``), and an inbound
+    or admin connection closed by a TLS/identity error (``accept{peer.addr=...}: ...serve: Connection
+    closed error=... no server certificate chain resolved``).
+    """
+    self_wl, self_ns = self_identity(labels)
+    m = _CERTIFY.search(text)
+    if m:
+        return {"event_type": "authn", "record_kind": "proxy_log", "mesh": "linkerd", "format": "linkerd_proxy",
+                "src_workload": self_wl, "src_namespace": self_ns, "dst_service": "linkerd-identity",
+                "authn_reason": ("Failed to certify identity: " + m["reason"]).strip()[:500]}
+    m = _CONN_ERROR.search(text)
+    if not m:
+        return None
+    reason = _TRAILING_KV.split(m["reason"], maxsplit=1)[0].strip()[:500]
+    if not _AUTHN_ERROR.search(reason) or "TLS detection timed out" in reason:
+        return None
+    inbound = "inbound" in text or "admin{" in text or "accept{" in text
+    peer = _PEER.search(text)
+    port = _SERVER_PORT.search(text)
+    return {"event_type": "authn", "record_kind": "proxy_log", "mesh": "linkerd", "format": "linkerd_proxy",
+            "direction": "inbound" if inbound else "outbound",
+            "src_ip": ip_of(peer.group(1)) if peer and inbound else None,
+            "dst_service": self_wl if inbound else None, "dst_workload": self_wl if inbound else None,
+            "dst_namespace": self_ns if inbound else None,
+            "src_workload": None if inbound else self_wl, "src_namespace": None if inbound else self_ns,
+            "dst_port": int(port.group(1)) if port else None,
+            "mtls": False, "tls_failure_reason": reason, "authn_reason": reason}
+
+
 def looks_like_proxy(text: str) -> bool:
-    return "linkerd_app_" in text or "linkerd2_proxy" in text
+    return "linkerd_app_" in text or "linkerd2_proxy" in text or "linkerd2_app_" in text
