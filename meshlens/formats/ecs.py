@@ -19,6 +19,7 @@ and cluster names that ECS has no field for.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 from meshlens.formats.base import Event, Labels, Reject
@@ -39,22 +40,44 @@ _REQUEST_FIELDS = ("http.request.method", "http.response.status_code", "url.orig
 _SOURCE_FIELDS = ("source.ip", "source.address", "client.ip", "client.address")
 _DEST_FIELDS = ("destination.ip", "destination.address", "destination.port", "server.ip", "server.address")
 
+_ECS_ROOTS = ("http", "url", "source", "client", "destination", "server")
 _MESH_BY_CONTAINER = {"istio-proxy": "istio", "linkerd-proxy": "linkerd", "consul-dataplane": "consul",
                       "envoy-sidecar": "consul", "ztunnel": "istio"}
 _DIRECTIONS = {"inbound": "inbound", "ingress": "inbound", "outbound": "outbound", "egress": "outbound"}
 
 
+@lru_cache(maxsize=512)
+def _split(path: str) -> tuple[str, ...]:
+    return tuple(path.split("."))
+
+
 def get(obj: Any, path: str) -> Any:
-    """``obj["a"]["b"]`` for ``"a.b"``, also through literal dotted keys at any level."""
+    """``obj["a"]["b"]`` for ``"a.b"``, also through literal dotted keys at any level.
+
+    The nested walk is tried first (what Filebeat and Fluent Bit send); only when it fails are dotted
+    keys searched, so the common case costs a few dict lookups.
+    """
+    cur = obj
+    for part in _split(path):
+        if isinstance(cur, dict) and part in cur:
+            cur = cur[part]
+        else:
+            break
+    else:
+        return cur
+    return _get_dotted(obj, path)
+
+
+def _get_dotted(obj: Any, path: str) -> Any:
     if not isinstance(obj, dict):
         return None
     if path in obj:
         return obj[path]
-    parts = path.split(".")
+    parts = _split(path)
     for i in range(len(parts) - 1, 0, -1):
         head = ".".join(parts[:i])
         if head in obj:
-            found = get(obj[head], ".".join(parts[i:]))
+            found = _get_dotted(obj[head], ".".join(parts[i:]))
             if found is not None:
                 return found
     return None
@@ -75,6 +98,8 @@ def looks_like_ecs(obj: dict[str, Any]) -> bool:
     Elasticsearch source to decide between a document's raw line and its structured fields.
     """
     if not isinstance(obj, dict):
+        return False
+    if not any(k.startswith(_ECS_ROOTS) for k in obj):  # cheap exit for shipper envelopes and mesh JSON
         return False
     if _first(obj, *_REQUEST_FIELDS) is not None:
         return True

@@ -1,0 +1,158 @@
+"""``meshlens ingest es`` and ``meshlens aggregate es``: thin typer commands over meshlens.sources.elasticsearch.
+
+The lead's ``meshlens/cli.py`` wires them in with ``register(ingest_app, aggregate_app)``. Secrets
+(password, API key, bearer token) are deliberately not flags: they come from ``ES_*`` environment
+variables or a YAML config file (``--config`` / ``$MESHLENS_ES_CONFIG``), so they never land in shell
+history, notebooks or reports. Failures print one actionable line and exit non-zero (1 errors, 2 bad
+options, 130 interrupted), exactly like the Loki commands.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from meshlens.cli_loki import _run
+
+Url = Annotated[str | None, typer.Option("--url", help="Elasticsearch/OpenSearch URL (default $ES_URL).")]
+Index = Annotated[str, typer.Option("--index", "-i", help="Index pattern, e.g. 'logs-istio-*'.")]
+Db = Annotated[Path, typer.Option("--db", help="DuckDB store to write (created if missing).")]
+Since = Annotated[str | None, typer.Option("--since", help="Relative range ending now (or at --to): 2h, 30m, 7d.")]
+From = Annotated[str | None, typer.Option("--from", help="Start (inclusive): RFC3339, Unix s/ns, now-2h.")]
+To = Annotated[str | None, typer.Option("--to", help="End (exclusive); default now.")]
+Query = Annotated[str | None, typer.Option("--query", "-q", help="Lucene query string, e.g. 'kubernetes.container_name:istio-proxy'.")]
+QueryDsl = Annotated[Path | None, typer.Option("--query-dsl", help="JSON file with a query DSL clause (or {\"query\": ...}).")]
+TimeField = Annotated[str, typer.Option("--time-field", help="Document time field.")]
+CloudId = Annotated[str | None, typer.Option("--cloud-id", help="Elastic Cloud id instead of --url (default $ES_CLOUD_ID).")]
+Config = Annotated[Path | None, typer.Option("--config", help="YAML file with url/cloud_id/username/password/api_key/"
+                                                               "bearer_token/ca_cert/... (default $MESHLENS_ES_CONFIG).")]
+User = Annotated[str | None, typer.Option("--username", help="Basic-auth user (password from $ES_PASSWORD or --config).")]
+CaCert = Annotated[str | None, typer.Option("--ca-cert", help="CA bundle to verify the server (default $ES_CA_CERT).")]
+Cert = Annotated[str | None, typer.Option("--cert", help="Client certificate for mutual TLS (default $ES_CLIENT_CERT).")]
+Key = Annotated[str | None, typer.Option("--key", help="Client key (default $ES_CLIENT_KEY).")]
+Insecure = Annotated[bool, typer.Option("--insecure", help="Skip TLS verification (testing only; or ES_TLS_SKIP_VERIFY).")]
+Timeout = Annotated[float, typer.Option("--timeout", help="Per-request timeout in seconds.")]
+Retries = Annotated[int, typer.Option("--max-retries", help="Retries for 429/5xx/connection errors.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")]
+
+
+def _conn(cloud_id: str | None, config: Path | None, username: str | None, ca_cert: str | None,
+          cert: str | None, key: str | None, insecure: bool, timeout: float, max_retries: int) -> dict[str, Any]:
+    return {"cloud_id": cloud_id, "config_file": config, "username": username, "ca_cert": ca_cert,
+            "client_cert": cert, "client_key": key, "insecure": insecure, "timeout_s": timeout,
+            "max_retries": max_retries}
+
+
+def ingest_es_cmd(
+    index: Index,
+    db: Db,
+    url: Url = None,
+    since: Since = None,
+    from_: From = None,
+    to: To = None,
+    query: Query = None,
+    query_dsl: QueryDsl = None,
+    time_field: TimeField = "@timestamp",
+    parallel: Annotated[int, typer.Option("--parallel", help="Slices read concurrently (sliced PIT/scroll; one writer).")] = 1,
+    page_size: Annotated[int, typer.Option("--page-size", help="Documents per request (at most index.max_result_window).")] = 5000,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the last run for this url+index+query, or start where it ended.")] = False,
+    resume_overlap: Annotated[str, typer.Option("--resume-overlap", help="Re-read this much before the last run's end, for late-indexed documents.")] = "60s",
+    scroll: Annotated[bool, typer.Option("--scroll", help="Use scroll instead of point in time (servers/proxies without PIT).")] = False,
+    tiebreaker: Annotated[str | None, typer.Option("--tiebreaker", help="Unique sort field for PIT paging (default _shard_doc, or _id on OpenSearch < 3.3).")] = None,
+    keep_alive: Annotated[str, typer.Option("--keep-alive", help="PIT/scroll keep-alive between pages.")] = "5m",
+    fmt: Annotated[str | None, typer.Option("--format", help="Force a log format (default: detected per record).")] = None,
+    cloud_id: CloudId = None,
+    config: Config = None,
+    username: User = None,
+    ca_cert: CaCert = None,
+    cert: Cert = None,
+    key: Key = None,
+    insecure: Insecure = False,
+    timeout: Timeout = 60.0,
+    max_retries: Retries = 8,
+    as_json: AsJson = False,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="Do not show a progress bar.")] = False,
+) -> None:
+    """Pull every document of a time range from Elasticsearch/OpenSearch into the store (PIT, resumable)."""
+    from meshlens.sources.elasticsearch import ingest_es
+
+    def body() -> None:
+        counts = ingest_es(
+            db, index=index, url=url, since=since, start=from_, end=to, query=query, query_dsl=query_dsl,
+            time_field=time_field, parallel=parallel, page_size=page_size, resume=resume,
+            resume_overlap=resume_overlap, force_scroll=scroll, tiebreaker=tiebreaker, keep_alive=keep_alive,
+            fmt=fmt, progress=not no_progress and not as_json and sys.stderr.isatty(),
+            **_conn(cloud_id, config, username, ca_cert, cert, key, insecure, timeout, max_retries),
+        )
+        if as_json:
+            typer.echo(json.dumps(counts.as_dict(), sort_keys=True))
+        else:
+            typer.echo(f"records read:       {counts.read}")
+            typer.echo(f"events stored:      {counts.stored}")
+            typer.echo(f"duplicates skipped: {counts.duplicates}")
+            typer.echo(f"rejects:            {counts.rejects}")
+            if getattr(counts, "filtered", 0):
+                typer.echo(f"filtered:           {counts.filtered}")
+
+    _run(body)
+
+
+def aggregate_es_cmd(
+    index: Index,
+    db: Db,
+    url: Url = None,
+    since: Since = None,
+    from_: From = None,
+    to: To = None,
+    interval: Annotated[str, typer.Option("--interval", "--step", help="Bucket width (date_histogram fixed_interval).")] = "1m",
+    by: Annotated[list[str] | None, typer.Option("--by", help="Group by FIELD or LABEL=FIELD (repeatable; default: namespace and service from the documents' layout).")] = None,
+    status_field: Annotated[str | None, typer.Option("--status-field", help="HTTP status field, enables errors_5xx (default: detected).")] = None,
+    duration_field: Annotated[str | None, typer.Option("--duration-field", help="Duration field, enables p50/p99_duration_ms (default: detected).")] = None,
+    duration_unit: Annotated[str | None, typer.Option("--duration-unit", help="Unit of --duration-field: ns, us, ms, s (event.duration is ns).")] = None,
+    percent: Annotated[list[float] | None, typer.Option("--percentile", help="Duration percentiles (repeatable; default 50 and 99).")] = None,
+    query: Query = None,
+    query_dsl: QueryDsl = None,
+    time_field: TimeField = "@timestamp",
+    cloud_id: CloudId = None,
+    config: Config = None,
+    username: User = None,
+    ca_cert: CaCert = None,
+    cert: Cert = None,
+    key: Key = None,
+    insecure: Insecure = False,
+    timeout: Timeout = 60.0,
+    max_retries: Retries = 8,
+    as_json: AsJson = False,
+) -> None:
+    """Aggregate in Elasticsearch/OpenSearch (composite aggregations) and store the time series in `series`."""
+    from meshlens.sources.elasticsearch import aggregate_es
+
+    def body() -> None:
+        counts = aggregate_es(
+            db, index=index, url=url, since=since, start=from_, end=to, interval=interval, group_by=by,
+            status_field=status_field, duration_field=duration_field, duration_unit=duration_unit,
+            percents=tuple(percent) if percent else (50.0, 99.0), query=query, query_dsl=query_dsl,
+            time_field=time_field,
+            **_conn(cloud_id, config, username, ca_cert, cert, key, insecure, timeout, max_retries),
+        )
+        if as_json:
+            typer.echo(json.dumps(counts.as_dict(), sort_keys=True))
+        else:
+            typer.echo(f"queries run:    {counts.queries}")
+            typer.echo(f"series stored:  {counts.series}")
+            typer.echo(f"samples stored: {counts.samples}")
+            typer.echo("grouped by:     " + (", ".join(f"{k}={v}" for k, v in counts.group_by.items()) or "-"))
+            for name, n in counts.metrics.items():
+                typer.echo(f"  {name}: {n} samples")
+
+    _run(body)
+
+
+def register(ingest_app: typer.Typer, aggregate_app: typer.Typer) -> None:
+    """Add ``ingest es`` and ``aggregate es`` to the lead's typer sub-apps."""
+    ingest_app.command("es")(ingest_es_cmd)
+    aggregate_app.command("es")(aggregate_es_cmd)
