@@ -229,7 +229,8 @@ h AS (
         THEN downstream_transport_failure_reason
     END AS authn_reason
   FROM g)
-SELECT seq, klass, line, src_ts_ns, stream_id, position, pre_reject, body, prefix_pod,
+SELECT seq, klass, line, src_ts_ns, stream_id, position, pre_reject,
+  CASE WHEN klass NOT IN ('envoy_text', 'envoy_json') THEN body END AS body, prefix_pod,
   self_workload, self_namespace, self_container, format,
   CASE WHEN authz = 'deny' THEN 'authz' WHEN authn_reason IS NOT NULL THEN 'authn'
        WHEN tls_reason IS NOT NULL THEN 'tls' ELSE 'request' END AS event_type,
