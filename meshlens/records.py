@@ -31,6 +31,10 @@ class RawBatch:
             (invalid UTF-8, record too large); such records go straight to ``rejects``.
         checkpoint: opaque watermark state committed in the same transaction as this batch, so a run
             killed after this batch resumes exactly after it.
+        identity_positions: the positions are a stable identity of each record in its source (a line
+            number in a plain or CRI file, an Elasticsearch ``index/_id``), so they are part of the
+            event id: two identical lines of one file stay two events whatever the batch boundaries.
+            False when the backend's (labels, timestamp, line) is the identity (Loki, logcli exports).
     """
 
     source: str
@@ -40,6 +44,7 @@ class RawBatch:
     positions: list[str] = field(default_factory=list)
     reject_reasons: list[str | None] | None = None
     checkpoint: dict[str, Any] | None = None
+    identity_positions: bool = False
 
     def __len__(self) -> int:
         return len(self.lines)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -38,6 +39,10 @@ from meshlens.errors import SchemaVersionError, StoreError
 
 SNAPSHOT_SUFFIX = ".snapshot"
 LOCK_RETRY_S = 30.0
+# Readers (reports, notebook kernels, analyses) cap DuckDB's cache (default 80% of RAM) so several can
+# run beside an ingest; DuckDB spills to disk beyond it. Override with MESHLENS_READ_MEMORY_LIMIT.
+READ_MEMORY_LIMIT = os.environ.get("MESHLENS_READ_MEMORY_LIMIT", "2GB")
+_MEM_RE = r"\d+(\.\d+)?\s*[KMGT]i?B"
 
 
 def snapshot_path(path: str | os.PathLike[str]) -> Path:
@@ -54,13 +59,36 @@ class InsertResult:
     rejects: int
 
 
+def _sql_str(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _open_ro(path: str) -> duckdb.DuckDBPyConnection:
+    """A fresh in-memory connection with the file ATTACHed read-only (and made the default catalog).
+
+    Why not ``duckdb.connect(path, read_only=True)``: DuckDB shares one database instance per path
+    within a process, so a notebook kernel that keeps a store open would never see a newer snapshot
+    through a second open. ATTACH on a new in-memory connection always reads the file as it is now.
+    """
+    con = duckdb.connect(":memory:")
+    if READ_MEMORY_LIMIT and re.fullmatch(_MEM_RE, READ_MEMORY_LIMIT):
+        con.execute(f"SET memory_limit = '{READ_MEMORY_LIMIT}'")
+    try:
+        con.execute(f"ATTACH {_sql_str(path)} AS meshlens_store (READ_ONLY)")
+        con.execute("USE meshlens_store")
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
 def _connect(path: str, read_only: bool, timeout_s: float = LOCK_RETRY_S) -> duckdb.DuckDBPyConnection:
     """Connect, retrying while another process holds the file lock (a writer finishing a batch)."""
     deadline = time.monotonic() + timeout_s
     delay = 0.05
     while True:
         try:
-            return duckdb.connect(path, read_only=read_only)
+            return _open_ro(path) if read_only else duckdb.connect(path)
         except duckdb.IOException as exc:
             msg = str(exc)
             if "lock" not in msg.lower() or time.monotonic() > deadline:

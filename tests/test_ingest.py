@@ -296,3 +296,13 @@ def test_audit_patch_takes_the_new_spec_from_the_response(tmp_path: Path, db: Pa
     ingest_files(db, [f], progress=False)
     rows = _rows(db, "SELECT verb, resource_kind, change_targets, change_spec->>'$.action' FROM events ORDER BY verb")
     assert rows == [("delete", "AuthorizationPolicy", [], None), ("patch", "AuthorizationPolicy", ["payments"], "DENY")]
+
+
+def test_identical_lines_across_batch_boundaries_are_both_kept(tmp_path: Path) -> None:
+    f = tmp_path / "dup.log"
+    f.write_text(f"{LINE}\n{LINE}\n{LINE}\n")
+    for bs in (1, 2, 3):
+        c = ingest_files(tmp_path / f"b{bs}.duckdb", [f], batch_size=bs, progress=False)
+        assert (c.read, c.stored, c.duplicates) == (3, 3, 0), bs
+        again = ingest_files(tmp_path / f"b{bs}.duckdb", [f], batch_size=bs, progress=False)
+        assert (again.stored, again.duplicates) == (0, 3), bs

@@ -20,6 +20,7 @@ events, JWT (RequestAuthentication) rejections and server-side (downstream) TLS 
 
 from __future__ import annotations
 
+import json
 import re
 
 from meshlens.formats.envoy import EXT_AUTHZ_DETAILS, RBAC_DENIED_PREFIX, TLS_MARKERS
@@ -75,7 +76,7 @@ def fields_sql(table: str, mapping: dict[str, str] | None = None) -> str:
     extra_keys: dict[str, list[str]] = {
         f: ([mapping[f]] if f in mapping else list(keys)) for f, keys in EXTRA_FIELDS.items()}
     all_keys = list(dict.fromkeys([*json_keys.values(), *(k for ks in extra_keys.values() for k in ks)]))
-    struct = "{" + ", ".join('"' + k.replace('"', '\\"') + '": "VARCHAR"' for k in all_keys) + "}"
+    struct = "{" + ", ".join(json.dumps(k) + ': "VARCHAR"' for k in all_keys) + "}"
 
     def jk(key: str) -> str:
         return 'j."' + key.replace('"', '""') + '"'

@@ -352,7 +352,15 @@ class Parser:
 
     # -- assemble ----------------------------------------------------------------------------
     def _finalize(self, batch: RawBatch, ingested_at: Any) -> tuple[int, int]:
-        """Build ``_ml_events`` and ``_ml_rejects`` (temp tables, store column order)."""
+        """Build ``_ml_events`` and ``_ml_rejects`` (temp tables, store column order).
+
+        Free-text columns and reject text are redacted here (:mod:`meshlens.redact`, on by default,
+        ``self.redact`` or the environment), so no secret or PII reaches the store; the event id is
+        computed from the unredacted line so changing the redaction never duplicates events.
+        """
+        from meshlens.redact import RedactConfig, ip_sql, redact_sql
+
+        rcfg = getattr(self, "redact", None) or RedactConfig.from_env()
         con = self.con
         # views cannot take parameters: the batch constants live in a one-row temp table
         con.execute("CREATE OR REPLACE TEMP TABLE _ml_ctx AS SELECT ?::VARCHAR AS source, "
@@ -370,7 +378,11 @@ class Parser:
             elif c == "source":
                 sel.append("(SELECT source FROM _ml_ctx) AS source")
             elif c == "raw":
-                sel.append("coalesce(e.raw_override, e.line) AS raw")
+                sel.append(f"{redact_sql('coalesce(e.raw_override, e.line)', rcfg)} AS raw")
+            elif c in ("path", "authority", "user_agent"):
+                sel.append(f"{redact_sql(f'e.{c}', rcfg)} AS {c}")
+            elif c == "src_ip":
+                sel.append(f"{ip_sql('e.src_ip', rcfg)} AS src_ip")
             elif c == "ingested_at":
                 sel.append(f"{now} AS ingested_at")
             elif c == "change_spec":
@@ -382,9 +394,10 @@ class Parser:
             SELECT *, CASE WHEN stream_key = '' THEN MAP {} ELSE CAST(json_transform(stream_key,
                    '"MAP(VARCHAR, VARCHAR)"') AS MAP(VARCHAR, VARCHAR)) END AS labels FROM _ml_streams""")
         # identical records within the batch (rare): number them so both are kept, deterministically
-        con.execute("""
+        pos = "position" if batch.identity_positions else "''"
+        con.execute(f"""
             CREATE OR REPLACE TEMP TABLE _ml_occ AS
-            WITH hh AS (SELECT seq, hash(stream_id, src_ts_ns, line) AS hh FROM _ml_p),
+            WITH hh AS (SELECT seq, hash(stream_id, src_ts_ns, line, {pos}) AS hh FROM _ml_p),
             d AS (SELECT hh FROM hh GROUP BY hh HAVING count(*) > 1)
             SELECT seq, row_number() OVER (PARTITION BY hh ORDER BY seq) AS occ
             FROM hh WHERE hh IN (SELECT hh FROM d)""")
@@ -398,10 +411,15 @@ class Parser:
               FROM _ml_ev_py y JOIN _ml_p p USING (seq)),
             k AS (
               SELECT e.*, md5(s.stream_key || chr(31) || coalesce(CAST(e.src_ts_ns AS VARCHAR), '') || chr(31)
-                              || e.line) AS h, s.labels
+                              || e.line || {"chr(31) || e.position" if batch.identity_positions else "''"})
+                     AS h, s.labels
               FROM e JOIN _ml_streams s USING (stream_id))
             SELECT {", ".join(sel)}
             FROM k e LEFT JOIN _ml_occ o USING (seq)""")
+        rej_reason = redact_sql(f"""CASE WHEN length(r.line) > {MAX_RAW_REJECT}
+                   THEN j.reason || ' [raw truncated to {MAX_RAW_REJECT} of ' || length(r.line) || ' chars]'
+                   ELSE j.reason END""", rcfg)
+        rej_raw = redact_sql(f"left(r.line, {MAX_RAW_REJECT})", rcfg)
         con.execute(f"""
             CREATE OR REPLACE TEMP VIEW _ml_rejects AS
             WITH j AS (
@@ -413,10 +431,8 @@ class Parser:
                 WHERE klass = 'bad_json')
             SELECT md5(c.source || chr(31) || r.position || chr(31) || r.line) AS reject_id,
               c.source, r.position, r.src_ts_ns AS ts_ns, j.format,
-              CASE WHEN length(r.line) > {MAX_RAW_REJECT}
-                   THEN j.reason || ' [raw truncated to {MAX_RAW_REJECT} of ' || length(r.line) || ' chars]'
-                   ELSE j.reason END AS reason,
-              left(r.line, {MAX_RAW_REJECT}) AS raw,
+              {rej_reason} AS reason,
+              {rej_raw} AS raw,
               {now} AS ingested_at
             FROM j JOIN _ml_p r USING (seq), _ml_ctx c""")
         n_ev, n_rej = con.execute("""

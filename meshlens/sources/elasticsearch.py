@@ -1323,7 +1323,7 @@ class EsSource:
         source = self.identity
         for page in self.pages(window, cursors):
             view[page.slice_id] = page.cursor
-            batch = RawBatch(source=source)
+            batch = RawBatch(source=source, identity_positions=True)  # index/_id identifies a document
             for r in page.records:
                 batch.append(r.line, r.ts_ns, r.labels, r.position, r.reject_reason)
             if not len(batch) and not page.cursor.done:

@@ -80,7 +80,8 @@ def read_file(path: str | os.PathLike[str], *, batch_size: int = DEFAULT_BATCH,
         except (OSError, EOFError, gzip.BadGzipFile) as exc:
             raise SourceError(f"{path}: cannot read ({exc})") from exc
         kind = sniff(head, str(path))
-        batch = RawBatch(source=source)
+        ident = kind in ("lines", "cri")  # line numbers identify records; logcli/Loki carry (labels, ts)
+        batch = RawBatch(source=source, identity_positions=ident)
         seen = 0
         if kind == "lines":
             items = plain_chunks(fh, str(path), head, max_record_bytes)
@@ -97,7 +98,7 @@ def read_file(path: str | os.PathLike[str], *, batch_size: int = DEFAULT_BATCH,
                     seen += 1
                 if len(batch) >= batch_size:
                     yield batch
-                    batch = RawBatch(source=source)
+                    batch = RawBatch(source=source, identity_positions=ident)
         except (OSError, EOFError, gzip.BadGzipFile, io.UnsupportedOperation) as exc:
             if len(batch):
                 yield batch

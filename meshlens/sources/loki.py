@@ -519,6 +519,14 @@ def parse_streams(data: Mapping[str, Any]) -> _Entries:
             repeated = True  # grafana/loki#5079: one label set split over several result items
         label_keys.add(lkey)
         for v in item.get("values") or []:
+            # A real Loki sends ["<ns>", "<line>"(, {metadata})]; anything else is a broken answer
+            # (proxy, truncation) -- fail loudly and resumably rather than crash or guess.
+            if not (isinstance(v, list | tuple) and len(v) >= 2 and isinstance(v[0], str) and v[0].isdigit()
+                    and isinstance(v[1], str)):
+                raise SourceError(
+                    f"Loki answered a malformed stream entry {str(v)[:120]!r} (expected [\"<ns timestamp>\", "
+                    "\"<line>\"]); nothing of this page was stored. Re-run with --resume once the server "
+                    "or proxy answers correctly.", resumable=True)
             out.ts.append(int(v[0]))
             out.lines.append(v[1])
             out.labels.append(labels)
