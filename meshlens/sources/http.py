@@ -44,6 +44,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from meshlens.errors import AuthError, ConfigError, SourceError
+from meshlens.secrets import resolve_secret
 
 log = logging.getLogger("meshlens.http")
 
@@ -114,6 +115,10 @@ class HttpConfig:
             self.username = user
         if password is not None and self.password is None:
             self.password = password
+        # keyring:/file: references resolve here, so every source gets the OS keyring the same way
+        self.password = resolve_secret(self.password, "password")
+        self.bearer_token = resolve_secret(self.bearer_token, "bearer token")
+        self.api_key = resolve_secret(self.api_key, "API key")
         self.url = clean.rstrip("/")
         methods = [
             name
