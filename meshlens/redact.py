@@ -90,8 +90,10 @@ _EMAIL_RULES: tuple[tuple[str, str], ...] = (
 _TRIGGER_SECRETS = ("eyJ|@|AKIA|ASIA|ABIA|ACCA|A3T|gh[pousr]_|github_pat_|glpat-|xox[abprs]-|AIza|k_live_|"
                     "k_test_|bearer|" + _NAMES)
 _TRIGGER_EMAILS = "@|%40"
-CARD_RE = ("(^|[^0-9A-Za-z_.])([2-6]([0-9]{12,18}|[0-9]{3}[ -][0-9]{4}[ -][0-9]{4}[ -][0-9]{1,7}"
-           "|[0-9]{3}[ -][0-9]{6}[ -][0-9]{5}))")
+# Bounded on both sides by a non-word character other than '-' and '.', so digit groups inside
+# UUIDs (x-request-id "f0b0ba2a-4592-4427-5980-1d98...") and dotted numbers are never candidates.
+CARD_RE = ("(^|[^0-9A-Za-z_.-])([2-6]([0-9]{12,18}|[0-9]{3}[ -][0-9]{4}[ -][0-9]{4}[ -][0-9]{1,7}"
+           "|[0-9]{3}[ -][0-9]{6}[ -][0-9]{5}))([^0-9A-Za-z_.-]|$)")
 IPV4_RE = "(^|[^0-9.])([0-9]{1,3}\\.[0-9]{1,3}\\.[0-9]{1,3}\\.)([0-9]{1,3})"
 IPV6_HEAD_RE = "^([0-9A-Fa-f]{0,4}:[0-9A-Fa-f]{0,4}:[0-9A-Fa-f]{0,4})(:.*)?$"
 

@@ -202,3 +202,16 @@ def test_report_built_from_leaky_logs_carries_no_secret_or_pii(tmp_path: Path) -
     assert "/admin/export" in text, "the leaky requests are not in the report; the scan proved nothing"
     for leaked in (secret, mail, "carol.danvers", jwt_sig, JWT[:30]):
         assert leaked not in text, leaked
+
+
+def test_request_ids_are_never_mistaken_for_cards() -> None:
+    """A UUID's digit groups can pass the Luhn check; they must not be redacted (found on Loki ids)."""
+    import duckdb
+
+    from meshlens.redact import RedactConfig, redact_sql, redact_text
+
+    line = '"f0b0ba2a-4592-4427-5980-1d98c5aee93b" card 4111 1111 1111 1111 end'
+    want = '"f0b0ba2a-4592-4427-5980-1d98c5aee93b" card [REDACTED-CARD] end'
+    assert redact_text(line, RedactConfig()) == want
+    con = duckdb.connect()
+    assert con.execute(f"SELECT {redact_sql('?', RedactConfig())}", [line]).fetchall()[0][0] == want
