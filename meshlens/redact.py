@@ -218,6 +218,13 @@ def redact_sql(expr: str, cfg: RedactConfig | None = None) -> str:
         out = (f"list_transform([{out}], lambda ml_s: CASE WHEN ml_s IS NULL OR NOT regexp_matches(ml_s, "
                f"{_lit(IPV4_RE)}) THEN ml_s ELSE "
                f"{_replace_each_sql('ml_s', cands, _ip_hash_sql('ml_c', cfg.ip_salt))} END)[1]")
+    if cfg.client_ip == "keep":
+        # Most records hold nothing to redact: one DFA scan of a combined pattern skips the per-row
+        # list/lambda machinery above for them (several times faster on typical access logs).
+        pats = [p for p in (trigger, CARD_RE if "cards" in cfg.rules else None) if p]
+        if pats:
+            combined = "|".join(f"(?:{p})" if not p.startswith("(?i)") else f"(?i:{p[4:]})" for p in pats)
+            out = f"CASE WHEN NOT regexp_matches({expr}, {_lit(combined)}) THEN {expr} ELSE {out} END"
     return out
 
 

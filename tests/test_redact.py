@@ -214,4 +214,5 @@ def test_request_ids_are_never_mistaken_for_cards() -> None:
     want = '"f0b0ba2a-4592-4427-5980-1d98c5aee93b" card [REDACTED-CARD] end'
     assert redact_text(line, RedactConfig()) == want
     con = duckdb.connect()
-    assert con.execute(f"SELECT {redact_sql('?', RedactConfig())}", [line]).fetchall()[0][0] == want
+    sql = f"SELECT {redact_sql('x', RedactConfig())} FROM (SELECT ?::VARCHAR AS x)"
+    assert con.execute(sql, [line]).fetchall()[0][0] == want
