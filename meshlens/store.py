@@ -64,7 +64,7 @@ def _sql_str(value: str) -> str:
 
 
 def _open_ro(path: str) -> duckdb.DuckDBPyConnection:
-    """A fresh in-memory connection with the file ATTACHed read-only (and made the default catalog).
+    """A fresh in-memory connection with the file ATTACHed read-only, its tables visible as views.
 
     Why not ``duckdb.connect(path, read_only=True)``: DuckDB shares one database instance per path
     within a process, so a notebook kernel that keeps a store open would never see a newer snapshot
@@ -75,7 +75,13 @@ def _open_ro(path: str) -> duckdb.DuckDBPyConnection:
         con.execute(f"SET memory_limit = '{READ_MEMORY_LIMIT}'")
     try:
         con.execute(f"ATTACH {_sql_str(path)} AS meshlens_store (READ_ONLY)")
-        con.execute("USE meshlens_store")
+        # Views in the in-memory catalog (not `USE`, which is per connection): cursors made from this
+        # connection -- JupySQL's, pandas' -- see the tables by their plain names too.
+        names = [r[0] for r in con.execute(
+            "SELECT table_name FROM duckdb_tables() WHERE database_name = 'meshlens_store'").fetchall()]
+        for name in names:
+            quoted = '"' + name.replace('"', '""') + '"'
+            con.execute(f"CREATE VIEW memory.main.{quoted} AS SELECT * FROM meshlens_store.main.{quoted}")
     except BaseException:
         con.close()
         raise
