@@ -305,3 +305,24 @@ def test_explorer_widget_controls_drive_the_views(store) -> None:
     ex.start.value = ""
     assert ex.error is None and ex.total == len(audit_rows())
     assert {"src", "dst", "requests", "errors_5xx"} <= set(ex.edges.columns)
+
+
+def test_authn_failures_are_listed_and_counted(tmp_path) -> None:
+    """JWT denials ingested from an Istio line appear in the audit view and the summary (issue 8)."""
+    from meshlens.analysis import audit as audit_mod
+    from meshlens.ingest import ingest_files
+    from meshlens.store import open_store
+
+    line = ('[2024-05-01T10:00:00.000Z] "GET /api/orders HTTP/1.1" 401 - jwt_authn_access_denied{Jwt_is_expired} '
+            '- "-" 0 14 1 - "-" "curl/8" "req-1" "orders:8080" "-" inbound|8080|| - 10.0.0.5:8080 '
+            '10.0.0.9:51234 outbound_.8080_._.orders.shop.svc.cluster.local -')
+    f = tmp_path / "a.log"
+    f.write_text(line + "\n")
+    db = tmp_path / "s.duckdb"
+    ingest_files(db, [f], progress=False)
+    with open_store(db, read_only=True) as store:
+        df = audit_mod.authn_failures(store)
+        summary = audit_mod.summary(store).set_index("check")["count"]
+    assert len(df) == 1 and df.iloc[0].failures == 1 and "expired" in df.iloc[0].reason.lower()
+    assert df.iloc[0].dst == "shop/orders"
+    assert summary["authn_failures"] == 1

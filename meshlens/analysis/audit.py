@@ -371,6 +371,31 @@ def tls_failures(
     return store.query(sql, w.params)
 
 
+def authn_failures(
+    store: Store, start: Any = None, end: Any = None, *, namespace: str | None = None,
+    service: str | None = None,
+) -> pd.DataFrame:
+    """Authentication failures (``authn`` events: JWT / RequestAuthentication denials, server-side mTLS
+    handshake failures, Linkerd/Consul identity failures) by caller, destination and reason.
+
+    Columns: ``caller, dst, reason, failures, statuses, first_seen, last_seen``, most failures first.
+    """
+    w = _filters(start, end, namespace, service)
+    sql = f"""
+        SELECT coalesce(src_principal, src_namespace || '/' || src_workload, src_workload, src_ip,
+                        '(unknown)') AS caller,
+               coalesce(dst_namespace || '/' || dst_service, dst_service, dst_workload, '(unknown)') AS dst,
+               coalesce(authn_reason, response_code_details, tls_failure_reason, '(no reason logged)') AS reason,
+               count(*) AS failures,
+               {_examples("CAST(status AS VARCHAR)")} AS statuses,
+               min(ts) AS first_seen, max(ts) AS last_seen
+        FROM events WHERE event_type = 'authn' AND ({w.sql})
+        GROUP BY ALL
+        ORDER BY failures DESC, caller, dst
+    """
+    return store.query(sql, w.params)
+
+
 def _policy_kind_sql() -> tuple[str, dict[str, Any]]:
     """SQL: the record is a change to a mesh policy/routing resource (never a Secret)."""
     groups = " OR ".join(f"resource_api_group LIKE $g{i}" for i in range(len(MESH_API_GROUP_SUFFIXES)))
@@ -394,6 +419,7 @@ def summary(
                count(*) FILTER (WHERE path IS NOT NULL AND ({pm.condition})) AS sensitive,
                count(*) FILTER (WHERE tls_failed) AS tls_failures,
                (SELECT count(*) FROM events WHERE {w.sql}) AS events,
+               (SELECT count(*) FROM events WHERE {w.sql} AND event_type = 'authn') AS authn_failures,
                (SELECT count(*) FROM events WHERE {w.sql} AND event_type = 'config_change'
                    AND coalesce(resource_kind, '') <> 'Secret' AND {kind_sql}) AS policy_changes
         FROM hops
@@ -409,6 +435,7 @@ def summary(
         ("sensitive", "requests to sensitive endpoints (" + ", ".join(patterns) + ")"),
         ("policy_changes", "changes to mesh policy/routing resources"),
         ("tls_failures", "TLS/mTLS failures"),
+        ("authn_failures", "authentication failures (JWT, server-side mTLS handshake, mesh identity)"),
     ]
     return pd.DataFrame(
         [{"check": name, "count": int(row[name] or 0), "what": what} for name, what in checks],
