@@ -1,0 +1,165 @@
+"""Root cause: onset detection, failures followed to their origin, latency by self time, placement."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from meshlens.analysis import rootcause
+from meshlens.errors import ConfigError
+from tests.test_analysis_common import NS, T0, cached_store, incident_mesh, open_ro
+
+ONSET = T0 + 25 * 60
+
+
+@pytest.fixture(scope="module")
+def errors_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return cached_store(tmp_path_factory, "incident", lambda d: incident_mesh().ingest(d))
+
+
+@pytest.fixture(scope="module")
+def latency_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return cached_store(tmp_path_factory, "latency", lambda d: incident_mesh(kind="latency").ingest(d))
+
+
+@pytest.fixture(scope="module")
+def quiet_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return cached_store(tmp_path_factory, "quiet", lambda d: incident_mesh(onset_min=99).ingest(d))
+
+
+# -- detectors --------------------------------------------------------------------------------------
+
+
+def test_epidemic_changepoint_finds_the_planted_interval() -> None:
+    rng = np.random.default_rng(1)
+    n = np.full(120, 40.0)
+    p = np.where((np.arange(120) >= 70) & (np.arange(120) < 100), 0.2, 0.01)
+    k = rng.binomial(40, p).astype(float)
+    a, b, llr = rootcause._epidemic(k, n)
+    assert abs(a - 70) <= 1 and abs(b - 99) <= 1 and llr > 50
+    # the same rate everywhere: nothing significant
+    _, _, flat = rootcause._epidemic(rng.binomial(40, 0.01, 120).astype(float), n)
+    assert flat < rootcause.MIN_LLR
+
+
+def test_latency_changepoint_needs_a_real_shift() -> None:
+    rng = np.random.default_rng(2)
+    n = np.full(100, 30.0)
+    shift = np.where(np.arange(100) >= 60, 0.8, 0.0)
+    x = rng.normal(shift[:, None], 0.4, (100, 30))
+    a, b, llr = rootcause._epidemic_mean(n, x.sum(axis=1), (x ** 2).sum(axis=1))
+    assert abs(a - 60) <= 1 and b == 99 and llr > 100
+    tiny = rng.normal(np.where(np.arange(100) >= 60, 0.03, 0.0)[:, None], 0.4, (100, 30))
+    _, _, small = rootcause._epidemic_mean(n, tiny.sum(axis=1), (tiny ** 2).sum(axis=1))
+    assert small < rootcause.MIN_LLR  # a 3 % shift is noise-level: no episode
+
+
+def test_onset_is_refined_to_the_request() -> None:
+    bad = np.array([0, 0, 1, 0, 0, 0, 0, 1, 1, 0, 1, 1, 1, 0, 1], dtype=bool)
+    assert rootcause._refine(bad, p_in=0.7, p_out=0.05) == 7
+
+
+def test_placement_by_fan_in_and_fan_out() -> None:
+    """TLS failures decided by the client: many callers failing towards one service blame the service;
+    one caller failing towards many services blames the caller (its certificate, its config)."""
+    def leaves(edges: list[tuple[str, str]], n: int = 20) -> pd.DataFrame:
+        rows = [{"rid": f"{a}{b}{i}", "period": "inc", "caller": a, "callee": b, "side": "edge"}
+                for a, b in edges for i in range(n)]
+        return pd.DataFrame(rows)
+
+    health = pd.DataFrame({"caller": ["x"], "callee": ["y"], "n": [100], "f": [0]})
+    fan_in = rootcause._side_weights(leaves([("a", "t"), ("b", "t")]), health).set_index("caller")
+    assert (fan_in["w_callee"] > fan_in["w_caller"]).all()
+    fan_out = rootcause._side_weights(leaves([("c", "t1"), ("c", "t2")]), health).set_index("callee")
+    assert (fan_out["w_caller"] > fan_out["w_callee"]).all()
+    server = leaves([("a", "t")]).assign(side="server")
+    w = rootcause._side_weights(server, health).iloc[0]
+    assert (w["w_callee"], w["w_caller"]) == (1.0, 0.0)
+
+
+# -- analyses on hand-built stores -------------------------------------------------------------------
+
+
+def test_error_incident_onset_and_cause(errors_db: Path) -> None:
+    with open_ro(errors_db) as store:
+        report = rootcause.analyze(store, "frontend", T0, T0 + 40 * 60)
+    onset = report.onset
+    assert onset is not None and onset.signal == "errors"
+    assert abs(onset.onset_ns / NS - ONSET) < 10
+    assert onset.failed_incident > 0.4 and onset.failed_baseline < 0.02
+    top = report.candidates.iloc[0]
+    assert (top["kind"], top["target"], top["namespace"]) == ("service", "ratings", "shop")
+    assert top["score"] > 0.9
+    assert any("500 via_upstream" in e for e in top["evidence"])
+    assert any(e.startswith("example request ids: req-") for e in top["evidence"])
+    targets = report.candidates["target"].tolist()
+    assert targets[1] == "reviews->ratings"
+    # ads fails a third of its calls all along: loud, but it neither changed nor explains the symptom
+    ads = report.candidates[report.candidates["target"].str.contains("ads")]
+    assert ads.empty or ads["score"].max() < 0.1
+    assert report.signature["app"] > 0.9
+    assert set(report.path_services["service"]) >= {"frontend", "reviews", "ratings"}
+
+
+def test_latency_incident_is_attributed_by_self_time(latency_db: Path) -> None:
+    with open_ro(latency_db) as store:
+        report = rootcause.analyze(store, "frontend", T0, T0 + 40 * 60)
+    assert report.onset is not None and report.onset.signal == "latency"
+    assert abs(report.onset.onset_ns / NS - ONSET) < 10
+    top = report.candidates.iloc[0]
+    assert top["target"] == "reviews" and top["latency_share"] > 0.9
+    assert "self time" in top["evidence"][0]
+    assert report.candidates.iloc[1]["target"] == "frontend->reviews"
+    # frontend relays the slowness but its own time did not grow
+    fe = report.candidates[report.candidates["target"] == "frontend"]
+    assert fe.empty or fe["score"].iloc[0] < 0.1
+
+
+def test_success_sampling_keeps_the_answer_and_the_rates(errors_db: Path, tmp_path: Path) -> None:
+    """Ingest-time success sampling keeps 20 % of successful requests (weight 5) and every failure:
+    the weighted rates stay close to the full data's and the answer is the same."""
+    from meshlens.filters import FilterConfig
+
+    sampled_db = incident_mesh().ingest(tmp_path, filters=FilterConfig(sample_success=0.2))
+    with open_ro(errors_db) as store:
+        full = rootcause.analyze(store, "frontend", T0, T0 + 40 * 60)
+    with open_ro(sampled_db) as store:
+        stored = store.scalar("SELECT count(*) FROM events WHERE record_kind = 'access_log'")
+        sampled = rootcause.analyze(store, "frontend", T0, T0 + 40 * 60)
+    assert stored < 0.5 * 40 * 30 * 8  # most successful records were not stored
+    assert sampled.candidates.iloc[0]["target"] == "ratings"
+    assert abs(sampled.onset.onset_ns - full.onset.onset_ns) / NS < 30
+    assert sampled.onset.failed_incident == pytest.approx(full.onset.failed_incident, abs=0.08)
+    assert sampled.onset.requests_incident == pytest.approx(full.onset.requests_incident, rel=0.2)
+
+
+def test_nothing_to_explain_without_a_change(quiet_db: Path) -> None:
+    with open_ro(quiet_db) as store:
+        report = rootcause.analyze(store, "frontend", T0, T0 + 40 * 60)
+    assert report.onset is None and report.candidates.empty
+    assert "nothing to explain" in report.message
+    assert report.to_json() == []
+
+
+def test_json_contract(errors_db: Path) -> None:
+    with open_ro(errors_db) as store:
+        items = rootcause.analyze(store, "frontend", T0, T0 + 40 * 60, top=3).to_json()
+    json.dumps(items)
+    assert [i["rank"] for i in items] == list(range(1, len(items) + 1)) and 2 <= len(items) <= 3
+    for i in items:
+        assert {"rank", "kind", "target", "namespace", "score", "evidence", "onset", "symptom"} <= set(i)
+        assert i["kind"] in ("service", "edge") and isinstance(i["evidence"], list)
+        assert all(isinstance(e, str) for e in i["evidence"])
+    assert items[0]["onset"].startswith("2024-05-01T08:25:")
+
+
+def test_bad_input_is_refused(errors_db: Path) -> None:
+    with open_ro(errors_db) as store:
+        with pytest.raises(ConfigError, match="received no requests"):
+            rootcause.analyze(store, "checkout", T0, T0 + 600)
+        with pytest.raises(ConfigError, match="empty time range"):
+            rootcause.analyze(store, "frontend", T0 + 600, T0)
