@@ -33,6 +33,7 @@ browser-deps:
 ## bench: ingest/analysis benchmarks (ratios against baselines measured in the same run)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_ingest.py
+	$(PY) benchmarks/bench_analysis.py
 
 samples: $(STAMP)
 	$(VENV)/bin/meshlens simulate --out data/samples
