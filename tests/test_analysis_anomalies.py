@@ -160,3 +160,41 @@ def test_metric_series_for_charts(errors_db: Path) -> None:
     assert ratings["ts"].dt.tz is not None and len(ratings) == 40
     late = ratings[ratings["bucket_ns"] >= ONSET * NS]["errors_5xx"].sum()
     assert late == 15 * 15
+
+
+def test_authn_failures_are_an_anomaly_metric(tmp_path: Path) -> None:
+    """JWT denials starting mid-window at one service show up as an authn anomaly there (issue 8)."""
+    import json
+
+    from meshlens.analysis.anomalies import detect_anomalies
+    from meshlens.ingest import ingest_files
+    from meshlens.store import open_store
+
+    out = ('[{ts}] "GET /api/orders HTTP/1.1" {code} - via_upstream - "-" 0 120 3 2 "-" "curl/8" "r{i}" '
+           '"orders:8080" "10.0.0.5:8080" outbound|8080||orders.shop.svc.cluster.local 10.0.0.9:4{i:04d} '
+           '10.96.0.5:8080 10.0.0.9:5{i:04d} - default')
+    inn_ok = ('[{ts}] "GET /api/orders HTTP/1.1" 200 - via_upstream - "-" 0 120 2 1 "-" "curl/8" "r{i}" '
+              '"orders:8080" "127.0.0.1:8080" inbound|8080|| 127.0.0.1:4000 10.0.0.5:8080 10.0.0.9:4{i:04d} '
+              'outbound_.8080_._.orders.shop.svc.cluster.local default')
+    inn_bad = ('[{ts}] "GET /api/orders HTTP/1.1" 401 - jwt_authn_access_denied{{Jwt_is_expired}} - "-" 0 14 1 - '
+               '"-" "curl/8" "r{i}" "orders:8080" "-" inbound|8080|| - 10.0.0.5:8080 10.0.0.9:4{i:04d} '
+               'outbound_.8080_._.orders.shop.svc.cluster.local -')
+    web = {"namespace": "shop", "app": "web", "pod": "web-5d8f7b9c4d-abcde", "container": "istio-proxy"}
+    orders = {"namespace": "shop", "app": "orders", "pod": "orders-6c9d8b7f5e-fghij", "container": "istio-proxy"}
+    recs = []
+    for i in range(3600):  # one request per second for an hour; a third JWT-denied after 40 minutes
+        ts = f"2024-05-01T10:{i // 60:02d}:{i % 60:02d}.000Z"
+        denied = i >= 2400 and i % 3 == 0
+        recs.append({"labels": web, "line": out.format(ts=ts, i=i, code=401 if denied else 200), "timestamp": ts})
+        recs.append({"labels": orders, "line": (inn_bad if denied else inn_ok).format(ts=ts, i=i), "timestamp": ts})
+    f = tmp_path / "export.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    ingest_files(tmp_path / "s.duckdb", [f], progress=False)
+    with open_store(tmp_path / "s.duckdb", read_only=True) as store:
+        found = detect_anomalies(store)
+    hits = found[(found.metric == "authn_failures") & (found.target == "orders")]
+    assert len(hits) >= 1, found[["metric", "scope", "target"]].to_string()
+    import pandas as pd
+
+    onset = pd.Timestamp(hits.iloc[0].onset)
+    assert pd.Timestamp("2024-05-01T10:35:00Z") <= onset <= pd.Timestamp("2024-05-01T10:45:00Z"), onset

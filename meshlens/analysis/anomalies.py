@@ -91,9 +91,10 @@ LAT_SD_FLOOR = 0.15
 ANOMALY_COLUMNS = ["rank", "kind", "scope", "target", "namespace", "metric", "direction", "onset", "end",
                    "baseline", "observed", "peak", "score", "evidence"]
 
-COUNT_METRICS = ("errors_5xx", "errors_4xx", "denials", "tls_failures")
+COUNT_METRICS = ("errors_5xx", "errors_4xx", "denials", "tls_failures", "authn_failures")
 METRIC_LABELS = {"errors_5xx": "5xx ratio", "errors_4xx": "4xx ratio", "denials": "authorization denials",
-                 "tls_failures": "TLS failures", "requests": "requests per bucket", "p50_ms": "p50 latency",
+                 "tls_failures": "TLS failures", "authn_failures": "authentication failures (JWT, mTLS, identity)",
+                 "requests": "requests per bucket", "p50_ms": "p50 latency",
                  "p99_ms": "p99 latency"}
 CATEGORICAL_SCORES = {"new_sensitive_caller": 15.0, "new_denied_caller": 12.0, "plaintext": 12.0, "new_edge": 6.0}
 
@@ -131,6 +132,13 @@ def _flags_sql() -> str:
         FROM (SELECT ts_ns, caller, callee, unnest(string_split(flags, ',')) AS flag
               FROM ({hops_sql(where="response_flags IS NOT NULL")}))
         WHERE flag IN ('{flags}')
+        GROUP BY ALL
+        UNION ALL
+        -- authn events (JWT / RequestAuthentication, server-side mTLS, mesh identity), per callee: the
+        -- server records them, so they count at service level
+        SELECT ts_ns // $w * $w AS bucket_ns, NULL AS caller, dst_service AS callee,
+               'authn_failures' AS metric, sum(coalesce(sample_weight, 1.0)) AS n
+        FROM events WHERE event_type = 'authn' AND ts_ns >= $lo AND ts_ns < $hi AND dst_service IS NOT NULL
         GROUP BY ALL
     """
 
@@ -302,7 +310,9 @@ class _Grid:
 
     def matrix(self, column: str, fill: float = 0.0) -> np.ndarray:
         m = np.full((len(self.keys), len(self.buckets)), fill)
-        m[self.row, self.col] = self.df[column].to_numpy(float)
+        if column in self.df:  # a metric no record of the window has (e.g. no authn events) stays 0
+            v = self.df[column]
+            m[self.row, self.col] = (v.fillna(0) if fill == 0 else v).to_numpy(float)
         return m
 
     def anomaly(self, i: int, a: int, b: int, **fields: Any) -> dict[str, Any]:
