@@ -54,6 +54,43 @@ def parse_duration_ns(text: str) -> int:
     return int(total)
 
 
+def parse_duration_or_seconds_ns(value: str | int | float) -> int:
+    """``2h``, ``90m``, ``1h30m``, ``500ms`` or a number of seconds -> nanoseconds."""
+    if isinstance(value, int | float):
+        return int(value * 1_000_000_000)
+    text = value.strip()
+    if re.fullmatch(r"\d+(?:\.\d+)?", text):
+        return int(float(text) * 1_000_000_000)
+    return parse_duration_ns(text)
+
+
+def resolve_range(
+    since: str | int | None = None,
+    start: str | int | datetime | None = None,
+    end: str | int | datetime | None = None,
+    now_ns: int | None = None,
+) -> tuple[int, int]:
+    """A source's ``--since`` (relative to ``end``/now) or ``--from``/``--to`` -> ``[start_ns, end_ns)``.
+
+    Shared by the Loki and Elasticsearch sources so both read time ranges the same way.
+    """
+    now_ns = now_unix_ns() if now_ns is None else now_ns
+    end_ns = parse_time_ns(end, now_ns=now_ns) if end is not None else now_ns
+    if since is not None and start is not None:
+        raise ConfigError("give either --since or --from/--to, not both")
+    if since is not None:
+        start_ns = end_ns - parse_duration_or_seconds_ns(since)
+    elif start is not None:
+        start_ns = parse_time_ns(start, now_ns=now_ns)
+    else:
+        raise ConfigError("no time range: give --since 2h, or --from T (and optionally --to T)")
+    if end_ns <= start_ns:
+        raise ConfigError(
+            f"empty time range: end {ns_to_rfc3339(end_ns)} is not after start {ns_to_rfc3339(start_ns)}"
+        )
+    return start_ns, end_ns
+
+
 def parse_time_ns(text: str | int | float | datetime, *, now_ns: int | None = None) -> int:
     """A user-supplied time: RFC 3339, Unix seconds/ns, ``now``, or relative (``-24h``, ``now-2h``)."""
     if isinstance(text, datetime):

@@ -1441,9 +1441,8 @@ def ingest_es(
     from tqdm.auto import tqdm
 
     from meshlens.ingest import ingest_batches
-    from meshlens.sources.loki import resolve_range
     from meshlens.store import Store, open_store
-    from meshlens.timeutil import parse_duration_ns
+    from meshlens.timeutil import parse_duration_ns, resolve_range
 
     start_ns, end_ns = resolve_range(since, start, end)
     overlap_ms = parse_duration_ns(resume_overlap) // 1_000_000 if isinstance(resume_overlap, str) \
@@ -1672,9 +1671,8 @@ def aggregate_es(
     retried as its ``.keyword`` sub-field. ``after_key`` paging reads every bucket; re-running is
     idempotent (upsert on series key + ts).
     """
-    from meshlens.sources.loki import resolve_range
     from meshlens.store import Store, open_store
-    from meshlens.timeutil import parse_duration_ns
+    from meshlens.timeutil import parse_duration_ns, resolve_range
 
     start_ns, end_ns = resolve_range(since, start, end)
     interval_ms = parse_duration_ns(interval) // 1_000_000

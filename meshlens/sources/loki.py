@@ -63,7 +63,12 @@ from typing import TYPE_CHECKING, Any
 from meshlens.errors import AuthError, ConfigError, QueryError, SourceError
 from meshlens.records import RawBatch
 from meshlens.sources.http import HttpClient, HttpConfig
-from meshlens.timeutil import ns_to_rfc3339, parse_duration_ns, parse_time_ns
+from meshlens.timeutil import (  # noqa: F401 - resolve_range re-exported for callers of this module
+    ns_to_rfc3339,
+    parse_duration_or_seconds_ns,
+    parse_time_ns,
+    resolve_range,
+)
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -96,41 +101,12 @@ EntryKey = tuple[LabelKey, int, str]
 # ================================================================================================
 def parse_duration(value: str | int | float) -> int:
     """``2h``, ``90m``, ``1h30m``, ``500ms`` or a number of seconds -> nanoseconds."""
-    if isinstance(value, int | float):
-        return int(value * NS)
-    text = value.strip()
-    if re.fullmatch(r"\d+(?:\.\d+)?", text):
-        return int(float(text) * NS)
-    return parse_duration_ns(text)
+    return parse_duration_or_seconds_ns(value)
 
 
 def parse_time(value: str | int | float | datetime, now_ns: int | None = None) -> int:
     """RFC 3339, Unix seconds/ns, ``now``, ``now-2h`` or a ``datetime`` -> Unix ns."""
     return parse_time_ns(value, now_ns=now_ns)
-
-
-def resolve_range(
-    since: str | int | None = None,
-    start: str | int | datetime | None = None,
-    end: str | int | datetime | None = None,
-    now_ns: int | None = None,
-) -> tuple[int, int]:
-    """``since`` (relative to ``end``/now) or ``start``/``end`` -> ``[start_ns, end_ns)``."""
-    now_ns = time.time_ns() if now_ns is None else now_ns
-    end_ns = parse_time(end, now_ns) if end is not None else now_ns
-    if since is not None and start is not None:
-        raise ConfigError("give either --since or --from/--to, not both")
-    if since is not None:
-        start_ns = end_ns - parse_duration(since)
-    elif start is not None:
-        start_ns = parse_time(start, now_ns)
-    else:
-        raise ConfigError("no time range: give --since 2h, or --from T (and optionally --to T)")
-    if end_ns <= start_ns:
-        raise ConfigError(
-            f"empty time range: end {_iso(end_ns)} is not after start {_iso(start_ns)}"
-        )
-    return start_ns, end_ns
 
 
 def _iso(ns: int) -> str:
