@@ -158,24 +158,27 @@ def _lit(s: str) -> str:
 
 # -- applying ------------------------------------------------------------------------------------
 KEPT_VIEW = "_ml_kept"
-_CLASSIFIED = "_ml_classified"
+_DROPPED = "_ml_dropped"
+SEQ = "_ml_seq"  # the parser's row number, exposed by ``_ml_events`` for this join
 
 
 def apply_filters(con: duckdb.DuckDBPyConnection, events: str, cfg: FilterConfig,
                   n_events: int | None = None) -> FilterResult:
     """Classify ``events`` (a view/table on ``con``) and leave :data:`KEPT_VIEW` with the events to store.
 
-    The classification is materialized once as a temp table (the insert then reads it several times),
-    with ``sample_weight`` set: ``1/rate`` for sampled-in successes, else the parser's value or 1.
-    Call :func:`drop_results` after inserting. ``n_events``: the row count of ``events`` when known
-    (saves a pass when no filter is active).
+    Only the *dropped* rows are materialized (``seq`` + rule, a narrow temp table, usually tiny), and the
+    classification reads only the columns the rules name -- so the wide rows (``raw``, the event id,
+    redaction) are computed once, by the insert that reads :data:`KEPT_VIEW`. ``sample_weight`` is set
+    there: ``1/rate`` for sampled-in successes, else the parser's value or 1. Call :func:`drop_results`
+    after inserting. ``n_events``: the row count of ``events`` when known (saves a pass).
     """
     cols = ", ".join(f'"{c}"' for c in schema.EVENT_COLUMN_NAMES if c != "sample_weight")
+    if n_events is None:
+        n_events = int(con.execute(f"SELECT count(*) FROM {events}").fetchall()[0][0])
     if not cfg.active:
         con.execute(f"CREATE OR REPLACE TEMP VIEW {KEPT_VIEW} AS SELECT {cols}, "
                     f"coalesce(sample_weight, 1.0) AS sample_weight FROM {events}")
-        n = n_events if n_events is not None else int(con.execute(f"SELECT count(*) FROM {KEPT_VIEW}").fetchall()[0][0])
-        return FilterResult(KEPT_VIEW, n, 0, {})
+        return FilterResult(KEPT_VIEW, n_events, 0, {})
     whens = [f"WHEN {r.where_sql()} THEN {_lit(r.name)}" for r in cfg.rules]
     weight = "coalesce(sample_weight, 1.0)"
     if cfg.sample_success is not None:
@@ -185,20 +188,21 @@ def apply_filters(con: duckdb.DuckDBPyConnection, events: str, cfg: FilterConfig
         whens.append(f"WHEN {sampleable} AND {_SAMPLE_HASH_SQL} >= {threshold} THEN {_lit(SAMPLE_RULE)}")
         weight = f"CASE WHEN {sampleable} THEN {1.0 / rate!r} ELSE {weight} END"
     con.execute(f"""
-        CREATE OR REPLACE TEMP TABLE {_CLASSIFIED} AS
-        SELECT {cols}, {weight} AS sample_weight, CASE {' '.join(whens)} END AS _ml_rule
-        FROM {events}""")
-    counts = dict(con.execute(f"SELECT coalesce(_ml_rule, ''), count(*) FROM {_CLASSIFIED} GROUP BY 1").fetchall())
-    kept = int(counts.pop("", 0))
+        CREATE OR REPLACE TEMP TABLE {_DROPPED} AS
+        SELECT * FROM (SELECT {SEQ}, CASE {' '.join(whens)} END AS _ml_rule FROM {events})
+        WHERE _ml_rule IS NOT NULL""")
+    counts = dict(con.execute(f"SELECT _ml_rule, count(*) FROM {_DROPPED} GROUP BY 1").fetchall())
     by_rule = {name: int(counts.get(name, 0)) for name in cfg.rule_names()}
-    con.execute(f"CREATE OR REPLACE TEMP VIEW {KEPT_VIEW} AS SELECT * EXCLUDE (_ml_rule) FROM {_CLASSIFIED} "
-                "WHERE _ml_rule IS NULL")
-    return FilterResult(KEPT_VIEW, kept, sum(by_rule.values()), by_rule)
+    filtered = sum(by_rule.values())
+    keep = f"WHERE {SEQ} NOT IN (SELECT {SEQ} FROM {_DROPPED})" if filtered else ""
+    con.execute(f"CREATE OR REPLACE TEMP VIEW {KEPT_VIEW} AS SELECT {cols}, {weight} AS sample_weight "
+                f"FROM {events} {keep}")
+    return FilterResult(KEPT_VIEW, n_events - filtered, filtered, by_rule)
 
 
 def drop_results(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(f"DROP VIEW IF EXISTS {KEPT_VIEW}")
-    con.execute(f"DROP TABLE IF EXISTS {_CLASSIFIED}")
+    con.execute(f"DROP TABLE IF EXISTS {_DROPPED}")
 
 
 # -- configuration -------------------------------------------------------------------------------

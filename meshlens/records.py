@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
+
 
 @dataclass
 class RawBatch:
@@ -19,14 +21,16 @@ class RawBatch:
     Attributes:
         source: stable identity of the ingest source, e.g. ``file:/var/log/x.log`` or
             ``loki:https://loki:3100|tenant|{query}``. Stored on every event/reject.
-        lines: the record text, one entry per record (a multi-line record is one entry).
+        lines: the record text, one entry per record (a multi-line record is one entry): a list, or an
+            Arrow string array when the source cut the lines into columns without Python objects (the
+            plain-file fast path); :meth:`texts` gives a list either way.
         ts_ns: the backend's timestamp for each record in Unix nanoseconds (Loki entry time, ES
             ``@timestamp``, CRI time) or ``None``. Used when the line carries no time of its own, and
             part of the record's identity.
         labels: the backend's stream labels / metadata per record (namespace, pod, container, app...),
             or ``None``.
         positions: where each record came from, for rejects and debugging (``file:line``,
-            ``query@ts``, ``index/_id``).
+            ``query@ts``, ``index/_id``); a list or an Arrow string array, like ``lines``.
         reject_reasons: optional per-record reason decided by the container layer before parsing
             (invalid UTF-8, record too large); such records go straight to ``rejects``.
         checkpoint: opaque watermark state committed in the same transaction as this batch, so a run
@@ -38,16 +42,24 @@ class RawBatch:
     """
 
     source: str
-    lines: list[str] = field(default_factory=list)
+    lines: list[str] | pa.ChunkedArray = field(default_factory=list)
     ts_ns: list[int | None] = field(default_factory=list)
     labels: list[dict[str, str] | None] = field(default_factory=list)
-    positions: list[str] = field(default_factory=list)
+    positions: list[str] | pa.ChunkedArray = field(default_factory=list)
     reject_reasons: list[str | None] | None = None
     checkpoint: dict[str, Any] | None = None
     identity_positions: bool = False
 
     def __len__(self) -> int:
         return len(self.lines)
+
+    def texts(self) -> list[str]:
+        """The record texts as a Python list (whatever the storage)."""
+        return self.lines if isinstance(self.lines, list) else self.lines.to_pylist()
+
+    def position_list(self) -> list[str]:
+        """The positions as a Python list (whatever the storage)."""
+        return self.positions if isinstance(self.positions, list) else self.positions.to_pylist()
 
     def append(
         self,
@@ -57,7 +69,7 @@ class RawBatch:
         position: str = "",
         reject_reason: str | None = None,
     ) -> None:
-        """Add one record (convenience for sources that build batches record by record)."""
+        """Add one record (convenience for sources that build batches record by record; list storage)."""
         self.lines.append(line)
         self.ts_ns.append(ts_ns)
         self.labels.append(labels)

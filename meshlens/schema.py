@@ -20,6 +20,9 @@ class Column:
     type: str
     doc: str
     default: str | None = None  # SQL default (also what a migration fills existing rows with)
+    # Physical compression for new stores. Raw record text is long, repetitive and rarely read:
+    # zstd stores it ~10x smaller than DuckDB's default analysis and writes it ~3x faster.
+    compression: str | None = None
 
 
 EVENT_TYPES = ("request", "authz", "authn", "tls", "config_change", "access")
@@ -91,7 +94,7 @@ EVENT_COLUMNS: tuple[Column, ...] = (
            "container, app...)."),
     Column("source", "VARCHAR", "Which ingest produced it (`file:...`, `loki:...`, `es:...`)."),
     Column("position", "VARCHAR", "Where in the source (file:line, query@ts, index/_id)."),
-    Column("raw", "VARCHAR", "The original record text."),
+    Column("raw", "VARCHAR", "The original record text.", compression="zstd"),
     Column("ingested_at", "TIMESTAMPTZ", "When meshlens stored it."),
     # -- schema version 2 --
     Column("sample_weight", "DOUBLE", "How many records this stored event stands for: 1 normally, 1/rate "
@@ -108,7 +111,8 @@ REJECT_COLUMNS: tuple[Column, ...] = (
     Column("ts_ns", "BIGINT", "The backend's timestamp for the record, if any."),
     Column("format", "VARCHAR", "Format that was tried (NULL when none matched)."),
     Column("reason", "VARCHAR", "Why it could not be parsed."),
-    Column("raw", "VARCHAR", "The record text (over 64 KiB: truncated, with the size noted in `reason`)."),
+    Column("raw", "VARCHAR", "The record text (over 64 KiB: truncated, with the size noted in `reason`).",
+           compression="zstd"),
     Column("ingested_at", "TIMESTAMPTZ", "When meshlens stored it."),
 )
 
@@ -165,7 +169,8 @@ EVENT_COLUMN_NAMES: tuple[str, ...] = tuple(c.name for c in EVENT_COLUMNS)
 
 def column_sql(c: Column) -> str:
     """``"name" TYPE [DEFAULT x]`` for DDL (CREATE TABLE and migrations' ADD COLUMN)."""
-    return f'"{c.name}" {c.type}' + (f" DEFAULT {c.default}" if c.default is not None else "")
+    return (f'"{c.name}" {c.type}' + (f" DEFAULT {c.default}" if c.default is not None else "")
+            + (f" USING COMPRESSION {c.compression}" if c.compression else ""))
 
 
 # Columns added by each schema version (a migration step adds them to an existing store).

@@ -83,8 +83,8 @@ def check_file_bytes(tmp: Path, data: bytes, name: str = "x.log", compress: bool
     n = 0
     try:
         for batch in read_file(path, batch_size=7):
-            check_batch("auto", batch.lines) if batch.reject_reasons is None else _check_prerejects(batch)
-            texts.extend(batch.lines)
+            check_batch("auto", batch.texts()) if batch.reject_reasons is None else _check_prerejects(batch)
+            texts.extend(batch.texts())
             n += len(batch)
     except MeshlensError:
         return n

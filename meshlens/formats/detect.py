@@ -35,6 +35,7 @@ from meshlens.records import RawBatch
 from meshlens.timeutil import parse_rfc3339_ns
 
 MAX_RAW_REJECT = 64 * 1024
+SCAN_CHUNK = 8 * 2048  # rows per Arrow record batch handed to DuckDB (its unit of parallel work)
 
 # public --format names -> internal class
 FORMATS: dict[str, str] = {
@@ -149,23 +150,28 @@ class Parser:
         With ``Parser(con=store.con)`` the store then inserts straight from those tables: the wide
         result never leaves DuckDB (no Arrow round trip). Returns (events, rejects) counts.
         """
-        n = len(batch.lines)
+        n = len(batch)
         con = self.con
         if n == 0:
             self.drop_results()
-            con.execute("CREATE OR REPLACE TEMP VIEW _ml_events AS SELECT * FROM events_template")
+            con.execute("CREATE OR REPLACE TEMP VIEW _ml_events AS SELECT *, NULL::BIGINT AS _ml_seq "
+                        "FROM events_template")
             con.execute("CREATE OR REPLACE TEMP VIEW _ml_rejects AS SELECT * FROM rejects_template")
             return 0, 0
         sid, streams = self._streams(batch, n)
+        ts = batch.ts_ns if batch.ts_ns else [None] * n
+        pos = batch.positions if len(batch.positions) else [""] * n
+        rej = batch.reject_reasons if batch.reject_reasons else [None] * n
         raw = pa.table({
-            "seq": pa.array(range(n), pa.int64()),
-            "line": pa.array(batch.lines, pa.string()),
-            "src_ts_ns": pa.array(batch.ts_ns if batch.ts_ns else [None] * n, pa.int64()),
+            "seq": _column(range(n), pa.int64()),
+            "line": _column(batch.lines, pa.string()),
+            "src_ts_ns": _column(ts, pa.int64()),
             "stream_id": sid,
-            "position": pa.array(batch.positions if batch.positions else [""] * n, pa.string()),
-            "pre_reject": pa.array(batch.reject_reasons if batch.reject_reasons else [None] * n, pa.string()),
+            "position": _column(pos, pa.string()),
+            "pre_reject": _column(rej, pa.string()),
         })
-        con.register("_ml_raw_in", raw)
+        # DuckDB scans an Arrow table with one thread per record batch: small batches let both cores parse
+        con.register("_ml_raw_in", pa.Table.from_batches(raw.to_batches(max_chunksize=SCAN_CHUNK)))
         con.register("_ml_streams_in", streams)
         try:
             self._parse_registered(batch)
@@ -181,7 +187,7 @@ class Parser:
         """Return (events, rejects) as Arrow tables with the store's column names."""
         self.parse_into(batch, ingested_at)
         try:
-            events = self.con.sql("SELECT * FROM _ml_events").to_arrow_table()
+            events = self.con.sql("SELECT * EXCLUDE (_ml_seq) FROM _ml_events").to_arrow_table()
             rejects = self.con.sql("SELECT * FROM _ml_rejects").to_arrow_table()
         finally:
             self.drop_results()
@@ -414,7 +420,7 @@ class Parser:
                               || e.line || {"chr(31) || e.position" if batch.identity_positions else "''"})
                      AS h, s.labels
               FROM e JOIN _ml_streams s USING (stream_id))
-            SELECT {", ".join(sel)}
+            SELECT {", ".join(sel)}, e.seq AS _ml_seq
             FROM k e LEFT JOIN _ml_occ o USING (seq)""")
         rej_reason = redact_sql(f"""CASE WHEN length(r.line) > {MAX_RAW_REJECT}
                    THEN j.reason || ' [raw truncated to {MAX_RAW_REJECT} of ' || length(r.line) || ' chars]'
@@ -442,6 +448,16 @@ class Parser:
                                     OR klass IN ('pre_reject', 'bad_json')) + (SELECT count(*) FROM _ml_rej_py)
             FROM _ml_p""").fetchall()[0]
         return int(n_ev), int(n_rej)
+
+
+def _column(values: Any, typ: pa.DataType) -> pa.ChunkedArray:
+    """A batch column as Arrow: Arrow input as is; lists converted in slices (converting many small
+    lists is several times faster than one huge allocation, and the slices are DuckDB's parallel
+    units)."""
+    if isinstance(values, pa.ChunkedArray | pa.Array):
+        return values if isinstance(values, pa.ChunkedArray) else pa.chunked_array([values])
+    return pa.chunked_array([pa.array(values[i:i + SCAN_CHUNK], typ) for i in range(0, len(values), SCAN_CHUNK)],
+                            typ)
 
 
 def _template_sql(cols: tuple[schema.Column, ...]) -> str:

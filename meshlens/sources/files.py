@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+import pyarrow as pa
+
 from meshlens.errors import SourceError
 from meshlens.formats.containers import (
     MAX_RECORD_BYTES,
@@ -81,47 +83,104 @@ def read_file(path: str | os.PathLike[str], *, batch_size: int = DEFAULT_BATCH,
             raise SourceError(f"{path}: cannot read ({exc})") from exc
         kind = sniff(head, str(path))
         ident = kind in ("lines", "cri")  # line numbers identify records; logcli/Loki carry (labels, ts)
-        batch = RawBatch(source=source, identity_positions=ident)
         seen = 0
         if kind == "lines":
             items = plain_chunks(fh, str(path), head, max_record_bytes)
             labels = labels_from_path(str(path))
         else:
             items = records_from_lines(itertools.chain(head, lines), str(path), kind, max_record_bytes)
+        batch = _Builder(source, ident)
         try:
             for rec in items:
                 if isinstance(rec, Chunk):
-                    _extend(batch, rec, labels)
+                    batch.add_chunk(rec, labels)
                     seen += len(rec.texts)
                 else:
-                    batch.append(rec.text, rec.ts_ns, rec.labels, rec.position, rec.reject_reason)
+                    batch.add(rec.text, rec.ts_ns, rec.labels, rec.position, rec.reject_reason)
                     seen += 1
                 if len(batch) >= batch_size:
-                    yield batch
-                    batch = RawBatch(source=source, identity_positions=ident)
+                    yield batch.take()
         except (OSError, EOFError, gzip.BadGzipFile, io.UnsupportedOperation) as exc:
             if len(batch):
-                yield batch
+                yield batch.take()
             raise SourceError(f"{path}: read failed after some records ({exc}); the records before the "
                               "failure are stored, fix the file and re-run (re-ingest is idempotent)") from exc
         if seen == 0:
             size = path.stat().st_size
-            batch.append("", None, None, f"{path}:0",
-                         "empty file: no records" if size == 0 else f"no records in {size} bytes (blank lines only)")
+            batch.add("", None, None, f"{path}:0",
+                      "empty file: no records" if size == 0 else f"no records in {size} bytes (blank lines only)")
         if len(batch):
-            yield batch
+            yield batch.take()
     finally:
         fh.close()
 
 
-def _extend(batch: RawBatch, chunk: Chunk, labels: dict[str, str] | None) -> None:
-    n = len(chunk.texts)
-    batch.lines.extend(chunk.texts)
-    batch.ts_ns.extend([None] * n)
-    batch.labels.extend([labels] * n)
-    batch.positions.extend(chunk.positions)
-    if batch.reject_reasons is not None:
-        batch.reject_reasons.extend([None] * n)
+class _Builder:
+    """Collects records into a :class:`RawBatch`: plain-file chunks stay Arrow columns (no Python
+    object per line), single records (other containers, the per-line fallback) stay lists; a batch
+    holding both is turned into Arrow columns."""
+
+    def __init__(self, source: str, identity_positions: bool) -> None:
+        self.source = source
+        self.ident = identity_positions
+        self._reset()
+
+    def _reset(self) -> None:
+        self.lines: list[pa.Array] = []  # Arrow pieces, in order
+        self.positions: list[pa.Array] = []
+        self.reasons: list[pa.Array] = []
+        self.labels: list[dict[str, str] | None] = []
+        self.ts: list[int | None] = []
+        self.any_reason = False
+        self.any_ts = False
+        self.pending = RawBatch(source=self.source)  # list-mode records not yet cut into a piece
+        self.n = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def add(self, text: str, ts_ns: int | None, labels: dict[str, str] | None, position: str,
+            reason: str | None) -> None:
+        self.pending.append(text, ts_ns, labels, position, reason)
+        self.labels.append(labels)
+        self.ts.append(ts_ns)
+        self.any_reason = self.any_reason or reason is not None
+        self.any_ts = self.any_ts or ts_ns is not None
+        self.n += 1
+
+    def _flush_pending(self) -> None:
+        p = self.pending
+        if len(p):
+            self.lines.append(pa.array(p.lines, pa.string()))
+            self.positions.append(pa.array(p.positions, pa.string()))
+            self.reasons.append(pa.array(p.reject_reasons or [None] * len(p), pa.string()))
+            self.pending = RawBatch(source=self.source)
+
+    def add_chunk(self, chunk: Chunk, labels: dict[str, str] | None) -> None:
+        self._flush_pending()
+        n = len(chunk.texts)
+        self.lines.append(chunk.texts)
+        self.positions.append(chunk.positions)
+        self.reasons.append(pa.nulls(n, pa.string()))
+        self.labels.extend([labels] * n)
+        self.ts.extend([None] * n)
+        self.n += n
+
+    def take(self) -> RawBatch:
+        if not self.lines:  # list records only: keep the list form
+            b = self.pending
+            b.identity_positions = self.ident
+            if b.reject_reasons is not None and not any(r is not None for r in b.reject_reasons):
+                b.reject_reasons = None
+        else:
+            self._flush_pending()
+            b = RawBatch(source=self.source, lines=pa.chunked_array(self.lines, pa.string()),
+                         ts_ns=self.ts if self.any_ts else [], labels=self.labels,
+                         positions=pa.chunked_array(self.positions, pa.string()),
+                         reject_reasons=pa.chunked_array(self.reasons, pa.string()).to_pylist() if self.any_reason else None,
+                         identity_positions=self.ident)
+        self._reset()
+        return b
 
 
 def read_files(paths: list[str | os.PathLike[str]], **kw: int) -> Iterator[RawBatch]:
