@@ -16,6 +16,7 @@ import typer
 
 from meshlens.errors import MeshlensError
 from meshlens.filters import FilterConfigOpt, NoDefaultFiltersOpt, SampleSuccessOpt
+from meshlens.records import DEFAULT_BATCH
 
 app = typer.Typer(
     name="meshlens",
@@ -50,7 +51,7 @@ def ingest_file(
                                      "(istio_text, istio_json, envoy_default, linkerd_json, k8s_audit, ...).")] = "auto",
     mapping: Annotated[Path | None, typer.Option("--mapping", help="JSON/YAML file mapping Istio JSON key "
                                                  "names to your custom access-log keys.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Records per transaction.")] = 200_000,
+    batch_size: Annotated[int, typer.Option(help="Records per transaction.")] = DEFAULT_BATCH,
     max_record_bytes: Annotated[int, typer.Option(help="Larger records are rejected.")] = 8 * 1024 * 1024,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     filter_config: FilterConfigOpt = None,

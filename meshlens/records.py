@@ -9,9 +9,16 @@ rather than one object per line keep the per-line cost low: a batch becomes an A
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa
+if TYPE_CHECKING:  # the CLI imports this module: keep it light
+    import pyarrow as pa
+
+# Records per batch (one transaction) for bulk sources: two DuckDB row groups (2 x 122,880 rows), so a
+# batch is written as whole row groups, one per core, in parallel -- measured ~1.5x faster per row than
+# 200,000 rows.
+ROW_GROUP = 122_880
+DEFAULT_BATCH = 2 * ROW_GROUP
 
 
 @dataclass
@@ -55,11 +62,11 @@ class RawBatch:
 
     def texts(self) -> list[str]:
         """The record texts as a Python list (whatever the storage)."""
-        return self.lines if isinstance(self.lines, list) else self.lines.to_pylist()
+        return self.lines if isinstance(self.lines, list) else self.lines.to_pylist()  # type: ignore[no-any-return]
 
     def position_list(self) -> list[str]:
         """The positions as a Python list (whatever the storage)."""
-        return self.positions if isinstance(self.positions, list) else self.positions.to_pylist()
+        return self.positions if isinstance(self.positions, list) else self.positions.to_pylist()  # type: ignore[no-any-return]
 
     def append(
         self,

@@ -68,9 +68,12 @@ MACROS = [
 ]
 
 
-def fields_sql(table: str, mapping: dict[str, str] | None = None) -> str:
+def fields_sql(table: str, mapping: dict[str, str] | None = None, invalid_json: str = "python") -> str:
     """Envoy fields (+ ``format``, ``reason``) for rows of ``table`` whose ``klass`` is ``envoy_text`` or
-    ``envoy_json``; other columns of ``table`` are passed through. One pass, no joins."""
+    ``envoy_json?``; other columns of ``table`` are passed through. One pass, no joins.
+
+    ``envoy_json?`` rows are parsed once (``try(from_json)``: no separate validation pass) and become
+    ``envoy_json``, or the ``invalid_json`` class when they are not valid JSON."""
     mapping = mapping or {}
     json_keys: dict[str, str] = {f: mapping.get(f, f) for f in ENVOY_FIELDS}
     extra_keys: dict[str, list[str]] = {
@@ -104,10 +107,12 @@ def fields_sql(table: str, mapping: dict[str, str] | None = None) -> str:
 WITH s AS (
   SELECT *,
     CASE WHEN klass = 'envoy_text' THEN string_split(body, '"') END AS q,
-    CASE WHEN klass = 'envoy_json' THEN from_json(body, {_q(struct)}) END AS j
+    CASE WHEN klass = 'envoy_json?' THEN try(from_json(body, {_q(struct)})) END AS j
   FROM {table}),
 s2 AS (
-  SELECT *, len(q) AS nq, CASE WHEN len(q) = 15 THEN 2 ELSE 0 END AS o,
+  SELECT * REPLACE (CASE WHEN klass <> 'envoy_json?' THEN klass WHEN j IS NULL THEN {_q(invalid_json)}
+                         ELSE 'envoy_json' END AS klass),
+    len(q) AS nq, CASE WHEN len(q) = 15 THEN 2 ELSE 0 END AS o,
          string_split(q[2], ' ') AS rq,
          CASE WHEN contains(q[3], '  ') THEN list_filter(string_split(trim(q[3]), ' '), lambda x: x <> '')
               ELSE string_split(trim(q[3]), ' ') END AS a

@@ -207,8 +207,8 @@ class Parser:
             klass = """CASE
               WHEN pre_reject IS NOT NULL THEN 'pre_reject'
               WHEN body[1] = '{' THEN CASE
-                  WHEN (contains(body, '"upstream_cluster"') OR contains(body, '"response_code"'))
-                       AND json_valid(body) THEN 'envoy_json'
+                  WHEN contains(body, '"response_code"') OR contains(body, '"upstream_cluster"')
+                    THEN 'envoy_json?'
                   ELSE 'python' END
               WHEN body[1] = '"' OR (body[1] = '[' AND regexp_matches(body, '^\\[[^\\]]*\\]\\s*"')) THEN 'envoy_text'
               ELSE 'python' END"""
@@ -216,7 +216,7 @@ class Parser:
             klass = "CASE WHEN pre_reject IS NOT NULL THEN 'pre_reject' ELSE 'envoy_text' END"
         elif forced == "envoy_json":
             klass = """CASE WHEN pre_reject IS NOT NULL THEN 'pre_reject'
-                       WHEN json_valid(body) AND body[1] = '{' THEN 'envoy_json' ELSE 'bad_json' END"""
+                       WHEN body[1] = '{' THEN 'envoy_json?' ELSE 'bad_json' END"""
         else:
             klass = "CASE WHEN pre_reject IS NOT NULL THEN 'pre_reject' ELSE 'python' END"
         con.execute("CREATE OR REPLACE TEMP TABLE _ml_streams AS SELECT * FROM _ml_streams_in")
@@ -237,7 +237,9 @@ class Parser:
                 nullif(kp.pod, '') AS prefix_pod
               FROM r)
             SELECT *, {klass} AS klass FROM b)"""
-        fields = bulk.fields_sql(base, self.json_mapping)
+        # 'envoy_json?' rows become 'envoy_json' if they parse as JSON, else go to the record parsers
+        # (auto: they name the JSON error) or are rejected (forced format)
+        fields = bulk.fields_sql(base, self.json_mapping, invalid_json="bad_json" if forced == "envoy_json" else "python")
         con.execute(f"CREATE OR REPLACE TEMP TABLE _ml_p AS {bulk.derive_sql('(' + fields + ')')}")
         rows = con.execute(
             "SELECT seq, body, prefix_pod, self_container FROM _ml_p WHERE klass = 'python' ORDER BY seq"

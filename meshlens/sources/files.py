@@ -26,9 +26,8 @@ from meshlens.formats.containers import (
     records_from_lines,
     sniff,
 )
-from meshlens.records import RawBatch
+from meshlens.records import DEFAULT_BATCH, RawBatch
 
-DEFAULT_BATCH = 200_000
 GZIP_MAGIC = b"\x1f\x8b"
 
 
@@ -93,11 +92,17 @@ def read_file(path: str | os.PathLike[str], *, batch_size: int = DEFAULT_BATCH,
         try:
             for rec in items:
                 if isinstance(rec, Chunk):
-                    batch.add_chunk(rec, labels)
                     seen += len(rec.texts)
-                else:
-                    batch.add(rec.text, rec.ts_ns, rec.labels, rec.position, rec.reject_reason)
-                    seen += 1
+                    done = 0
+                    while done < len(rec.texts):  # cut chunks so that batches hold exactly batch_size
+                        k = min(len(rec.texts) - done, batch_size - len(batch))
+                        batch.add_chunk(Chunk(rec.texts.slice(done, k), rec.positions.slice(done, k), None), labels)
+                        done += k
+                        if len(batch) >= batch_size:
+                            yield batch.take()
+                    continue
+                batch.add(rec.text, rec.ts_ns, rec.labels, rec.position, rec.reject_reason)
+                seen += 1
                 if len(batch) >= batch_size:
                     yield batch.take()
         except (OSError, EOFError, gzip.BadGzipFile, io.UnsupportedOperation) as exc:
