@@ -403,9 +403,16 @@ class Parser:
                    '"MAP(VARCHAR, VARCHAR)"') AS MAP(VARCHAR, VARCHAR)) END AS labels FROM _ml_streams""")
         # identical records within the batch (rare): number them so both are kept, deterministically
         pos = "position" if batch.identity_positions else "''"
+        # With identity positions (line numbers, index/_id) that are unique in the batch -- checked
+        # cheaply on the short positions -- no two records can share an identity: skip hashing the lines.
+        key = f"stream_id, src_ts_ns, line, {pos}"
+        if batch.identity_positions and not con.execute(
+                "SELECT count(*) FROM (SELECT 1 FROM _ml_p GROUP BY stream_id, position HAVING count(*) > 1)"
+        ).fetchall()[0][0]:
+            key = "stream_id, position"
         con.execute(f"""
             CREATE OR REPLACE TEMP TABLE _ml_occ AS
-            WITH hh AS (SELECT seq, hash(stream_id, src_ts_ns, line, {pos}) AS hh FROM _ml_p),
+            WITH hh AS (SELECT seq, hash({key}) AS hh FROM _ml_p),
             d AS (SELECT hh FROM hh GROUP BY hh HAVING count(*) > 1)
             SELECT seq, row_number() OVER (PARTITION BY hh ORDER BY seq) AS occ
             FROM hh WHERE hh IN (SELECT hh FROM d)""")

@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from meshlens.errors import AuthError, ConfigError, QueryError, SourceError
-from meshlens.records import RawBatch
+from meshlens.records import DEFAULT_BATCH, RawBatch
 from meshlens.sources.http import HttpClient, HttpConfig
 from meshlens.timeutil import (  # noqa: F401 - resolve_range re-exported for callers of this module
     ns_to_rfc3339,
@@ -83,7 +83,7 @@ QUERY_RANGE = "/loki/api/v1/query_range"
 SERIES = "/loki/api/v1/series"
 LOKI_DEFAULT_MAX_ENTRIES = 5000  # max_entries_limit_per_query default (pkg/validation/limits.go)
 DEFAULT_BATCH_SIZE = 5000
-DEFAULT_WRITE_BATCH = 50_000  # lines per stored batch (pages are coalesced up to this)
+DEFAULT_WRITE_BATCH = DEFAULT_BATCH  # lines per stored batch (pages coalesced; two whole DuckDB row groups)
 DEFAULT_RESUME_OVERLAP_NS = 60 * NS
 SHARDS_PER_WORKER = 4
 MIN_DONATE_NS = 2 * NS  # do not hand out shards narrower than this to idle workers
