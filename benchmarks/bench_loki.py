@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 T0_S = 1_700_000_000
@@ -67,18 +68,20 @@ def child(args: argparse.Namespace) -> None:
 def store_only(args: argparse.Namespace) -> None:
     """Parse + store of the server's lines from memory (no HTTP): the ceiling for ``ingest``."""
     from meshlens.ingest import ingest_batches
-    from meshlens.records import RawBatch
+    from meshlens.records import DEFAULT_BATCH, RawBatch
     from meshlens.store import open_store
     from tests.servers.loki import LokiServer, generate
 
     srv = LokiServer()
     generate(srv, lines=args.lines, streams=args.streams, start_ns=T0_S * NS, span_ns=args.span_s * NS)
     rows = sorted(srv.holdings(), key=lambda r: r[1])
+    streams: dict[Any, dict[str, str]] = {}  # one labels dict per stream, as the Loki source hands them over
     batches = []
-    for i in range(0, len(rows), 50_000):
-        chunk = rows[i:i + 50_000]
+    for i in range(0, len(rows), DEFAULT_BATCH):
+        chunk = rows[i:i + DEFAULT_BATCH]
         batches.append(RawBatch(source="bench", lines=[r[2] for r in chunk], ts_ns=[r[1] for r in chunk],
-                                labels=[dict(r[0]) for r in chunk], positions=[f"q@{r[1]}" for r in chunk]))
+                                labels=[streams.setdefault(r[0], dict(r[0])) for r in chunk],
+                                positions=[f"q@{r[1]}" for r in chunk]))
     with tempfile.TemporaryDirectory() as d:
         store = open_store(Path(d) / "bench.duckdb")
         t0 = time.perf_counter()
@@ -102,7 +105,14 @@ def measure(url: str, mode: str, parallel: int, a: argparse.Namespace) -> dict[s
     res = json.loads(out.decode().strip().splitlines()[-1])
     res["lines_per_s"] = res["lines"] / res["seconds"]
     res["peak_rss_mb"] = usage.ru_maxrss / 1024  # KiB on Linux
+    res["cpu_s"] = usage.ru_utime + usage.ru_stime
     return res
+
+
+def _proc_cpu_s(pid: int) -> float:
+    """CPU seconds used so far by process ``pid`` (the test server shares the 2 cores with the client)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:
@@ -137,15 +147,18 @@ def main() -> None:
         url, held = ready[1], int(ready[2])
         print(f"server ready at {url} holding {held:,} lines ({time.perf_counter() - t0:.1f}s)\n", flush=True)
         results: dict[tuple[str, int], dict[str, float]] = {}
-        print(f"{'mode':<8}{'parallel':>9}{'lines':>11}{'seconds':>9}{'lines/s':>11}{'peak RSS MB':>13}")
+        print(f"{'mode':<8}{'parallel':>9}{'lines':>11}{'seconds':>9}{'lines/s':>11}{'peak RSS MB':>13}"
+              f"{'client CPU s':>14}{'server CPU s':>14}")
         for mode in a.modes.split(","):
             for par in ((1,) if mode == "store" else (1, a.parallel)):
+                before = _proc_cpu_s(server.pid)
                 r = measure(url, mode, par, a)
+                r["server_cpu_s"] = _proc_cpu_s(server.pid) - before
                 results[(mode, par)] = r
                 if r["lines"] != held:
                     raise SystemExit(f"{mode} --parallel {par} read {r['lines']} lines, the server holds {held}")
                 print(f"{mode:<8}{par:>9}{r['lines']:>11,}{r['seconds']:>9.1f}{r['lines_per_s']:>11,.0f}"
-                      f"{r['peak_rss_mb']:>13.0f}", flush=True)
+                      f"{r['peak_rss_mb']:>13.0f}{r['cpu_s']:>14.1f}{r['server_cpu_s']:>14.1f}", flush=True)
         print()
         for mode in a.modes.split(","):
             if mode == "store":

@@ -759,11 +759,12 @@ def _run_inline(pag: Paginator, shards: list[_Shard]) -> Iterator[_Page | _Split
 class _Threaded:
     """Worker threads page through shards; the consumer (one writer) receives messages in order."""
 
-    def __init__(self, pag: Paginator, shards: list[_Shard], parallel: int) -> None:
+    def __init__(self, pag: Paginator, shards: list[_Shard], parallel: int, buffer_pages: int = 0) -> None:
         self.pag = pag
         self.parallel = parallel
         self.work: queue.Queue[_Shard | None] = queue.Queue()
-        self.out: queue.Queue[Any] = queue.Queue(maxsize=max(2, parallel * 2))
+        # Room for a write batch of pages: workers keep fetching while the writer stores a batch.
+        self.out: queue.Queue[Any] = queue.Queue(maxsize=max(2, parallel * 2) + buffer_pages)
         self.outstanding = len(shards)
         self.idle = 0
         self.lock = threading.Lock()
@@ -1011,7 +1012,8 @@ class LokiSource:
         pos_prefix = self.query + "@"
         self.stop.clear()
         messages = (_run_inline(self.paginator, shards) if self.parallel == 1
-                    else _Threaded(self.paginator, shards, self.parallel).messages())
+                    else _Threaded(self.paginator, shards, self.parallel,
+                                   buffer_pages=-(-self.write_batch // self.batch_size)).messages())
         acc = _Entries()
         last_yield = time.monotonic()
 
