@@ -41,7 +41,7 @@ if stage == "ingest":
     out = ingest_files(sys.argv[2], [sys.argv[3]], progress=False).as_dict()
 else:
     from meshlens import reports
-    r = reports.run_report(sys.argv[4], sys.argv[2], {}, sys.argv[3], timeout_s=3600)
+    r = reports.run_report(sys.argv[4], sys.argv[2], json.loads(sys.argv[5]), sys.argv[3], timeout_s=3600)
     out = {"status": r.status, "error": (r.error or "")[:500]}
 out["seconds"] = round(time.perf_counter() - t0, 1)
 out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
@@ -105,7 +105,9 @@ def main() -> None:
     print(f"ingest: {ing}  -> {args.events / float(ing['seconds']):,.0f} lines/s, store "
           f"{db.stat().st_size / 1e9:.2f} GB")
     for name in sorted(list_notebooks()):
-        results[name] = child("report", str(db), str(d / "reports"), name)
+        # the symptom-driven reports need a service of this data set (their default is the demo's)
+        params = {"service": SERVICES[0][0]} if name in ("change_correlation", "root_cause") else {}
+        results[name] = child("report", str(db), str(d / "reports"), name, json.dumps(params))
         print(f"report {name}: {results[name]}")
     peak = max(max(int(r["peak_rss_mb"]), int(r["children_peak_rss_mb"])) for r in results.values())
     print(f"SUMMARY events={args.events} peak_rss_mb={peak} "
