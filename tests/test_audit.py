@@ -326,3 +326,26 @@ def test_authn_failures_are_listed_and_counted(tmp_path) -> None:
     assert len(df) == 1 and df.iloc[0].failures == 1 and "expired" in df.iloc[0].reason.lower()
     assert df.iloc[0].dst == "shop/orders"
     assert summary["authn_failures"] == 1
+
+
+def test_sampled_store_counts_estimate_the_traffic(tmp_path: Path) -> None:
+    """On a store ingested with success sampling (rate 1/4: one hop in four kept, weight 4), hop counts
+    are estimates of the traffic, not counts of kept records; protected hops (denials) stay exact."""
+    rows: list[dict[str, Any]] = []
+    for i in range(400):  # 400 plaintext successes; a sampler at rate 0.25 keeps 100 of them, weighted 4
+        if i % 4 == 0:
+            rows += [{**r, "sample_weight": 4.0}
+                     for r in _hop(T0 + pd.Timedelta(seconds=i), f"ok-{i}", "legacy", "reviews", mtls=False)]
+    for i in range(7):  # denials are never sampled
+        rows += [{**r, "sample_weight": 1.0, "event_type": "authz", "authz_decision": "deny", "authz_policy": "p"}
+                 for r in _hop(T0 + pd.Timedelta(seconds=i), f"deny-{i}", "legacy", "reviews", status=403)]
+    with writing(tmp_path / "s.duckdb") as w:
+        w.insert_batch(events_table(rows))
+    with open_store(tmp_path / "s.duckdb", read_only=True) as s:
+        summ = audit.summary(s).set_index("check")["count"]
+        plain = audit.plaintext_traffic(s)
+        edges = audit.top_edges(s)
+    assert summ["requests"] == 407 and summ["plaintext"] == 400 and summ["denied"] == 7
+    assert summ["events"] == len(rows)  # stored records stay a plain count
+    assert plain[["requests", "plaintext"]].values.tolist() == [[407, 400]]
+    assert edges[["requests", "denied", "plaintext"]].values.tolist() == [[407, 7, 400]]

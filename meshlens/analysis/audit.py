@@ -77,6 +77,13 @@ PROBE_SQL = "coalesce(user_agent, '') LIKE 'kube-probe/%'"
 plaintext and traffic views leave them out unless asked."""
 
 
+def _n(cond: str | None = None) -> str:
+    """SQL: the estimated number of hops (matching ``cond``) -- ``sum(w)``, so on a store ingested with
+    success sampling each sampled-in request stands for 1/rate requests (both records of a request carry
+    the same weight); on an unsampled store it is the plain count."""
+    return f"CAST(round(coalesce(sum(w){f' FILTER (WHERE {cond})' if cond else ''}, 0)) AS BIGINT)"
+
+
 def _hops_cte(where_sql: str, hop_filter: str | None = None) -> str:
     """``WITH hops AS (...)``: the filtered records collapsed to one row per hop (see :data:`HOP_KEY`).
 
@@ -84,6 +91,7 @@ def _hops_cte(where_sql: str, hop_filter: str | None = None) -> str:
     principal), so the collapse merges them: any known identity wins, a denial anywhere makes the hop
     denied, and plaintext on either side makes it plaintext. ``hop_filter`` selects hops by any of
     their records (e.g. the server's denial) while still merging in the twin that lacks the mark.
+    ``w`` is the hop's sample weight (count hops with :func:`_n`).
     """
     twins = (f"AND {HOP_KEY} IN (SELECT {HOP_KEY} FROM events WHERE ({where_sql}) AND ({hop_filter}))"
              if hop_filter else "")
@@ -107,7 +115,8 @@ def _hops_cte(where_sql: str, hop_filter: str | None = None) -> str:
                    AS failure_reason,
                max(response_flags) AS response_flags,
                string_agg(DISTINCT direction, ', ' ORDER BY direction) AS reported_by,
-               bool_or({PROBE_SQL}) AS is_probe
+               bool_or({PROBE_SQL}) AS is_probe,
+               max(coalesce(sample_weight, 1.0)) AS w
         FROM events WHERE ({where_sql}) {twins}
         GROUP BY hop
     )
@@ -248,8 +257,8 @@ def denied_requests(
         SELECT coalesce(authz_policy, '(not logged)') AS policy,
                {CALLER_SQL} AS caller,
                dst_namespace, dst_service,
-               count(*) FILTER (WHERE authz_decision = 'deny') AS denied,
-               count(*) FILTER (WHERE authz_decision = 'shadow_deny') AS dry_run_denied,
+               {_n("authz_decision = 'deny'")} AS denied,
+               {_n("authz_decision = 'shadow_deny'")} AS dry_run_denied,
                min(ts) AS first_seen, max(ts) AS last_seen,
                {_examples("path")} AS example_paths,
                {_examples("mesh")} AS meshes
@@ -276,10 +285,10 @@ def plaintext_traffic(
     probes = "TRUE" if include_probes else "NOT is_probe"
     sql = f"""{_hops_cte(w.sql)}
         SELECT {SRC_SQL} AS src, {DST_SQL} AS dst,
-               count(*) AS requests,
-               count(*) FILTER (WHERE mtls = false) AS plaintext,
-               count(*) FILTER (WHERE mtls) AS mtls,
-               count(*) FILTER (WHERE mtls IS NULL) AS unknown,
+               {_n()} AS requests,
+               {_n("mtls = false")} AS plaintext,
+               {_n("mtls")} AS mtls,
+               {_n("mtls IS NULL")} AS unknown,
                plaintext / requests AS plaintext_ratio,
                {_examples("CAST(dst_port AS VARCHAR)", 5)} AS ports,
                min(ts) FILTER (WHERE mtls = false) AS first_plaintext,
@@ -308,10 +317,9 @@ def sensitive_access(
     w.params.update(pm.params)
     sql = f"""{_hops_cte(w.sql, f"path IS NOT NULL AND ({pm.condition})")}
         SELECT {pm.label} AS pattern, {CALLER_SQL} AS caller, dst_namespace, dst_service,
-               count(*) AS requests,
-               count(*) FILTER (
-                   WHERE coalesce(authz_decision, 'allow') <> 'deny' AND status BETWEEN 1 AND 399) AS allowed,
-               count(*) FILTER (WHERE authz_decision = 'deny' OR status IN (401, 403)) AS denied,
+               {_n()} AS requests,
+               {_n("coalesce(authz_decision, 'allow') <> 'deny' AND status BETWEEN 1 AND 399")} AS allowed,
+               {_n("authz_decision = 'deny' OR status IN (401, 403)")} AS denied,
                {_examples("method", 5)} AS methods,
                {_examples("CAST(status AS VARCHAR)", 5)} AS statuses,
                {_examples("path")} AS example_paths,
@@ -361,7 +369,7 @@ def tls_failures(
     sql = f"""{_hops_cte(w.sql, "event_type = 'tls' OR tls_failure_reason IS NOT NULL")}
         SELECT {SRC_SQL} AS src, {DST_SQL} AS dst,
                coalesce(failure_reason, '(no reason logged)') AS reason,
-               count(*) AS failures,
+               {_n()} AS failures,
                {_examples("response_flags")} AS response_flags,
                min(ts) AS first_seen, max(ts) AS last_seen
         FROM hops WHERE tls_failed
@@ -412,12 +420,12 @@ def summary(
     kind_sql, kind_params = _policy_kind_sql()
     w = _filters(start, end, namespace, service)
     sql = f"""{_hops_cte(w.sql)}
-        SELECT count(*) FILTER (WHERE is_traffic) AS requests,
-               count(*) FILTER (WHERE authz_decision = 'deny') AS denied,
+        SELECT {_n("is_traffic")} AS requests,
+               {_n("authz_decision = 'deny'")} AS denied,
                count(DISTINCT {CALLER_SQL}) FILTER (WHERE authz_decision = 'deny') AS denied_callers,
-               count(*) FILTER (WHERE is_traffic AND mtls = false AND NOT is_probe) AS plaintext,
-               count(*) FILTER (WHERE path IS NOT NULL AND ({pm.condition})) AS sensitive,
-               count(*) FILTER (WHERE tls_failed) AS tls_failures,
+               {_n("is_traffic AND mtls = false AND NOT is_probe")} AS plaintext,
+               {_n(f"path IS NOT NULL AND ({pm.condition})")} AS sensitive,
+               {_n("tls_failed")} AS tls_failures,
                (SELECT count(*) FROM events WHERE {w.sql}) AS events,
                (SELECT count(*) FROM events WHERE {w.sql} AND event_type = 'authn') AS authn_failures,
                (SELECT count(*) FROM events WHERE {w.sql} AND event_type = 'config_change'
@@ -543,10 +551,10 @@ def top_edges(
     probes = "TRUE" if include_probes else "NOT is_probe"
     sql = f"""{_hops_cte(w.sql)}
         SELECT {SRC_SQL} AS src, {DST_SQL} AS dst,
-               count(*) AS requests,
-               count(*) FILTER (WHERE status >= 500) AS errors_5xx,
-               count(*) FILTER (WHERE authz_decision = 'deny') AS denied,
-               count(*) FILTER (WHERE mtls = false) AS plaintext,
+               {_n()} AS requests,
+               {_n("status >= 500")} AS errors_5xx,
+               {_n("authz_decision = 'deny'")} AS denied,
+               {_n("mtls = false")} AS plaintext,
                (errors_5xx + denied) / requests AS error_ratio
         FROM hops WHERE {probes}
         GROUP BY ALL

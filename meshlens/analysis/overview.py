@@ -19,7 +19,8 @@ def summary(store: Store, top: int = 10) -> dict[str, Any]:
     by_type = q("SELECT event_type, count(*) AS n FROM events GROUP BY 1 ORDER BY n DESC")
     by_format = q("SELECT mesh, format, count(*) AS n FROM events GROUP BY ALL ORDER BY n DESC")
     services = q("""
-        SELECT dst_service AS service, any_value(dst_namespace) AS namespace, count(*) AS requests,
+        SELECT dst_service AS service, any_value(dst_namespace) AS namespace,
+               CAST(round(sum(coalesce(sample_weight, 1.0))) AS BIGINT) AS requests,  -- estimate if sampled
                count(*) FILTER (WHERE status >= 500) AS errors_5xx,
                count(*) FILTER (WHERE authz_decision = 'deny') AS denials
         FROM events WHERE record_kind = 'access_log' AND dst_service IS NOT NULL
