@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
-from meshlens.cli_loki import _run
+from meshlens.cli_common import run_command
 
 Url = Annotated[str | None, typer.Option("--url", help="Elasticsearch/OpenSearch URL (default $ES_URL).")]
 Index = Annotated[str, typer.Option("--index", "-i", help="Index pattern, e.g. 'logs-istio-*'.")]
@@ -98,7 +98,7 @@ def ingest_es_cmd(
             if getattr(counts, "filtered", 0):
                 typer.echo(f"filtered:           {counts.filtered}")
 
-    _run(body)
+    run_command(body)
 
 
 def aggregate_es_cmd(
@@ -149,7 +149,7 @@ def aggregate_es_cmd(
             for name, n in counts.metrics.items():
                 typer.echo(f"  {name}: {n} samples")
 
-    _run(body)
+    run_command(body)
 
 
 def register(ingest_app: typer.Typer, aggregate_app: typer.Typer) -> None:

@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 
-from meshlens.errors import ConfigError, MeshlensError, SourceError
-
-T = TypeVar("T")
+from meshlens.cli_common import run_command
 
 Url = Annotated[str | None, typer.Option("--url", help="Loki base URL, e.g. http://loki:3100 (default $LOKI_ADDR).")]
 Db = Annotated[Path, typer.Option("--db", help="DuckDB store to write (created if missing).")]
@@ -50,25 +47,6 @@ def _auth(username: str | None, password: str | None, bearer_token: str | None, 
             "bearer_token_file": bearer_token_file, "headers": headers or [], "ca_cert": ca_cert,
             "client_cert": cert, "client_key": key, "insecure": True if insecure else None,
             "timeout_s": timeout, "max_retries": max_retries}
-
-
-def _run(fn: Callable[[], T]) -> T:
-    """Run a command body; turn expected failures into one line on stderr and an exit code."""
-    try:
-        return fn()
-    except KeyboardInterrupt:
-        typer.echo("meshlens: interrupted; everything stored so far is kept -- re-run with --resume to continue",
-                   err=True)
-        raise typer.Exit(130) from None
-    except ConfigError as exc:
-        typer.echo(f"meshlens: error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    except MeshlensError as exc:
-        hint = ""
-        if isinstance(exc, SourceError) and exc.resumable and "--resume" not in str(exc):
-            hint = " Re-run with --resume to continue where this run stopped."
-        typer.echo(f"meshlens: error: {exc}{hint}", err=True)
-        raise typer.Exit(1) from None
 
 
 def ingest_loki_cmd(
@@ -120,7 +98,7 @@ def ingest_loki_cmd(
             if getattr(counts, "filtered", 0):
                 typer.echo(f"filtered:           {counts.filtered}")
 
-    _run(body)
+    run_command(body)
 
 
 def aggregate_loki_cmd(
@@ -168,7 +146,7 @@ def aggregate_loki_cmd(
             for name, n in counts.metrics.items():
                 typer.echo(f"  {name}: {n} samples")
 
-    _run(body)
+    run_command(body)
 
 
 def register(ingest_app: typer.Typer, aggregate_app: typer.Typer) -> None:
