@@ -82,11 +82,10 @@ def floor_mandatory(path: Path, d: Path) -> float:
     run the redaction scan once -- the floor under any meshlens ingest, to read the 3x target against."""
     import duckdb
 
-    from meshlens.redact import CARD_RE, DEFAULT, _lit, _trigger
+    from meshlens.redact import prefilter_pattern
 
-    trig = _trigger(DEFAULT)
-    assert trig is not None
-    combined = "|".join(f"(?:{p})" if not p.startswith("(?i)") else f"(?i:{p[4:]})" for p in (trig, CARD_RE))
+    combined = prefilter_pattern()
+    assert combined is not None
     db = d / "floor.duckdb"
     con = duckdb.connect(str(db))
     con.execute("CREATE TABLE t (event_id VARCHAR, raw VARCHAR USING COMPRESSION zstd)")
@@ -94,7 +93,7 @@ def floor_mandatory(path: Path, d: Path) -> float:
            "auto_detect=false)")
     t = time.perf_counter()
     con.execute(f"""INSERT INTO t SELECT md5('stream' || chr(31) || line), CASE WHEN
-                    regexp_matches(line, {_lit(combined)}) THEN 'redacted' ELSE line END FROM {src}""")
+                    regexp_matches(line, $pattern) THEN 'redacted' ELSE line END FROM {src}""", {"pattern": combined})
     con.execute("CHECKPOINT")
     dt = time.perf_counter() - t
     con.close()

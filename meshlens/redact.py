@@ -221,11 +221,20 @@ def redact_sql(expr: str, cfg: RedactConfig | None = None) -> str:
     if cfg.client_ip == "keep":
         # Most records hold nothing to redact: one DFA scan of a combined pattern skips the per-row
         # list/lambda machinery above for them (several times faster on typical access logs).
-        pats = [p for p in (trigger, CARD_RE if "cards" in cfg.rules else None) if p]
-        if pats:
-            combined = "|".join(f"(?:{p})" if not p.startswith("(?i)") else f"(?i:{p[4:]})" for p in pats)
+        combined = prefilter_pattern(cfg)
+        if combined:
             out = f"CASE WHEN NOT regexp_matches({expr}, {_lit(combined)}) THEN {expr} ELSE {out} END"
     return out
+
+
+def prefilter_pattern(cfg: RedactConfig | None = None) -> str | None:
+    """One RE2 pattern that every text needing redaction under ``cfg``'s secret/e-mail/card rules
+    matches (None if those rules are off): a text it does not match is stored as it is."""
+    cfg = cfg or DEFAULT
+    pats = [p for p in (_trigger(cfg), CARD_RE if "cards" in cfg.rules else None) if p]
+    if not pats:
+        return None
+    return "|".join(f"(?:{p})" if not p.startswith("(?i)") else f"(?i:{p[4:]})" for p in pats)
 
 
 def ip_sql(expr: str, cfg: RedactConfig | None = None) -> str:
