@@ -121,9 +121,10 @@ def read_file(path: str | os.PathLike[str], *, batch_size: int = DEFAULT_BATCH,
 
 
 class _Builder:
-    """Collects records into a :class:`RawBatch`: plain-file chunks stay Arrow columns (no Python
-    object per line), single records (other containers, the per-line fallback) stay lists; a batch
-    holding both is turned into Arrow columns."""
+    """Collects records into a :class:`RawBatch`. Texts and positions of plain-file chunks stay Arrow
+    columns (no Python object per line); single records (other containers, the per-line fallback) are
+    collected as lists, kept as lists when the batch holds nothing else, else cut into an Arrow piece.
+    Labels, timestamps and reject reasons are per-record lists either way."""
 
     def __init__(self, source: str, identity_positions: bool) -> None:
         self.source = source
@@ -131,59 +132,53 @@ class _Builder:
         self._reset()
 
     def _reset(self) -> None:
-        self.lines: list[pa.Array] = []  # Arrow pieces, in order
+        self.texts: list[pa.Array] = []  # Arrow pieces, in order
         self.positions: list[pa.Array] = []
-        self.reasons: list[pa.Array] = []
+        self.pending_texts: list[str] = []  # single records not yet cut into a piece
+        self.pending_positions: list[str] = []
         self.labels: list[dict[str, str] | None] = []
         self.ts: list[int | None] = []
-        self.any_reason = False
-        self.any_ts = False
-        self.pending = RawBatch(source=self.source)  # list-mode records not yet cut into a piece
-        self.n = 0
+        self.reasons: list[str | None] = []
+        self.any_ts = self.any_reason = False
 
     def __len__(self) -> int:
-        return self.n
+        return len(self.labels)
 
     def add(self, text: str, ts_ns: int | None, labels: dict[str, str] | None, position: str,
             reason: str | None) -> None:
-        self.pending.append(text, ts_ns, labels, position, reason)
+        self.pending_texts.append(text)
+        self.pending_positions.append(position)
         self.labels.append(labels)
         self.ts.append(ts_ns)
-        self.any_reason = self.any_reason or reason is not None
+        self.reasons.append(reason)
         self.any_ts = self.any_ts or ts_ns is not None
-        self.n += 1
+        self.any_reason = self.any_reason or reason is not None
 
     def _flush_pending(self) -> None:
-        p = self.pending
-        if len(p):
-            self.lines.append(pa.array(p.lines, pa.string()))
-            self.positions.append(pa.array(p.positions, pa.string()))
-            self.reasons.append(pa.array(p.reject_reasons or [None] * len(p), pa.string()))
-            self.pending = RawBatch(source=self.source)
+        if self.pending_texts:
+            self.texts.append(pa.array(self.pending_texts, pa.string()))
+            self.positions.append(pa.array(self.pending_positions, pa.string()))
+            self.pending_texts, self.pending_positions = [], []
 
     def add_chunk(self, chunk: Chunk, labels: dict[str, str] | None) -> None:
         self._flush_pending()
         n = len(chunk.texts)
-        self.lines.append(chunk.texts)
+        self.texts.append(chunk.texts)
         self.positions.append(chunk.positions)
-        self.reasons.append(pa.nulls(n, pa.string()))
         self.labels.extend([labels] * n)
         self.ts.extend([None] * n)
-        self.n += n
+        self.reasons.extend([None] * n)
 
     def take(self) -> RawBatch:
-        if not self.lines:  # list records only: keep the list form
-            b = self.pending
-            b.identity_positions = self.ident
-            if b.reject_reasons is not None and not any(r is not None for r in b.reject_reasons):
-                b.reject_reasons = None
-        else:
+        if self.texts:
             self._flush_pending()
-            b = RawBatch(source=self.source, lines=pa.chunked_array(self.lines, pa.string()),
-                         ts_ns=self.ts if self.any_ts else [], labels=self.labels,
-                         positions=pa.chunked_array(self.positions, pa.string()),
-                         reject_reasons=pa.chunked_array(self.reasons, pa.string()).to_pylist() if self.any_reason else None,
-                         identity_positions=self.ident)
+            texts: list[str] | pa.ChunkedArray = pa.chunked_array(self.texts, pa.string())
+            positions: list[str] | pa.ChunkedArray = pa.chunked_array(self.positions, pa.string())
+        else:
+            texts, positions = self.pending_texts, self.pending_positions
+        b = RawBatch(source=self.source, lines=texts, ts_ns=self.ts if self.any_ts else [], labels=self.labels,
+                     positions=positions, reject_reasons=self.reasons if self.any_reason else None,
+                     identity_positions=self.ident)
         self._reset()
         return b
 
