@@ -9,21 +9,27 @@ options, 130 interrupted), exactly like the Loki commands.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from meshlens.cli_common import run_command
+from meshlens.cli_common import (
+    AsJson,
+    Db,
+    From,
+    Retries,
+    Since,
+    Timeout,
+    To,
+    echo_aggregate_counts,
+    echo_ingest_counts,
+    run_command,
+)
 
 Url = Annotated[str | None, typer.Option("--url", help="Elasticsearch/OpenSearch URL (default $ES_URL).")]
 Index = Annotated[str, typer.Option("--index", "-i", help="Index pattern, e.g. 'logs-istio-*'.")]
-Db = Annotated[Path, typer.Option("--db", help="DuckDB store to write (created if missing).")]
-Since = Annotated[str | None, typer.Option("--since", help="Relative range ending now (or at --to): 2h, 30m, 7d.")]
-From = Annotated[str | None, typer.Option("--from", help="Start (inclusive): RFC3339, Unix s/ns, now-2h.")]
-To = Annotated[str | None, typer.Option("--to", help="End (exclusive); default now.")]
 Query = Annotated[str | None, typer.Option("--query", "-q", help="Lucene query string, e.g. 'kubernetes.container_name:istio-proxy'.")]
 QueryDsl = Annotated[Path | None, typer.Option("--query-dsl", help="JSON file with a query DSL clause (or {\"query\": ...}).")]
 TimeField = Annotated[str, typer.Option("--time-field", help="Document time field.")]
@@ -35,9 +41,6 @@ CaCert = Annotated[str | None, typer.Option("--ca-cert", help="CA bundle to veri
 Cert = Annotated[str | None, typer.Option("--cert", help="Client certificate for mutual TLS (default $ES_CLIENT_CERT).")]
 Key = Annotated[str | None, typer.Option("--key", help="Client key (default $ES_CLIENT_KEY).")]
 Insecure = Annotated[bool, typer.Option("--insecure", help="Skip TLS verification (testing only; or ES_TLS_SKIP_VERIFY).")]
-Timeout = Annotated[float, typer.Option("--timeout", help="Per-request timeout in seconds.")]
-Retries = Annotated[int, typer.Option("--max-retries", help="Retries for 429/5xx/connection errors.")]
-AsJson = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")]
 
 
 def _conn(cloud_id: str | None, config: Path | None, username: str | None, ca_cert: str | None,
@@ -88,15 +91,7 @@ def ingest_es_cmd(
             fmt=fmt, progress=not no_progress and not as_json and sys.stderr.isatty(),
             **_conn(cloud_id, config, username, ca_cert, cert, key, insecure, timeout, max_retries),
         )
-        if as_json:
-            typer.echo(json.dumps(counts.as_dict(), sort_keys=True))
-        else:
-            typer.echo(f"records read:       {counts.read}")
-            typer.echo(f"events stored:      {counts.stored}")
-            typer.echo(f"duplicates skipped: {counts.duplicates}")
-            typer.echo(f"rejects:            {counts.rejects}")
-            if getattr(counts, "filtered", 0):
-                typer.echo(f"filtered:           {counts.filtered}")
+        echo_ingest_counts(counts, as_json)
 
     run_command(body)
 
@@ -139,15 +134,8 @@ def aggregate_es_cmd(
             time_field=time_field,
             **_conn(cloud_id, config, username, ca_cert, cert, key, insecure, timeout, max_retries),
         )
-        if as_json:
-            typer.echo(json.dumps(counts.as_dict(), sort_keys=True))
-        else:
-            typer.echo(f"queries run:    {counts.queries}")
-            typer.echo(f"series stored:  {counts.series}")
-            typer.echo(f"samples stored: {counts.samples}")
-            typer.echo("grouped by:     " + (", ".join(f"{k}={v}" for k, v in counts.group_by.items()) or "-"))
-            for name, n in counts.metrics.items():
-                typer.echo(f"  {name}: {n} samples")
+        echo_aggregate_counts(counts, as_json, [
+            "grouped by:     " + (", ".join(f"{k}={v}" for k, v in counts.group_by.items()) or "-")])
 
     run_command(body)
 

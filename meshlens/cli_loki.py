@@ -8,20 +8,25 @@ non-zero: 1 for errors, 2 for bad options, 130 when interrupted.
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from meshlens.cli_common import run_command
+from meshlens.cli_common import (
+    AsJson,
+    Db,
+    From,
+    Retries,
+    Since,
+    Timeout,
+    To,
+    echo_aggregate_counts,
+    echo_ingest_counts,
+    run_command,
+)
 
 Url = Annotated[str | None, typer.Option("--url", help="Loki base URL, e.g. http://loki:3100 (default $LOKI_ADDR).")]
-Db = Annotated[Path, typer.Option("--db", help="DuckDB store to write (created if missing).")]
-Since = Annotated[str | None, typer.Option("--since", help="Relative range ending now (or at --to): 2h, 30m, 7d.")]
-From = Annotated[str | None, typer.Option("--from", help="Start (inclusive): RFC3339, Unix s/ns, now-2h.")]
-To = Annotated[str | None, typer.Option("--to", help="End (exclusive); default now.")]
 OrgId = Annotated[str | None, typer.Option("--org-id", "--tenant",
                                           help="Tenant (X-Scope-OrgID); a|b queries several (default $LOKI_ORG_ID).")]
 Header = Annotated[list[str] | None, typer.Option("--header", help="Extra header 'Name: value' (repeatable).")]
@@ -34,9 +39,6 @@ CaCert = Annotated[str | None, typer.Option("--ca-cert", help="CA bundle to veri
 Cert = Annotated[str | None, typer.Option("--cert", help="Client certificate (default $LOKI_CLIENT_CERT_PATH).")]
 Key = Annotated[str | None, typer.Option("--key", help="Client key (default $LOKI_CLIENT_KEY_PATH).")]
 Insecure = Annotated[bool, typer.Option("--insecure", help="Skip TLS verification (testing only; or LOKI_TLS_SKIP_VERIFY).")]
-Timeout = Annotated[float, typer.Option("--timeout", help="Per-request timeout in seconds.")]
-Retries = Annotated[int, typer.Option("--max-retries", help="Retries for 429/5xx/connection errors.")]
-AsJson = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")]
 Progress = Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar (on a terminal).")]
 
 
@@ -88,15 +90,7 @@ def ingest_loki_cmd(
             **_auth(username, password, bearer_token, bearer_token_file, header, ca_cert, cert, key, insecure,
                     timeout, max_retries),
         )
-        if as_json:
-            typer.echo(json.dumps(counts.as_dict(), sort_keys=True))
-        else:
-            typer.echo(f"records read:       {counts.read}")
-            typer.echo(f"events stored:      {counts.stored}")
-            typer.echo(f"duplicates skipped: {counts.duplicates}")
-            typer.echo(f"rejects:            {counts.rejects}")
-            if getattr(counts, "filtered", 0):
-                typer.echo(f"filtered:           {counts.filtered}")
+        echo_ingest_counts(counts, as_json)
 
     run_command(body)
 
@@ -137,14 +131,7 @@ def aggregate_loki_cmd(
             **_auth(username, password, bearer_token, bearer_token_file, header, ca_cert, cert, key, insecure,
                     timeout, max_retries),
         )
-        if as_json:
-            typer.echo(json.dumps(counts.as_dict(), sort_keys=True))
-        else:
-            typer.echo(f"queries run:    {counts.queries}")
-            typer.echo(f"series stored:  {counts.series}")
-            typer.echo(f"samples stored: {counts.samples}")
-            for name, n in counts.metrics.items():
-                typer.echo(f"  {name}: {n} samples")
+        echo_aggregate_counts(counts, as_json)
 
     run_command(body)
 
