@@ -423,8 +423,14 @@ def open_store(path: str | os.PathLike[str], read_only: bool = False) -> Store:
 
 
 @contextmanager
-def writing(path: str | os.PathLike[str], publish: bool = True) -> Iterator[Store]:
-    """Open read-write for the duration of a block; publish the snapshot at the end if it succeeded."""
+def writing(path: str | os.PathLike[str] | Store, publish: bool = True) -> Iterator[Store]:
+    """Open read-write for the duration of a block; publish the snapshot at the end if it succeeded.
+
+    Given an open :class:`Store` (the caller's, e.g. a notebook's), use it as it is: its owner decides
+    when to publish and close."""
+    if isinstance(path, Store):
+        yield path
+        return
     store = open_store(path, read_only=False)
     try:
         yield store

@@ -1441,7 +1441,7 @@ def ingest_es(
     from tqdm.auto import tqdm
 
     from meshlens.ingest import ingest_batches
-    from meshlens.store import Store, open_store
+    from meshlens.store import writing
     from meshlens.timeutil import parse_duration_ns, resolve_range
 
     start_ns, end_ns = resolve_range(since, start, end)
@@ -1450,42 +1450,37 @@ def ingest_es(
     src = _make_source(index=index, url=url, query=query, query_dsl=query_dsl, time_field=time_field,
                        http_client=http_client, conn=conn, page_size=page_size, parallel=parallel,
                        keep_alive=keep_alive, force_scroll=force_scroll, tiebreaker=tiebreaker)
-    own_store = not isinstance(db, Store)
-    store = open_store(db) if own_store else db
     bar = None
     try:
-        requested = Window.from_ns(start_ns, end_ns)
-        state = store.get_watermark(src.identity) if resume else None
-        if state and not state.get("run") and state.get("complete_to_ms") is not None and overlap_ms:
-            state = {**state, "complete_to_ms": int(state["complete_to_ms"]) - overlap_ms}
-        window, cursors, base = plan_run(state, requested, resume=resume, slices=parallel)
-        if window is None:
-            log.info("%s: nothing new since the last run", src.identity)
-            run_id = store.start_run(src.identity)
-            store.finish_run(run_id, read=0, stored=0, duplicates=0, rejects=0, status="ok")
-            from meshlens.ingest import IngestCounts
+        with writing(db) as store:
+            requested = Window.from_ns(start_ns, end_ns)
+            state = store.get_watermark(src.identity) if resume else None
+            if state and not state.get("run") and state.get("complete_to_ms") is not None and overlap_ms:
+                state = {**state, "complete_to_ms": int(state["complete_to_ms"]) - overlap_ms}
+            window, cursors, base = plan_run(state, requested, resume=resume, slices=parallel)
+            if window is None:
+                log.info("%s: nothing new since the last run", src.identity)
+                run_id = store.start_run(src.identity)
+                store.finish_run(run_id, read=0, stored=0, duplicates=0, rejects=0, status="ok")
+                from meshlens.ingest import IngestCounts
 
-            return IngestCounts(run_id=run_id)
-        src.make_plan()
-        src.validate(window)
-        if progress:
-            total = src.count(window)
-            bar = tqdm(total=total, unit="doc", unit_scale=True, desc=f"es {src.q.index}", leave=False,
-                       mininterval=0.5)
-        batches = src.batches(window, cursors, base)
-        try:
-            counts = ingest_batches(store, batches, source=src.identity, fmt=fmt, watermark_key=src.identity,
-                                    progress=bar if bar is not None else False, **dict(ingest_options or {}))
-        finally:
-            batches.close()
-        if own_store:
-            store.publish_snapshot()
+                return IngestCounts(run_id=run_id)
+            src.make_plan()
+            src.validate(window)
+            if progress:
+                total = src.count(window)
+                bar = tqdm(total=total, unit="doc", unit_scale=True, desc=f"es {src.q.index}", leave=False,
+                           mininterval=0.5)
+            batches = src.batches(window, cursors, base)
+            try:
+                counts = ingest_batches(store, batches, source=src.identity, fmt=fmt, watermark_key=src.identity,
+                                        progress=bar if bar is not None else False, **dict(ingest_options or {}))
+            finally:
+                batches.close()
         return counts
     finally:
         if bar is not None:
             bar.close()
-        if own_store:
-            store.close()
         if http_client is None:
             src.close()
 
@@ -1671,7 +1666,7 @@ def aggregate_es(
     retried as its ``.keyword`` sub-field. ``after_key`` paging reads every bucket; re-running is
     idempotent (upsert on series key + ts).
     """
-    from meshlens.store import Store, open_store
+    from meshlens.store import writing
     from meshlens.timeutil import parse_duration_ns, resolve_range
 
     start_ns, end_ns = resolve_range(since, start, end)
@@ -1688,29 +1683,24 @@ def aggregate_es(
     # whole buckets only at the start: align to the interval, as date_histogram keys are
     window = Window((start_ns // 1_000_000 // interval_ms) * interval_ms, end_ns // 1_000_000)
     counts = AggregateCounts()
-    own_store = not isinstance(db, Store)
-    store = open_store(db) if own_store else db
     try:
-        src.validate(window)
-        spec = _auto_spec(src, window, spec, explicit is not None)
-        if duration_field is not None and duration_unit is None:
-            spec.duration_unit = dict(_DURATION_CANDIDATES).get(duration_field, "ms")
-        buckets = _run_composite(src, window, spec, page_size, counts)
-        counts.group_by = dict(spec.group_by)
-        store.query("SELECT 1")  # finish migrate()'s pending result before register() (see aggregate_loki)
-        table = composite_to_series(buckets, spec, src.identity)
-        store.upsert_series(table)
-        metrics = table.column("metric").to_pylist()
-        for m in metrics:
-            counts.metrics[m] = counts.metrics.get(m, 0) + 1
-        counts.samples = table.num_rows
-        counts.series = len(set(table.column("series_key").to_pylist()))
-        if own_store:
-            store.publish_snapshot()
+        with writing(db) as store:
+            src.validate(window)
+            spec = _auto_spec(src, window, spec, explicit is not None)
+            if duration_field is not None and duration_unit is None:
+                spec.duration_unit = dict(_DURATION_CANDIDATES).get(duration_field, "ms")
+            buckets = _run_composite(src, window, spec, page_size, counts)
+            counts.group_by = dict(spec.group_by)
+            store.query("SELECT 1")  # finish migrate()'s pending result before register() (see aggregate_loki)
+            table = composite_to_series(buckets, spec, src.identity)
+            store.upsert_series(table)
+            metrics = table.column("metric").to_pylist()
+            for m in metrics:
+                counts.metrics[m] = counts.metrics.get(m, 0) + 1
+            counts.samples = table.num_rows
+            counts.series = len(set(table.column("series_key").to_pylist()))
         return counts
     finally:
-        if own_store:
-            store.close()
         if http_client is None:
             src.close()
 

@@ -1133,7 +1133,7 @@ def ingest_loki(
     Returns the ingest counts (records read, events stored, duplicates skipped, rejects).
     """
     from meshlens.ingest import ingest_batches
-    from meshlens.store import Store, open_store
+    from meshlens.store import writing
 
     start_ns, end_ns = resolve_range(since, start, end)
     own_http = http_client is None
@@ -1148,24 +1148,19 @@ def ingest_loki(
         shard_ns=parse_duration(shard) if shard is not None else None,
         resume_overlap_ns=parse_duration(resume_overlap), progress=progress, write_batch=write_batch,
     )
-    own_store = not isinstance(db, Store)
-    store = open_store(db) if own_store else db  # type: ignore[arg-type]
     try:
-        previous = store.get_watermark(src.watermark_key) if resume else None
-        src.plan(previous)
-        batches = src.batches()
-        try:
-            counts = ingest_batches(store, batches, source=src.source_id, fmt=fmt,
-                                    watermark_key=src.watermark_key, progress=False, **(ingest_options or {}))
-        finally:
-            batches.close()  # stops worker threads if the ingest failed midway
-        store.set_watermark(src.watermark_key, src.final_state())
-        if own_store:
-            store.publish_snapshot()
+        with writing(db) as store:
+            previous = store.get_watermark(src.watermark_key) if resume else None
+            src.plan(previous)
+            batches = src.batches()
+            try:
+                counts = ingest_batches(store, batches, source=src.source_id, fmt=fmt,
+                                        watermark_key=src.watermark_key, progress=False, **(ingest_options or {}))
+            finally:
+                batches.close()  # stops worker threads if the ingest failed midway
+            store.set_watermark(src.watermark_key, src.final_state())
         return counts
     finally:
-        if own_store:
-            store.close()
         if own_http:
             http_client.close()
 
@@ -1404,7 +1399,7 @@ def aggregate_loki(
     renamed ``app``->``service``, ``response_code``->``status``, ``response_flags``->``flags``.
     Re-running is idempotent (upsert on series key + ts).
     """
-    from meshlens.store import Store, open_store
+    from meshlens.store import writing
 
     if (selector is None) == (query is None):
         raise ConfigError("give either a selector with preset metrics, or a custom metric --query")
@@ -1437,28 +1432,23 @@ def aggregate_loki(
         counts.log_format = fmt
         for name in metrics or DEFAULT_METRICS:
             jobs.append((name, render_preset(name, sel, step_ns, fmt), SERIES_RENAME))
-    own_store = not isinstance(db, Store)
-    store = open_store(db) if own_store else db  # type: ignore[arg-type]
     try:
-        runner = MetricRunner(client, step_ns, split_labels)
-        for name, q, rename in jobs:
-            if eval_end < eval_start:
-                break
-            result = runner.run(q, eval_start, eval_end)
-            origin = source_identity(client.identity, org, q)
-            table = matrix_to_series(result, metric=name, origin=origin, step_ns=step_ns, rename=rename)
-            store.upsert_series(table)
-            n_series = len({r for r in table.column("series_key").to_pylist()})
-            counts.metrics[name] = table.num_rows
-            counts.series += n_series
-            counts.samples += table.num_rows
-        counts.queries = runner.queries
-        if own_store:
-            store.publish_snapshot()
+        with writing(db) as store:
+            runner = MetricRunner(client, step_ns, split_labels)
+            for name, q, rename in jobs:
+                if eval_end < eval_start:
+                    break
+                result = runner.run(q, eval_start, eval_end)
+                origin = source_identity(client.identity, org, q)
+                table = matrix_to_series(result, metric=name, origin=origin, step_ns=step_ns, rename=rename)
+                store.upsert_series(table)
+                n_series = len({r for r in table.column("series_key").to_pylist()})
+                counts.metrics[name] = table.num_rows
+                counts.series += n_series
+                counts.samples += table.num_rows
+            counts.queries = runner.queries
         return counts
     finally:
-        if own_store:
-            store.close()
         if own_http:
             http_client.close()
 
