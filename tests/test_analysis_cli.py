@@ -88,11 +88,11 @@ def test_readable_output(db: Path) -> None:
 ])
 def test_bad_input_is_one_line_and_nonzero(db: Path, args: tuple[str, ...], message: str) -> None:
     r = run(args[0], "--db", str(db), *args[1:])
-    assert r.returncode == 1
+    assert r.returncode == 2  # the command line is wrong (meshlens.cli.common.EXIT_USAGE)
     assert message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
 
 def test_missing_store(tmp_path: Path) -> None:
     r = run("anomalies", "--db", str(tmp_path / "none.duckdb"))
-    assert r.returncode == 1 and "store does not exist" in r.stderr
+    assert r.returncode == 2 and "store does not exist" in r.stderr

@@ -41,8 +41,8 @@ def test_text_output_prints_the_four_numbers(shared_samples: Path, db: Path) -> 
 
 @pytest.mark.parametrize("args,code,msg", [
     (("ingest", "file", "/definitely/missing.log", "--db", "{db}"), 1, "no such file"),
-    (("ingest", "file", "{samples}", "--db", "{db}", "--format", "bogus"), 1, "unknown format"),
-    (("summary", "--db", "{tmp}/never.duckdb"), 1, "does not exist"),
+    (("ingest", "file", "{samples}", "--db", "{db}", "--format", "bogus"), 2, "unknown format"),
+    (("summary", "--db", "{tmp}/never.duckdb"), 2, "does not exist"),
     (("ingest", "file"), 2, ""),
 ])
 def test_errors_are_one_line_and_nonzero(shared_samples: Path, db: Path, tmp_path: Path, args, code, msg) -> None:

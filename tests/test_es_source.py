@@ -643,7 +643,7 @@ def test_composite_aggregation_pages_through_after_key_into_series(es8: EsTestSe
 # CLI
 # ---------------------------------------------------------------------------------------------------
 def _cli() -> typer.Typer:
-    from meshlens.cli_es import register
+    from meshlens.cli.es import register
 
     app, ingest, aggregate = typer.Typer(), typer.Typer(), typer.Typer()
     app.add_typer(ingest, name="ingest")

@@ -10,7 +10,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from meshlens.cli_loki import register
+from meshlens.cli.loki import register
 from meshlens.store import open_store
 from tests.servers.loki import NS, LokiServer, generate
 

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from meshlens import notebook as nbhelp
 from meshlens import reports, viz
-from meshlens.cli_reports import register
+from meshlens.cli.reports import register
 from meshlens.errors import ConfigError
 from meshlens.store import writing
 from tests import conftest

@@ -16,7 +16,7 @@ import typer
 from typer.testing import CliRunner
 
 from meshlens import archive, retention, schema
-from meshlens.cli_retention import register
+from meshlens.cli.retention import register
 from meshlens.errors import ConfigError, SchemaVersionError, StoreError
 from meshlens.filters import DEFAULT_RULES, FilterConfig
 from meshlens.ingest import ingest_files

@@ -19,7 +19,7 @@ from typer import Typer
 from typer.testing import CliRunner
 
 from meshlens import reports, schedule
-from meshlens.cli_reports import register
+from meshlens.cli.reports import register
 from meshlens.errors import ConfigError, MeshlensError
 from tests.test_reports import make_notebook
 

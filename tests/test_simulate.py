@@ -586,7 +586,7 @@ def test_cli_writes_dataset_and_readme(tmp_path: Path) -> None:
     import typer
     from typer.testing import CliRunner
 
-    from meshlens.cli_simulate import register
+    from meshlens.cli.simulate import register
 
     app = typer.Typer()
     register(app)

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from meshlens.cli_common import (
+from meshlens.cli.common import (
     AsJson,
     Db,
     From,

@@ -96,11 +96,14 @@ def summary(db: DbOpt, as_json: JsonOpt = False) -> None:
     """Overview of a store: events by type, services, time span, rejects."""
     from meshlens.analysis.overview import format_summary
     from meshlens.analysis.overview import summary as _summary
-    from meshlens.store import open_store
+    from meshlens.cli.common import read_store, run_command
 
-    with open_store(db, read_only=True) as store:
-        s = _summary(store)
-    _emit(s, as_json, format_summary(s))
+    def run() -> None:
+        with read_store(db) as store:
+            s = _summary(store)
+        _emit(s, as_json, format_summary(s))
+
+    run_command(run)
 
 
 @app.command()
@@ -142,12 +145,12 @@ def _register_optional() -> None:
     """Source and report commands live in their own modules; a missing optional part is skipped."""
     import importlib
 
-    for mod, args in (("meshlens.cli_loki", (ingest_app, aggregate_app)),
-                      ("meshlens.cli_es", (ingest_app, aggregate_app)),
-                      ("meshlens.cli_simulate", (app,)),
-                      ("meshlens.cli_reports", (app,)),
-                      ("meshlens.cli_analysis", (app,)),
-                      ("meshlens.cli_retention", (app,))):
+    for mod, args in (("meshlens.cli.loki", (ingest_app, aggregate_app)),
+                      ("meshlens.cli.es", (ingest_app, aggregate_app)),
+                      ("meshlens.cli.simulate", (app,)),
+                      ("meshlens.cli.reports", (app,)),
+                      ("meshlens.cli.analysis", (app,)),
+                      ("meshlens.cli.retention", (app,))):
         try:
             module = importlib.import_module(mod)
         except ImportError as exc:
@@ -161,15 +164,15 @@ _register_optional()
 
 
 def main() -> None:
-    """Console entry point: MeshlensError -> one line on stderr, exit 1 (usage errors: click, exit 2)."""
+    """Console entry point: expected failures -> one line on stderr and the exit code of
+    :func:`meshlens.cli.common.exit_code` (usage errors that click catches exit 2 too)."""
+    from meshlens.cli.common import error_line, exit_code
+
     try:
         app()
-    except MeshlensError as exc:
-        typer.echo(f"meshlens: error: {exc}", err=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        typer.echo("meshlens: interrupted; what was committed before is kept (re-run to resume)", err=True)
-        sys.exit(130)
+    except (MeshlensError, KeyboardInterrupt) as exc:
+        typer.echo(error_line(exc), err=True)
+        sys.exit(exit_code(exc))
 
 
 if __name__ == "__main__":

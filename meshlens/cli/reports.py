@@ -18,14 +18,18 @@ from typing import Annotated, Any
 
 import typer
 
-from meshlens import reports, schedule
+from meshlens.cli.common import fail, lazy_module
 from meshlens.errors import MeshlensError
-from meshlens.notebook import repo_root
+
+# Loaded on first use: the report stack (pandas, altair, papermill, nbconvert) costs seconds to import,
+# and `meshlens --help` must not pay for it.
+reports = lazy_module("meshlens.reports")
+schedule = lazy_module("meshlens.schedule")
+notebook = lazy_module("meshlens.notebook")
 
 
 def _fail(exc: MeshlensError) -> typer.Exit:
-    typer.echo(f"error: {exc}", err=True)
-    return typer.Exit(2)
+    return fail(exc)
 
 
 def _print_json(data: Any) -> None:
@@ -142,7 +146,7 @@ def _lab_dir(target: Path | None) -> Path:
     """The notebooks to open: a source checkout's notebooks/, else a working copy of the packaged ones
     (so analysts edit copies, never files inside site-packages)."""
     if target is None:
-        root = repo_root()
+        root = notebook.repo_root()
         if root is not None and (root / "notebooks").is_dir():
             return root / "notebooks"
         target = Path.cwd() / "meshlens-notebooks"

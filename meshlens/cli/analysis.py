@@ -18,14 +18,14 @@ service, empty range, missing store) exits 1 with one line on stderr.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from meshlens.errors import ConfigError, MeshlensError
+from meshlens.cli.common import read_store, run_command
+from meshlens.errors import ConfigError
 
 analyze_app = typer.Typer(help="Incident analyses: anomalies, root cause along the call graph, change "
                                "correlation.", no_args_is_help=True)
@@ -37,26 +37,12 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON array, best 
 ServiceOpt = Annotated[str, typer.Option("--service", help="Symptom service (short name, e.g. frontend).")]
 
 
-@contextmanager
-def _store(db: Path) -> Iterator[Any]:
-    from meshlens.store import open_store
-
-    if not Path(str(db)).exists() and not Path(str(db) + ".snapshot").exists():
-        raise ConfigError(f"--db {db}: store does not exist; ingest into it first (meshlens ingest file ... --db {db})")
-    store = open_store(db, read_only=True)
-    try:
-        yield store
-    finally:
-        store.close()
+_store = read_store
 
 
 def _run(fn: Callable[[], None]) -> None:
-    """Expected errors -> one line on stderr and exit 1 (also when the app is invoked without ``main``)."""
-    try:
-        fn()
-    except MeshlensError as exc:
-        typer.echo(f"meshlens: error: {exc}", err=True)
-        raise typer.Exit(1) from None
+    """Expected errors -> one line on stderr and the common exit code (also without ``main``)."""
+    run_command(fn)
 
 
 def _emit_json(items: list[dict[str, Any]]) -> None:
