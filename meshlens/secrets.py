@@ -6,7 +6,11 @@ option, an environment variable or a config-file entry) may be a reference inste
 * ``keyring:<service>/<username>`` -- read from the OS keyring (macOS Keychain, Windows Credential
   Locker, Secret Service / KWallet on Linux) through the ``keyring`` package; store it once with
   ``keyring set <service> <username>``;
-* ``file:<path>`` -- the first line of a file (e.g. a Kubernetes Secret mounted as a volume).
+* ``file:<path>`` -- the first line of a file (e.g. a Kubernetes Secret mounted as a volume);
+* ``env:<NAME>`` -- the environment variable NAME.
+
+On the command line a secret is only ever such a reference (:func:`secret_option`): a plain value
+would be kept in shell history, in ``ps`` output and in a scheduler's job definition.
 
 Why references: scheduled reports and CronJobs can then carry configuration without carrying secrets,
 and nothing secret ever needs to appear in a notebook parameter, a shell history or a report.
@@ -20,6 +24,24 @@ from meshlens.errors import ConfigError
 
 KEYRING_PREFIX = "keyring:"
 FILE_PREFIX = "file:"
+ENV_PREFIX = "env:"
+REFERENCE_FORMS = "env:VAR, file:PATH or keyring:SERVICE/USER"
+
+
+def is_reference(value: str) -> bool:
+    """True for ``env:``, ``file:`` and ``keyring:`` references."""
+    return value.startswith((KEYRING_PREFIX, FILE_PREFIX, ENV_PREFIX))
+
+
+def secret_option(value: str | None, option: str, env_hint: str | None = None) -> str | None:
+    """A command-line option that carries a secret: accept only a reference, refuse a plain secret.
+
+    The one secrets policy of every command (``--password``, ``--bearer-token``...)."""
+    if value is None or is_reference(value):
+        return value
+    alt = f", or set ${env_hint}" if env_hint else ""
+    raise ConfigError(f"{option}: secrets are not accepted as plain arguments (they would stay in shell "
+                      f"history, ps output and scheduler logs); pass a reference: {REFERENCE_FORMS}{alt}")
 
 
 def resolve_secret(value: str | None, what: str = "credential") -> str | None:
@@ -44,6 +66,14 @@ def resolve_secret(value: str | None, what: str = "credential") -> str | None:
         if secret is None:
             raise ConfigError(f"{what}: no entry for service {service!r} and user {user!r} in the OS keyring "
                               f"(add it with: keyring set {service} {user})")
+        return secret
+    if value.startswith(ENV_PREFIX):
+        import os
+
+        name = value[len(ENV_PREFIX):]
+        secret = os.environ.get(name)
+        if not name or not secret:
+            raise ConfigError(f"{what}: environment variable {name!r} (from {value!r}) is not set or empty")
         return secret
     if value.startswith(FILE_PREFIX):
         path = Path(value[len(FILE_PREFIX):]).expanduser()

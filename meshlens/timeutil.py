@@ -7,6 +7,7 @@ integer Unix nanoseconds end to end and converts to ``datetime`` only for displa
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from meshlens.errors import ConfigError
@@ -91,8 +92,24 @@ def resolve_range(
     return start_ns, end_ns
 
 
-def parse_time_ns(text: str | int | float | datetime, *, now_ns: int | None = None) -> int:
-    """A user-supplied time: RFC 3339, Unix seconds/ns, ``now``, or relative (``-24h``, ``now-2h``)."""
+TIME_FORMS = "RFC 3339 (2024-05-01T10:00:00Z), Unix seconds, 'now', -24h, now-2h or latest-6h"
+
+
+def parse_time_ns(text: str | int | float | datetime, *, now_ns: int | None = None,
+                  latest_ns: int | Callable[[], int] | None = None) -> int:
+    """A user-supplied time: RFC 3339, Unix seconds/ns, ``now``, relative (``-24h``, ``now-2h``), or
+    relative to the newest record of a store (``latest``, ``latest-6h``: handy on old captures).
+
+    The one time grammar of the CLI, the notebooks and the schedules. ``latest_ns`` is that newest
+    record's time (or a function computing it, called only when the text needs it)."""
+    if isinstance(text, str) and text.strip().startswith("latest"):
+        if latest_ns is None:
+            raise ConfigError(f"time {text!r} is relative to the newest event of a store, and none is open here")
+        rest = text.strip()[len("latest"):].strip()
+        if rest and not (rest[:1] in "+-" and rest[1:2].isdigit()):
+            raise ConfigError(f"invalid time {text!r}: use {TIME_FORMS}")
+        base = latest_ns() if callable(latest_ns) else latest_ns
+        return base + (parse_time_ns("now" + rest, now_ns=0) if rest else 0)
     if isinstance(text, datetime):
         dt = text if text.tzinfo else text.replace(tzinfo=UTC)
         return int(dt.timestamp()) * 1_000_000_000 + dt.microsecond * 1000
@@ -111,9 +128,7 @@ def parse_time_ns(text: str | int | float | datetime, *, now_ns: int | None = No
         return int(s) if "." not in s and len(s) > 14 else int(v * 1_000_000_000)
     ns = parse_rfc3339_ns(s)
     if ns is None:
-        raise ConfigError(
-            f"invalid time {text!r}: use RFC 3339 (2024-05-01T10:00:00Z), Unix seconds, 'now' or -24h"
-        )
+        raise ConfigError(f"invalid time {text!r}: use {TIME_FORMS}")
     return ns
 
 

@@ -45,6 +45,17 @@ def test_root_cause_json(db: Path) -> None:
         assert all(isinstance(e, str) for e in i["evidence"])
 
 
+def test_latest_relative_window_is_the_same_grammar_as_in_notebooks(db: Path) -> None:
+    """``--from latest-40m --to latest`` means the last 40 minutes of the store's data (not of today)."""
+    fixed = run("root-cause", "--db", str(db), "--service", "frontend", "--from", FROM, "--to", TO, "--json")
+    rel = run("root-cause", "--db", str(db), "--service", "frontend", "--from", "latest-3h", "--to", "latest",
+              "--json")
+    assert rel.returncode == 0, rel.stderr
+    assert json.loads(rel.stdout)[0]["target"] == json.loads(fixed.stdout)[0]["target"] == "ratings"
+    bad = run("anomalies", "--db", str(db), "--from", "latest+x")
+    assert bad.returncode == 2 and "--from: invalid time 'latest+x'" in bad.stderr
+
+
 def test_changes_json(db: Path) -> None:
     r = run("changes", "--db", str(db), "--service", "frontend", "--from", FROM, "--to", TO, "--json")
     assert r.returncode == 0, r.stderr

@@ -54,20 +54,20 @@ def test_ingest_prints_the_four_counts_and_json(app: typer.Typer, tmp_path: Path
 def test_failures_are_one_line_with_exit_codes(app: typer.Typer, tmp_path: Path) -> None:
     db = str(tmp_path / "e.duckdb")
     with LokiServer(bearer_token="right") as srv:
-        r = CliRunner().invoke(app, ["ingest", "loki", "--url", srv.url, "--bearer-token", "wrong", "-q",
-                                     '{a="b"}', "--db", db, *RANGE])
+        r = CliRunner().invoke(app, ["ingest", "loki", "--url", srv.url, "--bearer-token", "env:ML_T", "-q",
+                                     '{a="b"}', "--db", db, *RANGE], env={"ML_T": "wrong"})
         assert r.exit_code == 1 and r.exception is None or isinstance(r.exception, SystemExit)
         assert r.output.startswith("meshlens: error: Loki at ") and "HTTP 401" in r.output and "wrong" not in r.output
         assert len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output
-        r = CliRunner().invoke(app, ["ingest", "loki", "--url", srv.url, "--bearer-token", "right", "-q",
-                                     '{a="b"', "--db", db, *RANGE])
+        r = CliRunner().invoke(app, ["ingest", "loki", "--url", srv.url, "--bearer-token", "env:ML_T", "-q",
+                                     '{a="b"', "--db", db, *RANGE], env={"ML_T": "right"})
         assert r.exit_code == 1 and "parse error at line 1" in r.output
         r = CliRunner().invoke(app, ["ingest", "loki", "--url", srv.url, "-q", '{a="b"}', "--db", db,
                                      "--since", "2h", "--from", "now-3h"])
         assert r.exit_code == 2 and "either --since or --from" in r.output
         srv.inject(status=503, times=100, retry_after="0")
-        r = CliRunner().invoke(app, ["ingest", "loki", "--url", srv.url, "--bearer-token", "right", "-q",
-                                     '{a="b"}', "--db", db, "--max-retries", "1", *RANGE])
+        r = CliRunner().invoke(app, ["ingest", "loki", "--url", srv.url, "--bearer-token", "env:ML_T", "-q",
+                                     '{a="b"}', "--db", db, "--max-retries", "1", *RANGE], env={"ML_T": "right"})
         assert r.exit_code == 1 and "--resume" in r.output
 
 
@@ -82,3 +82,15 @@ def test_aggregate_command(app: typer.Typer, tmp_path: Path) -> None:
         doc = json.loads(r.output)
         assert doc["log_format"] == "text" and set(doc["metrics"]) == {"requests", "p50_duration_ms"}
         assert doc["samples"] == sum(doc["metrics"].values()) > 0
+
+
+def test_a_plain_secret_argument_is_refused_before_anything_runs(app: typer.Typer, tmp_path: Path) -> None:
+    """One secrets policy: a secret on the command line is only a reference (env:, file:, keyring:)."""
+    db = tmp_path / "p.duckdb"
+    for opt in ("--password", "--bearer-token"):
+        r = CliRunner().invoke(app, ["ingest", "loki", "--url", "http://127.0.0.1:9", opt, "hunter2", "-q",
+                                     '{a="b"}', "--db", str(db), *RANGE])
+        assert r.exit_code == 2, r.output
+        assert f"{opt}: secrets are not accepted as plain arguments" in r.output and "env:VAR" in r.output
+        assert "hunter2" not in r.output
+    assert not db.exists()

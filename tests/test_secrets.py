@@ -67,3 +67,18 @@ def test_file_reference(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read secret file"):
         resolve_secret(f"file:{tmp_path / 'nope'}", "API key")
     assert resolve_secret("plain-value") == "plain-value" and resolve_secret(None) is None
+
+
+def test_env_reference_resolves_and_names_a_missing_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from meshlens.secrets import resolve_secret, secret_option
+
+    monkeypatch.setenv("ML_SECRET_X", "s3cr3t")
+    assert resolve_secret("env:ML_SECRET_X") == "s3cr3t"
+    monkeypatch.delenv("ML_SECRET_X")
+    with pytest.raises(ConfigError, match="'ML_SECRET_X'.*not set"):
+        resolve_secret("env:ML_SECRET_X", "password")
+    assert secret_option("env:X", "--password") == "env:X"
+    assert secret_option("file:/run/secrets/p", "--password") == "file:/run/secrets/p"
+    assert secret_option(None, "--password") is None
+    with pytest.raises(ConfigError, match="--password: secrets are not accepted"):
+        secret_option("plain", "--password")

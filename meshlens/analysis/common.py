@@ -69,8 +69,19 @@ class Window:
         return f"{ns_to_rfc3339(self.lo_ns)} to {ns_to_rfc3339(self.hi_ns)}"
 
 
-def bound_ns(value: Any, name: str) -> int | None:
-    """One user-given time bound -> Unix ns (None for empty). Errors name the parameter."""
+def latest_event_ns(store: Store) -> int:
+    """The bound that ``latest`` means: just after the newest event of the store (so ``--to latest``
+    includes it)."""
+    latest = store.scalar("SELECT max(ts_ns) FROM events")
+    if latest is None:
+        raise ConfigError(f"a time relative to 'latest' needs events in the store, and {store.path!r} is empty")
+    return int(latest) + 1
+
+
+def bound_ns(value: Any, name: str, store: Store | None = None) -> int | None:
+    """One user-given time bound -> Unix ns (None for empty). Errors name the parameter.
+
+    ``latest``-relative bounds (``latest-6h``) are resolved against ``store``."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     if isinstance(value, pd.Timestamp):
@@ -81,7 +92,8 @@ def bound_ns(value: Any, name: str) -> int | None:
     if isinstance(value, np.datetime64):
         return int(pd.Timestamp(value).value)
     try:
-        return parse_time_ns(value if isinstance(value, str | int | float | datetime) else str(value))
+        return parse_time_ns(value if isinstance(value, str | int | float | datetime) else str(value),
+                             latest_ns=(lambda: latest_event_ns(store)) if store is not None else None)
     except ConfigError as exc:
         raise ConfigError(f"{name}: {exc}") from None
 
@@ -91,7 +103,7 @@ def resolve_window(store: Store, start: Any = None, end: Any = None) -> Window:
 
     Raises :class:`ConfigError` for an empty range or a store without traffic in it.
     """
-    lo, hi = bound_ns(start, "start"), bound_ns(end, "end")
+    lo, hi = bound_ns(start, "start", store), bound_ns(end, "end", store)
     if lo is None or hi is None:
         row = store.con.execute(
             "SELECT min(ts_ns), max(ts_ns) FROM events WHERE record_kind = 'access_log'").fetchone()

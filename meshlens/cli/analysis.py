@@ -26,12 +26,14 @@ import typer
 
 from meshlens.cli.common import read_store, run_command
 from meshlens.errors import ConfigError
+from meshlens.timeutil import TIME_FORMS, parse_time_ns
 
 analyze_app = typer.Typer(help="Incident analyses: anomalies, root cause along the call graph, change "
                                "correlation.", no_args_is_help=True)
 
 DbOpt = Annotated[Path, typer.Option("--db", help="DuckDB store (read-only: the published snapshot).")]
-FromOpt = Annotated[str, typer.Option("--from", help="Window start: RFC 3339, Unix seconds, now, -24h.")]
+FromOpt = Annotated[str, typer.Option("--from", help="Window start: RFC 3339, Unix seconds, now, -24h, "
+                                      "latest-6h (6 h before the store's newest event).")]
 ToOpt = Annotated[str, typer.Option("--to", help="Window end (exclusive); same forms as --from.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON array, best first.")]
 ServiceOpt = Annotated[str, typer.Option("--service", help="Symptom service (short name, e.g. frontend).")]
@@ -49,14 +51,20 @@ def _emit_json(items: list[dict[str, Any]]) -> None:
     typer.echo(json.dumps(items, indent=2, default=str))
 
 
-def _time(value: str, option: str, required: bool = False) -> int | None:
+def _time(value: str, option: str, required: bool = False) -> int | str | None:
     """Parse a time option early, so errors name the option (``--from``/``--to``)."""
     from meshlens.analysis.common import bound_ns
 
     if not value or not value.strip():
         if required:
-            raise ConfigError(f"{option} is required (RFC 3339, Unix seconds, now or -24h)")
+            raise ConfigError(f"{option} is required ({TIME_FORMS})")
         return None
+    if value.strip().startswith("latest"):
+        try:
+            parse_time_ns(value, latest_ns=0)  # syntax checked now; the analysis resolves it on the store
+        except ConfigError as exc:
+            raise ConfigError(f"{option}: {exc}") from None
+        return value
     return bound_ns(value, option)
 
 

@@ -31,8 +31,10 @@ OrgId = Annotated[str | None, typer.Option("--org-id", "--tenant",
                                           help="Tenant (X-Scope-OrgID); a|b queries several (default $LOKI_ORG_ID).")]
 Header = Annotated[list[str] | None, typer.Option("--header", help="Extra header 'Name: value' (repeatable).")]
 User = Annotated[str | None, typer.Option("--username", help="Basic-auth user (default $LOKI_USERNAME).")]
-Password = Annotated[str | None, typer.Option("--password", help="Basic-auth password (default $LOKI_PASSWORD).")]
-Token = Annotated[str | None, typer.Option("--bearer-token", help="Bearer token (default $LOKI_BEARER_TOKEN).")]
+Password = Annotated[str | None, typer.Option("--password", help="Basic-auth password as a reference: env:VAR, "
+                                            "file:PATH or keyring:SERVICE/USER (default $LOKI_PASSWORD).")]
+Token = Annotated[str | None, typer.Option("--bearer-token", help="Bearer token as a reference: env:VAR, file:PATH "
+                                         "or keyring:SERVICE/USER (default $LOKI_BEARER_TOKEN).")]
 TokenFile = Annotated[str | None, typer.Option("--bearer-token-file",
                                               help="File holding a bearer token (default $LOKI_BEARER_TOKEN_FILE).")]
 CaCert = Annotated[str | None, typer.Option("--ca-cert", help="CA bundle to verify the server (default $LOKI_CA_CERT_PATH).")]
@@ -45,6 +47,10 @@ Progress = Annotated[bool, typer.Option("--progress/--no-progress", help="Show a
 def _auth(username: str | None, password: str | None, bearer_token: str | None, bearer_token_file: str | None,
           headers: list[str] | None, ca_cert: str | None, cert: str | None, key: str | None, insecure: bool,
           timeout: float, max_retries: int) -> dict[str, Any]:
+    from meshlens.secrets import secret_option
+
+    password = secret_option(password, "--password", "LOKI_PASSWORD")
+    bearer_token = secret_option(bearer_token, "--bearer-token", "LOKI_BEARER_TOKEN")
     return {"username": username, "password": password, "bearer_token": bearer_token,
             "bearer_token_file": bearer_token_file, "headers": headers or [], "ca_cert": ca_cert,
             "client_cert": cert, "client_key": key, "insecure": True if insecure else None,
