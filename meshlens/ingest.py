@@ -28,7 +28,8 @@ from meshlens import filters as _filters
 from meshlens.errors import MeshlensError, StoreError
 from meshlens.formats.detect import Parser
 from meshlens.records import RawBatch
-from meshlens.sources.files import DEFAULT_BATCH, expand_paths, read_file
+from meshlens.sources.base import Source
+from meshlens.sources.files import DEFAULT_BATCH, FileSource
 from meshlens.store import Store, open_store
 
 SNAPSHOT_EVERY_S = 60.0
@@ -187,6 +188,71 @@ def ingest_batches(
     return counts
 
 
+def ingest(
+    db: str | os.PathLike[str] | Store,
+    source: Source | str,
+    *,
+    resume: bool = False,
+    fmt: str | None = None,
+    progress: bool = True,
+    json_mapping: dict[str, str] | None = None,
+    filters: _filters.FilterConfig | None = None,
+    snapshot_every_s: float = SNAPSHOT_EVERY_S,
+    **source_options: Any,
+) -> IngestCounts:
+    """The one ingest pipeline: any :class:`~meshlens.sources.base.Source` into the store at ``db``.
+
+    ``source`` is a Source, or a name/URL/path that the source registry resolves
+    (:func:`meshlens.sources.base.open_source`, with ``source_options``). This function owns, for
+    every source: the store (opened read-write unless an open :class:`Store` is given, which is left
+    to its owner), the run record, the resume state (read when ``resume``, stored with each batch and
+    after the last one), the read snapshot (published after the run, also after a failed one: what
+    was committed is consistent) and the conservation count. Returns the counts.
+    """
+    from meshlens.sources.base import open_source
+
+    src = open_source(source, **source_options) if isinstance(source, str) else source
+    own = not isinstance(db, Store)
+    store: Store | None = None
+    failed = True
+    try:
+        store = open_store(db) if own else db  # type: ignore[arg-type]
+        key = src.watermark_key
+        previous = store.get_watermark(key) if resume and key else None
+        if not src.plan(previous):
+            run_id = store.start_run(src.source_id)
+            store.finish_run(run_id, read=0, stored=0, duplicates=0, rejects=0, status="ok",
+                             message="nothing new since the last run")
+            failed = False
+            return IngestCounts(run_id=run_id)
+        batches = src.batches()
+        try:
+            counts = ingest_batches(store, batches, source=src.source_id, fmt=fmt, watermark_key=key,
+                                    progress=getattr(src, "progress_bar", progress), json_mapping=json_mapping,
+                                    filters=filters, snapshot_every_s=snapshot_every_s)
+        finally:
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()  # stops fetch threads and server-side cursors if the ingest failed midway
+        state = src.final_state()
+        if key and state is not None:
+            store.set_watermark(key, dict(state))
+        failed = False
+        return counts
+    finally:
+        try:
+            src.close()
+        finally:
+            if own and store is not None:
+                try:
+                    store.publish_snapshot()
+                except Exception:
+                    if not failed:
+                        raise  # on a failed run the original error is the one to report
+                finally:
+                    store.close()
+
+
 def ingest_files(
     db: str | os.PathLike[str] | Store,
     paths: list[str | os.PathLike[str]],
@@ -201,25 +267,5 @@ def ingest_files(
     """Ingest files (or directories of files) into the store at ``db``; returns the counts.
 
     ``filters``: see :func:`ingest_batches` (default: drop health checks, counted per rule)."""
-    files = expand_paths(paths)
-    kw: dict[str, int] = {"batch_size": batch_size}
-    if max_record_bytes:
-        kw["max_record_bytes"] = max_record_bytes
-
-    def batches() -> Iterator[RawBatch]:
-        for f in files:
-            yield from read_file(f, **kw)
-
-    source = "file:" + ",".join(str(f) for f in files[:3]) + (f",+{len(files) - 3} more" if len(files) > 3 else "")
-    if isinstance(db, Store):
-        return ingest_batches(db, batches(), source=source, fmt=fmt, progress=progress,
-                              json_mapping=json_mapping, filters=filters)
-    store = open_store(db)
-    try:
-        return ingest_batches(store, batches(), source=source, fmt=fmt, progress=progress,
-                              json_mapping=json_mapping, filters=filters)
-    finally:
-        try:
-            store.publish_snapshot()
-        finally:
-            store.close()
+    src = FileSource(paths, batch_size=batch_size, max_record_bytes=max_record_bytes)
+    return ingest(db, src, fmt=fmt, progress=progress, json_mapping=json_mapping, filters=filters)

@@ -1438,51 +1438,105 @@ def ingest_es(
 
     Returns the :class:`~meshlens.ingest.IngestCounts` (records read, events stored, duplicates, rejects).
     """
-    from tqdm.auto import tqdm
+    from meshlens.ingest import ingest
 
-    from meshlens.ingest import ingest_batches
-    from meshlens.store import writing
+    src = open_es_source(url, index=index, since=since, start=start, end=end, query=query, query_dsl=query_dsl,
+                         time_field=time_field, parallel=parallel, page_size=page_size,
+                         resume_overlap=resume_overlap, progress=progress, keep_alive=keep_alive,
+                         force_scroll=force_scroll, tiebreaker=tiebreaker, http_client=http_client, **conn)
+    return ingest(db, src, resume=resume, fmt=fmt, **dict(ingest_options or {}))
+
+
+class EsRange:
+    """One time range of an index pattern as a pipeline :class:`~meshlens.sources.base.Source`.
+
+    Planning reads the stored state (an interrupted run's slice cursors, or where the last complete
+    run ended minus ``overlap_ms``), then validates the index pattern and counts the documents for the
+    progress bar. The last batch carries the completed state, so no final state is needed."""
+
+    def __init__(self, src: EsSource, start_ns: int, end_ns: int, *, overlap_ms: int, progress: bool,
+                 owns_client: bool) -> None:
+        self.src = src
+        self.requested = Window.from_ns(start_ns, end_ns)
+        self.overlap_ms = overlap_ms
+        self.progress = progress
+        self.owns_client = owns_client
+        self.progress_bar: Any = False
+        self._run: tuple[Window, list[SliceCursor], dict[str, Any]] | None = None
+
+    @property
+    def source_id(self) -> str:
+        return self.src.identity
+
+    @property
+    def watermark_key(self) -> str:
+        return self.src.identity
+
+    def plan(self, previous: Mapping[str, Any] | None) -> bool:
+        state = dict(previous) if previous else None
+        if state and not state.get("run") and state.get("complete_to_ms") is not None and self.overlap_ms:
+            state = {**state, "complete_to_ms": int(state["complete_to_ms"]) - self.overlap_ms}
+        window, cursors, base = plan_run(state, self.requested, resume=previous is not None,
+                                         slices=self.src.parallel)
+        if window is None:
+            log.info("%s: nothing new since the last run", self.src.identity)
+            return False
+        self.src.make_plan()
+        self.src.validate(window)
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            self.progress_bar = tqdm(total=self.src.count(window), unit="doc", unit_scale=True,
+                                     desc=f"es {self.src.q.index}", leave=False, mininterval=0.5)
+        self._run = (window, cursors, base)
+        return True
+
+    def batches(self) -> Iterator[RawBatch]:
+        if self._run is None:
+            raise RuntimeError("EsRange.batches() before plan()")
+        return self.src.batches(*self._run)
+
+    def final_state(self) -> None:
+        return None
+
+    def close(self) -> None:
+        if self.progress_bar is not False:
+            self.progress_bar.close()
+        if self.owns_client:
+            self.src.close()
+
+
+def open_es_source(
+    url: str | None = None,
+    *,
+    index: str,
+    since: str | int | None = None,
+    start: Any = None,
+    end: Any = None,
+    query: str | None = None,
+    query_dsl: dict[str, Any] | str | os.PathLike[str] | None = None,
+    time_field: str = "@timestamp",
+    parallel: int = 1,
+    page_size: int = DEFAULT_PAGE_SIZE,
+    resume_overlap: str | int = "60s",
+    progress: bool = True,
+    keep_alive: str = DEFAULT_KEEP_ALIVE,
+    force_scroll: bool = False,
+    tiebreaker: str | None = None,
+    http_client: HttpClient | None = None,
+    **conn: Any,
+) -> EsRange:
+    """Registry factory (``es``, ``es://``, ``es+https://``...): options as :func:`ingest_es`."""
     from meshlens.timeutil import parse_duration_ns, resolve_range
 
     start_ns, end_ns = resolve_range(since, start, end)
     overlap_ms = parse_duration_ns(resume_overlap) // 1_000_000 if isinstance(resume_overlap, str) \
         else int(resume_overlap) // 1_000_000
-    src = _make_source(index=index, url=url, query=query, query_dsl=query_dsl, time_field=time_field,
+    src = _make_source(index=index, url=url or None, query=query, query_dsl=query_dsl, time_field=time_field,
                        http_client=http_client, conn=conn, page_size=page_size, parallel=parallel,
                        keep_alive=keep_alive, force_scroll=force_scroll, tiebreaker=tiebreaker)
-    bar = None
-    try:
-        with writing(db) as store:
-            requested = Window.from_ns(start_ns, end_ns)
-            state = store.get_watermark(src.identity) if resume else None
-            if state and not state.get("run") and state.get("complete_to_ms") is not None and overlap_ms:
-                state = {**state, "complete_to_ms": int(state["complete_to_ms"]) - overlap_ms}
-            window, cursors, base = plan_run(state, requested, resume=resume, slices=parallel)
-            if window is None:
-                log.info("%s: nothing new since the last run", src.identity)
-                run_id = store.start_run(src.identity)
-                store.finish_run(run_id, read=0, stored=0, duplicates=0, rejects=0, status="ok")
-                from meshlens.ingest import IngestCounts
-
-                return IngestCounts(run_id=run_id)
-            src.make_plan()
-            src.validate(window)
-            if progress:
-                total = src.count(window)
-                bar = tqdm(total=total, unit="doc", unit_scale=True, desc=f"es {src.q.index}", leave=False,
-                           mininterval=0.5)
-            batches = src.batches(window, cursors, base)
-            try:
-                counts = ingest_batches(store, batches, source=src.identity, fmt=fmt, watermark_key=src.identity,
-                                        progress=bar if bar is not None else False, **dict(ingest_options or {}))
-            finally:
-                batches.close()
-        return counts
-    finally:
-        if bar is not None:
-            bar.close()
-        if http_client is None:
-            src.close()
+    return EsRange(src, start_ns, end_ns, overlap_ms=overlap_ms, progress=progress,
+                   owns_client=http_client is None)
 
 
 # -- push-down aggregation --------------------------------------------------------------------------

@@ -918,6 +918,17 @@ class LokiSource:
         self._shards: list[_Shard] = []
         self.lines = 0
         self._planned = False
+        self.owned_http: HttpClient | None = None  # closed by close(): set by open_loki_source
+
+    # The source draws its own bar (time covered, lines/s), so the pipeline draws none.
+    progress_bar = False
+
+    def close(self) -> None:
+        """Stop fetch workers and close the HTTP client this source created."""
+        self.stop.set()
+        if self.owned_http is not None:
+            self.owned_http.close()
+            self.owned_http = None
 
     @property
     def source_id(self) -> str:
@@ -1132,37 +1143,55 @@ def ingest_loki(
 
     Returns the ingest counts (records read, events stored, duplicates skipped, rejects).
     """
-    from meshlens.ingest import ingest_batches
-    from meshlens.store import writing
+    from meshlens.ingest import ingest
 
+    src = open_loki_source(url, query=query, since=since, start=start, end=end, parallel=parallel,
+                           batch_size=batch_size, write_batch=write_batch, max_entries=max_entries, shard=shard,
+                           resume_overlap=resume_overlap, progress=progress, org_id=org_id or tenant,
+                           http_client=http_client, **auth)
+    return ingest(db, src, resume=resume, fmt=fmt, **(ingest_options or {}))
+
+
+def open_loki_source(
+    url: str | None = None,
+    *,
+    query: str,
+    since: str | int | None = None,
+    start: str | int | datetime | None = None,
+    end: str | int | datetime | None = None,
+    parallel: int = 1,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    write_batch: int = DEFAULT_WRITE_BATCH,
+    max_entries: int = LOKI_DEFAULT_MAX_ENTRIES,
+    shard: str | int | None = None,
+    resume_overlap: str | int = "60s",
+    progress: bool = True,
+    org_id: str | None = None,
+    http_client: HttpClient | None = None,
+    **auth: Any,
+) -> LokiSource:
+    """Registry factory (``loki``, ``loki://``, ``loki+https://``): a :class:`LokiSource` for a range.
+
+    Options as :func:`ingest_loki`; the HTTP client it creates is closed with the source."""
     start_ns, end_ns = resolve_range(since, start, end)
     own_http = http_client is None
     if http_client is None:
-        cfg, org = loki_http_config(url, org_id=org_id or tenant, **auth)
+        cfg, org = loki_http_config(url or None, org_id=org_id, **auth)
         http_client = HttpClient(cfg, LOKI_PRODUCT)
     else:
-        org = org_id or tenant or http_client.cfg.headers.get("X-Scope-OrgID")
-    client = LokiClient(http_client, org)
-    src = LokiSource(
-        client, query, start_ns, end_ns, parallel=parallel, batch_size=batch_size, max_entries=max_entries,
-        shard_ns=parse_duration(shard) if shard is not None else None,
-        resume_overlap_ns=parse_duration(resume_overlap), progress=progress, write_batch=write_batch,
-    )
+        org = org_id or http_client.cfg.headers.get("X-Scope-OrgID")
     try:
-        with writing(db) as store:
-            previous = store.get_watermark(src.watermark_key) if resume else None
-            src.plan(previous)
-            batches = src.batches()
-            try:
-                counts = ingest_batches(store, batches, source=src.source_id, fmt=fmt,
-                                        watermark_key=src.watermark_key, progress=False, **(ingest_options or {}))
-            finally:
-                batches.close()  # stops worker threads if the ingest failed midway
-            store.set_watermark(src.watermark_key, src.final_state())
-        return counts
-    finally:
+        src = LokiSource(
+            LokiClient(http_client, org), query, start_ns, end_ns, parallel=parallel, batch_size=batch_size,
+            max_entries=max_entries, shard_ns=parse_duration(shard) if shard is not None else None,
+            resume_overlap_ns=parse_duration(resume_overlap), progress=progress, write_batch=write_batch,
+        )
+    except BaseException:
         if own_http:
             http_client.close()
+        raise
+    src.owned_http = http_client if own_http else None
+    return src
 
 
 # ================================================================================================
