@@ -41,9 +41,7 @@ import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
-
-import typer
+from typing import TYPE_CHECKING, Any
 
 from meshlens import schema
 from meshlens.errors import ConfigError
@@ -304,12 +302,3 @@ def build_filter_config(filter_config: Path | None = None, no_default_filters: b
         data["sample_success"] = sample_success
     return config_from_dict(data, where=str(filter_config) if filter_config else "command line")
 
-
-# typer options for ingest commands: `filters=build_filter_config(filter_config, no_default_filters, sample)`
-FilterConfigOpt = Annotated[Path | None, typer.Option(
-    "--filter-config", help="YAML/TOML file with ingest filter rules and sampling (see docs/retention.md).")]
-NoDefaultFiltersOpt = Annotated[bool, typer.Option(
-    "--no-default-filters", help="Keep health checks (kube-probe user agents, /healthz, /ready, /metrics...).")]
-SampleSuccessOpt = Annotated[float | None, typer.Option(
-    "--sample-success", help="Keep this fraction (0 < RATE <= 1) of successful requests, weighted 1/RATE; "
-    "denials, errors, TLS/authn failures and config changes are always kept.")]

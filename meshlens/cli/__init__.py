@@ -1,22 +1,23 @@
 """The ``meshlens`` command: a thin typer layer over the package's Python API.
 
 Every command calls a package function with the same name and prints its result (``--json`` for
-machines). Errors meshlens raises on purpose (:class:`~meshlens.errors.MeshlensError`) become one line
-on stderr and exit code 1; usage errors exit 2 (typer's convention).
+machines). One rule maps failures to exit codes for every command (:mod:`meshlens.cli.common`):
+0 ok, 1 the data or the servers said no, 2 the command line or config is wrong, 130 interrupted.
+
+Each command group lives in its own module and registers itself here; the modules import nothing
+heavy at the top (pandas, altair, papermill... load inside the commands that use them), so
+``meshlens --help`` starts in a fraction of a second. The reference of every command is
+docs/cli.md, generated from this tree (``python -m meshlens.cli.reference``).
 """
 
 from __future__ import annotations
 
-import json
+import importlib
 import sys
-from pathlib import Path
-from typing import Annotated
 
 import typer
 
 from meshlens.errors import MeshlensError
-from meshlens.filters import FilterConfigOpt, NoDefaultFiltersOpt, SampleSuccessOpt
-from meshlens.records import DEFAULT_BATCH
 
 app = typer.Typer(
     name="meshlens",
@@ -31,136 +32,19 @@ aggregate_app = typer.Typer(help="Push metric queries down to Loki/Elasticsearch
 app.add_typer(ingest_app, name="ingest")
 app.add_typer(aggregate_app, name="aggregate")
 
-DbOpt = Annotated[Path, typer.Option("--db", help="DuckDB store file (created if missing).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+# (module, the sub-apps its register() takes), in the order of `meshlens --help`
+COMMAND_MODULES: tuple[tuple[str, tuple[typer.Typer, ...]], ...] = (
+    ("meshlens.cli.core", (app, ingest_app)),
+    ("meshlens.cli.loki", (ingest_app, aggregate_app)),
+    ("meshlens.cli.es", (ingest_app, aggregate_app)),
+    ("meshlens.cli.simulate", (app,)),
+    ("meshlens.cli.reports", (app,)),
+    ("meshlens.cli.analysis", (app,)),
+    ("meshlens.cli.retention", (app,)),
+)
 
-
-def _emit(obj: object, as_json: bool, text: str) -> None:
-    if as_json:
-        typer.echo(json.dumps(obj, indent=2, default=str))
-    else:
-        typer.echo(text)
-
-
-@ingest_app.command("file")
-def ingest_file(
-    paths: Annotated[list[Path], typer.Argument(help="Files or directories (plain, .gz, logcli jsonl, "
-                                                "saved Loki JSON, CRI logs).")],
-    db: DbOpt,
-    fmt: Annotated[str, typer.Option("--format", help="Force a record format instead of auto-detection "
-                                     "(istio_text, istio_json, envoy_default, linkerd_json, k8s_audit, ...).")] = "auto",
-    mapping: Annotated[Path | None, typer.Option("--mapping", help="JSON/YAML file mapping Istio JSON key "
-                                                 "names to your custom access-log keys.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Records per transaction.")] = DEFAULT_BATCH,
-    max_record_bytes: Annotated[int, typer.Option(help="Larger records are rejected.")] = 8 * 1024 * 1024,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
-    filter_config: FilterConfigOpt = None,
-    no_default_filters: NoDefaultFiltersOpt = False,
-    sample_success: SampleSuccessOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Ingest log files; prints records read, events stored, duplicates skipped, rejects (and filtered)."""
-    from meshlens.filters import build_filter_config
-    from meshlens.ingest import ingest_files
-
-    json_mapping = _load_mapping(mapping) if mapping else None
-    counts = ingest_files(db, [str(p) for p in paths], fmt=fmt, batch_size=batch_size,
-                          progress=progress and not as_json, json_mapping=json_mapping,
-                          max_record_bytes=max_record_bytes,
-                          filters=build_filter_config(filter_config, no_default_filters, sample_success))
-    _emit(counts.as_dict(), as_json, str(counts))
-
-
-def _load_mapping(path: Path) -> dict[str, str]:
-    import yaml
-
-    from meshlens.errors import ConfigError
-
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"--mapping {path}: cannot read ({exc})") from exc
-    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
-        raise ConfigError(f"--mapping {path}: expected a mapping of meshlens field -> your JSON key")
-    from meshlens.formats.bulk import ENVOY_FIELDS, EXTRA_FIELDS
-
-    unknown = set(data) - set(ENVOY_FIELDS) - set(EXTRA_FIELDS)
-    if unknown:
-        raise ConfigError(f"--mapping {path}: unknown field(s) {sorted(unknown)}; known: "
-                          f"{', '.join([*ENVOY_FIELDS, *EXTRA_FIELDS])}")
-    return data
-
-
-@app.command()
-def summary(db: DbOpt, as_json: JsonOpt = False) -> None:
-    """Overview of a store: events by type, services, time span, rejects."""
-    from meshlens.analysis.overview import format_summary
-    from meshlens.analysis.overview import summary as _summary
-    from meshlens.cli.common import read_store, run_command
-
-    def run() -> None:
-        with read_store(db) as store:
-            s = _summary(store)
-        _emit(s, as_json, format_summary(s))
-
-    run_command(run)
-
-
-@app.command()
-def schema(markdown: Annotated[bool, typer.Option("--markdown", help="Print docs/schema.md.")] = False) -> None:
-    """Print the store's tables and columns."""
-    from meshlens import schema as _schema
-
-    if markdown:
-        typer.echo(_schema.markdown())
-        return
-    for table, cols in _schema.TABLES.items():
-        typer.echo(f"{table}: " + ", ".join(f"{c.name} {c.type}" for c in cols))
-
-
-@app.command()
-def migrate(db: DbOpt) -> None:
-    """Upgrade a store written by an older meshlens to the current schema."""
-    from meshlens.store import open_store
-
-    with open_store(db) as store:
-        store.publish_snapshot()
-        typer.echo(f"{db}: schema version {store.schema_version()}")
-
-
-@app.command()
-def demo(
-    db: Annotated[Path, typer.Option("--db", help="Store to (re)build.")] = Path("out/demo.duckdb"),
-    samples: Annotated[Path, typer.Option(help="Sample data directory.")] = Path("data/samples"),
-    out: Annotated[Path, typer.Option(help="Report output directory.")] = Path("out/reports"),
-    reports: Annotated[bool, typer.Option(help="Also run every report (HTML).")] = True,
-) -> None:
-    """The main job end to end on the bundled samples: ingest, summarise, run the reports."""
-    from meshlens.demo import run_demo
-
-    run_demo(db=db, samples=samples, out=out, reports=reports, echo=typer.echo)
-
-
-def _register_optional() -> None:
-    """Source and report commands live in their own modules; a missing optional part is skipped."""
-    import importlib
-
-    for mod, args in (("meshlens.cli.loki", (ingest_app, aggregate_app)),
-                      ("meshlens.cli.es", (ingest_app, aggregate_app)),
-                      ("meshlens.cli.simulate", (app,)),
-                      ("meshlens.cli.reports", (app,)),
-                      ("meshlens.cli.analysis", (app,)),
-                      ("meshlens.cli.retention", (app,))):
-        try:
-            module = importlib.import_module(mod)
-        except ImportError as exc:
-            if exc.name != mod:
-                raise
-            continue
-        module.register(*args)
-
-
-_register_optional()
+for _module, _apps in COMMAND_MODULES:
+    importlib.import_module(_module).register(*_apps)
 
 
 def main() -> None:
@@ -173,7 +57,3 @@ def main() -> None:
     except (MeshlensError, KeyboardInterrupt) as exc:
         typer.echo(error_line(exc), err=True)
         sys.exit(exit_code(exc))
-
-
-if __name__ == "__main__":
-    main()

@@ -47,6 +47,23 @@ Timeout = Annotated[float, typer.Option("--timeout", help="Per-request timeout i
 Retries = Annotated[int, typer.Option("--max-retries", help="Retries for 429/5xx/connection errors.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")]
 
+# Ingest filters and sampling: the same on every ingest command (meshlens.filters).
+FilterConfigOpt = Annotated[Path | None, typer.Option(
+    "--filter-config", help="YAML/TOML file with ingest filter rules and sampling (see docs/retention.md).")]
+NoDefaultFiltersOpt = Annotated[bool, typer.Option(
+    "--no-default-filters", help="Keep health checks (kube-probe user agents, /healthz, /ready, /metrics...).")]
+SampleSuccessOpt = Annotated[float | None, typer.Option(
+    "--sample-success", help="Keep this fraction (0 < RATE <= 1) of successful requests, weighted 1/RATE; "
+    "denials, errors, TLS/authn failures and config changes are always kept.")]
+
+
+def filter_options(filter_config: Path | None, no_default_filters: bool, sample_success: float | None
+                   ) -> dict[str, Any]:
+    """The filter/sampling options as ``ingest(...)`` keyword arguments."""
+    from meshlens.filters import build_filter_config
+
+    return {"filters": build_filter_config(filter_config, no_default_filters, sample_success)}
+
 
 def echo_ingest_counts(counts: Any, as_json: bool) -> None:
     """Print an ingest's counts (:class:`meshlens.ingest.IngestCounts`)."""

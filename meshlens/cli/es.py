@@ -18,13 +18,17 @@ import typer
 from meshlens.cli.common import (
     AsJson,
     Db,
+    FilterConfigOpt,
     From,
+    NoDefaultFiltersOpt,
     Retries,
+    SampleSuccessOpt,
     Since,
     Timeout,
     To,
     echo_aggregate_counts,
     echo_ingest_counts,
+    filter_options,
     run_command,
 )
 
@@ -79,6 +83,9 @@ def ingest_es_cmd(
     max_retries: Retries = 8,
     as_json: AsJson = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Do not show a progress bar.")] = False,
+    filter_config: FilterConfigOpt = None,
+    no_default_filters: NoDefaultFiltersOpt = False,
+    sample_success: SampleSuccessOpt = None,
 ) -> None:
     """Pull every document of a time range from Elasticsearch/OpenSearch into the store (PIT, resumable)."""
     from meshlens.sources.elasticsearch import ingest_es
@@ -90,6 +97,7 @@ def ingest_es_cmd(
             resume_overlap=resume_overlap, force_scroll=scroll, tiebreaker=tiebreaker, keep_alive=keep_alive,
             fmt=fmt, progress=not no_progress and not as_json and sys.stderr.isatty(),
             **_conn(cloud_id, config, username, ca_cert, cert, key, insecure, timeout, max_retries),
+            ingest_options=filter_options(filter_config, no_default_filters, sample_success),
         )
         echo_ingest_counts(counts, as_json)
 

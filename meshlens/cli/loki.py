@@ -16,13 +16,17 @@ import typer
 from meshlens.cli.common import (
     AsJson,
     Db,
+    FilterConfigOpt,
     From,
+    NoDefaultFiltersOpt,
     Retries,
+    SampleSuccessOpt,
     Since,
     Timeout,
     To,
     echo_aggregate_counts,
     echo_ingest_counts,
+    filter_options,
     run_command,
 )
 
@@ -84,6 +88,9 @@ def ingest_loki_cmd(
     max_retries: Retries = 8,
     as_json: AsJson = False,
     progress: Progress = True,
+    filter_config: FilterConfigOpt = None,
+    no_default_filters: NoDefaultFiltersOpt = False,
+    sample_success: SampleSuccessOpt = None,
 ) -> None:
     """Pull every line of a LogQL range from Loki into the store (exact, parallel, resumable)."""
     from meshlens.sources.loki import ingest_loki
@@ -95,6 +102,7 @@ def ingest_loki_cmd(
             progress=progress and not as_json and sys.stderr.isatty(), org_id=org_id,
             **_auth(username, password, bearer_token, bearer_token_file, header, ca_cert, cert, key, insecure,
                     timeout, max_retries),
+            ingest_options=filter_options(filter_config, no_default_filters, sample_success),
         )
         echo_ingest_counts(counts, as_json)
 
