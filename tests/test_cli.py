@@ -58,3 +58,10 @@ def test_help_on_every_command() -> None:
                  ["schema", "--help"], ["demo", "--help"]):
         r = run(*args)
         assert r.returncode == 0 and "Usage" in r.stdout, (args, r.stderr)
+
+
+def test_cli_reference_is_current() -> None:
+    from meshlens.cli.reference import markdown
+
+    doc = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
+    assert doc.read_text() == markdown(), "regenerate: python -m meshlens.cli.reference > docs/cli.md"
