@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from meshlens import filters as _filters
 from meshlens.errors import MeshlensError, StoreError
 from meshlens.formats.detect import Parser
-from meshlens.records import RawBatch
+from meshlens.records import AggregateCounts, RawBatch
 from meshlens.sources.base import Source
 from meshlens.sources.files import DEFAULT_BATCH, FileSource
 from meshlens.store import Store, open_store
@@ -251,6 +251,15 @@ def ingest(
                         raise  # on a failed run the original error is the one to report
                 finally:
                     store.close()
+
+
+def store_series(store: Store, table: Any, counts: AggregateCounts) -> None:
+    """Upsert one table of ``series`` rows (idempotent on series key + ts) and count what it held."""
+    store.upsert_series(table)
+    for m in table.column("metric").to_pylist():
+        counts.metrics[m] = counts.metrics.get(m, 0) + 1
+    counts.samples += table.num_rows
+    counts.series += len(set(table.column("series_key").to_pylist()))
 
 
 def ingest_files(

@@ -85,3 +85,20 @@ class RawBatch:
             self.reject_reasons = [None] * (len(self.lines) - 1)
         if self.reject_reasons is not None:
             self.reject_reasons.append(reject_reason)
+
+
+@dataclass
+class AggregateCounts:
+    """What a push-down aggregation stored (every backend: Loki metric queries, ES aggregations).
+
+    Backends add their own field (Loki the detected ``log_format``, ES the ``group_by`` fields) in a
+    subclass; the counting and the writing are :func:`store_series`, the one writer of ``series``."""
+
+    queries: int = 0
+    series: int = 0
+    samples: int = 0
+    metrics: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"queries": self.queries, "series": self.series, "samples": self.samples,
+                "metrics": dict(self.metrics)}

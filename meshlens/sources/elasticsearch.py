@@ -87,6 +87,7 @@ from meshlens.errors import AuthError, ConfigError, QueryError, SourceError
 from meshlens.formats.bulk import ENVOY_FIELDS, EXTRA_FIELDS, ISTIO_JSON_MARKERS
 from meshlens.formats.ecs import get as get_path
 from meshlens.formats.ecs import looks_like_ecs
+from meshlens.records import AggregateCounts as _AggregateCounts
 from meshlens.records import RawBatch
 from meshlens.sources.http import HttpClient, HttpConfig
 from meshlens.timeutil import parse_rfc3339_ns
@@ -1541,18 +1542,13 @@ def open_es_source(
 
 # -- push-down aggregation --------------------------------------------------------------------------
 @dataclass
-class AggregateCounts:
-    """What an aggregation stored."""
+class AggregateCounts(_AggregateCounts):
+    """What an aggregation stored, and the document fields it grouped by."""
 
-    queries: int = 0
-    series: int = 0
-    samples: int = 0
-    metrics: dict[str, int] = field(default_factory=dict)
     group_by: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"queries": self.queries, "series": self.series, "samples": self.samples,
-                "metrics": dict(self.metrics), "group_by": dict(self.group_by)}
+        return {**super().as_dict(), "group_by": dict(self.group_by)}
 
 
 # Where common shippers put the fields the presets need (first one present in a sample document wins).
@@ -1720,6 +1716,7 @@ def aggregate_es(
     retried as its ``.keyword`` sub-field. ``after_key`` paging reads every bucket; re-running is
     idempotent (upsert on series key + ts).
     """
+    from meshlens.ingest import store_series
     from meshlens.store import writing
     from meshlens.timeutil import parse_duration_ns, resolve_range
 
@@ -1747,12 +1744,7 @@ def aggregate_es(
             counts.group_by = dict(spec.group_by)
             store.query("SELECT 1")  # finish migrate()'s pending result before register() (see aggregate_loki)
             table = composite_to_series(buckets, spec, src.identity)
-            store.upsert_series(table)
-            metrics = table.column("metric").to_pylist()
-            for m in metrics:
-                counts.metrics[m] = counts.metrics.get(m, 0) + 1
-            counts.samples = table.num_rows
-            counts.series = len(set(table.column("series_key").to_pylist()))
+            store_series(store, table, counts)
         return counts
     finally:
         if http_client is None:

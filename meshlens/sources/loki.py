@@ -62,6 +62,7 @@ from typing import TYPE_CHECKING, Any
 
 from meshlens.errors import AuthError, ConfigError, QueryError, SourceError
 from meshlens.records import DEFAULT_BATCH, RawBatch
+from meshlens.records import AggregateCounts as _AggregateCounts
 from meshlens.sources.http import HttpClient, HttpConfig
 from meshlens.timeutil import (  # noqa: F401 - resolve_range re-exported for callers of this module
     ns_to_rfc3339,
@@ -1257,18 +1258,13 @@ MAX_POINTS = 11000
 
 
 @dataclass
-class AggregateCounts:
-    """What an aggregation stored."""
+class AggregateCounts(_AggregateCounts):
+    """What an aggregation stored, and the access-log encoding the presets were rendered for."""
 
-    queries: int = 0
-    series: int = 0
-    samples: int = 0
-    metrics: dict[str, int] = field(default_factory=dict)
     log_format: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"queries": self.queries, "series": self.series, "samples": self.samples,
-                "metrics": dict(self.metrics), "log_format": self.log_format}
+        return {**super().as_dict(), "log_format": self.log_format}
 
 
 def render_preset(name: str, selector: str, step_ns: int, log_format: str) -> str:
@@ -1428,6 +1424,7 @@ def aggregate_loki(
     renamed ``app``->``service``, ``response_code``->``status``, ``response_flags``->``flags``.
     Re-running is idempotent (upsert on series key + ts).
     """
+    from meshlens.ingest import store_series
     from meshlens.store import writing
 
     if (selector is None) == (query is None):
@@ -1470,11 +1467,7 @@ def aggregate_loki(
                 result = runner.run(q, eval_start, eval_end)
                 origin = source_identity(client.identity, org, q)
                 table = matrix_to_series(result, metric=name, origin=origin, step_ns=step_ns, rename=rename)
-                store.upsert_series(table)
-                n_series = len({r for r in table.column("series_key").to_pylist()})
-                counts.metrics[name] = table.num_rows
-                counts.series += n_series
-                counts.samples += table.num_rows
+                store_series(store, table, counts)
             counts.queries = runner.queries
         return counts
     finally:
