@@ -1,6 +1,6 @@
 """Coverage-guided fuzzing (atheris/libFuzzer) of every parser and container entry point.
 
-The checks are those of the hypothesis tests (tests/fuzz_inputs.py): any input gives events or
+The checks are those of the hypothesis tests (tests/support/fuzz_inputs.py): any input gives events or
 rejects, never an exception, and the conservation count holds. A finding is an uncaught exception,
 written by libFuzzer as ``crash-<sha1>`` under ``-artifact_prefix``.
 
@@ -8,7 +8,7 @@ Run (``pip install 'atheris>=3.0'``)::
 
     .venv/bin/python fuzz/fuzz_parsers.py -max_total_time=600 -artifact_prefix=out/fuzz/ [corpus_dir]
 
-``tests/test_fuzz_parsers.py::test_atheris_bounded_run`` runs it for 15 s in every ``make test``; set
+``tests/formats/test_fuzz_parsers.py::test_atheris_bounded_run`` runs it for 15 s in every ``make test``; set
 ``MESHLENS_FUZZ_SECONDS`` for a longer run.
 """
 
@@ -24,7 +24,7 @@ import atheris
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 with atheris.instrument_imports(include=["meshlens"]):
-    from tests import fuzz_inputs as fi
+    from tests.support import fuzz_inputs as fi
 
 _TMP = Path(tempfile.mkdtemp(prefix="meshlens-fuzz-"))
 _SAMPLES = fi.sample_lines()

@@ -28,7 +28,7 @@ How a notebook plugs in (the contract :mod:`meshlens.reports` and :mod:`meshlens
    then analysis functions (``meshlens.analysis.*``: they take the store and ``window.start`` /
    ``window.end``) and display helpers: Altair charts from :mod:`meshlens.viz` (just leave the chart as
    the last expression), :func:`show_table`, :func:`note`.
-4. Commit the notebook with outputs cleared and add it to the notebook list in ``tests/test_reports.py``
+4. Commit the notebook with outputs cleared and add it to the notebook list in ``tests/reports/test_reports.py``
    so it is executed with papermill in CI.
 
 Charts render offline everywhere: :func:`configure_altair` enables the ``meshlens`` Altair renderer,

@@ -13,7 +13,7 @@ Why two executions of the same rules:
 
 The patterns are written in the common subset of RE2 and Python ``re`` (no look-around, no
 back-references, explicit ``[0-9]``/``[ \\t]`` instead of ``\\d``/``\\s``, whose Unicode meaning differs),
-and ``tests/test_redact.py`` checks that both executions agree on a corpus of realistic leaks.
+and ``tests/formats/test_redact.py`` checks that both executions agree on a corpus of realistic leaks.
 
 What is redacted (each rule can be switched off):
 

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from meshlens import reports, schedule
 from meshlens.cli.reports import register
 from meshlens.errors import ConfigError, MeshlensError
-from tests.test_reports import make_notebook
+from tests.reports.test_reports import make_notebook
 
 T0 = datetime(2024, 5, 1, 5, 0, tzinfo=UTC)
 
@@ -374,7 +374,7 @@ def test_cli_schedule_run_due_json_and_exit_code(tmp_path: Path, nbdir: Path) ->
 
 
 def test_config_examples_in_the_docs_are_valid(tmp_path: Path) -> None:
-    doc = (Path(__file__).resolve().parent.parent / "docs" / "scheduling.md").read_text()
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "scheduling.md").read_text()
     blocks = [(k, b) for k, b in re.findall(r"```(toml|yaml)\n(.*?)```", doc, flags=re.S)
               if "apiVersion:" not in b]  # the Kubernetes manifests are not schedule files
     assert len(blocks) >= 3

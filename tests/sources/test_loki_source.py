@@ -36,7 +36,7 @@ from tests.servers.loki import NS, LokiServer, generate, istio_line
 
 T0 = 1_700_000_000 * NS
 Q = '{container="istio-proxy"}'
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def http(srv: LokiServer, sleeps: list[float] | None = None, org: str | None = None, **kw: object) -> LokiClient:

@@ -1,4 +1,4 @@
-"""Seeds and checks shared by the hypothesis tests (tests/test_fuzz_parsers.py) and the atheris target
+"""Seeds and checks shared by the hypothesis tests (tests/formats/test_fuzz_parsers.py) and the atheris target
 (fuzz/fuzz_parsers.py): one definition of "a parser entry point behaved" for both.
 
 The invariant, for any input: parsing yields events or rejects and never raises; every record of a
@@ -23,7 +23,7 @@ from meshlens.formats.detect import FORMATS, Parser
 from meshlens.records import RawBatch
 from meshlens.sources.files import read_file
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 _SIBLING = ROOT.parent / "shared" / "samples"
 SAMPLES = Path(os.environ.get("MESHLENS_SHARED_SAMPLES")
                or (_SIBLING if _SIBLING.exists() else ROOT / "tests" / "data" / "shared-samples"))

@@ -26,13 +26,13 @@ from meshlens.store import open_store, snapshot_path
 
 KILLS = int(os.environ.get("MESHLENS_CRASH_KILLS", "40" if os.environ.get("MESHLENS_SLOW") == "1" else "8"))
 BATCH = 2000
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 _RUNNER = """
 import sys
 from meshlens.ingest import ingest_batches
 from meshlens.store import open_store
-from tests.test_crash import small_batches
+from tests.store.test_crash import small_batches
 store = open_store(sys.argv[1])
 try:
     ingest_batches(store, small_batches(sys.argv[2], int(sys.argv[3])), source="file:log", progress=False,

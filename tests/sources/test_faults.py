@@ -1,7 +1,7 @@
 """Sources under network faults: every run finishes with the exact record set, or fails loudly with a
 resumable watermark from which a re-run completes exactly -- never a silent gap.
 
-Faults come from tests/faults.py (a reverse proxy: truncated JSON with a consistent Content-Length,
+Faults come from tests/support/faults.py (a reverse proxy: truncated JSON with a consistent Content-Length,
 an HTML login page answered 200, a TCP reset mid-body, responses slower than the client timeout,
 429/5xx storms) and from the test servers' own knobs (ties shuffled between requests, data that changes
 between pages).
@@ -19,11 +19,11 @@ from meshlens.errors import SourceError
 from meshlens.sources.elasticsearch import ingest_es
 from meshlens.sources.loki import ingest_loki
 from meshlens.store import open_store
-from tests.faults import FaultProxy
 from tests.servers.elasticsearch import EsTestServer, generate
 from tests.servers.loki import NS, LokiServer, istio_line
 from tests.servers.loki import generate as loki_generate
-from tests.test_loki_source import T0, Q, server_as_events, stored_events
+from tests.sources.test_loki_source import T0, Q, server_as_events, stored_events
+from tests.support.faults import FaultProxy
 
 END = T0 + 600 * NS
 QR = "/loki/api/v1/query_range"

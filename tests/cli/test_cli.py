@@ -63,5 +63,5 @@ def test_help_on_every_command() -> None:
 def test_cli_reference_is_current() -> None:
     from meshlens.cli.reference import markdown
 
-    doc = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
+    doc = Path(__file__).resolve().parents[2] / "docs" / "cli.md"
     assert doc.read_text() == markdown(), "regenerate: python -m meshlens.cli.reference > docs/cli.md"

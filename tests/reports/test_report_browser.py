@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from meshlens import reports
-from tests.test_audit import build_audit_store
+from tests.analysis.test_audit import build_audit_store
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser") if shutil.which(n)), None)
 pytestmark = [

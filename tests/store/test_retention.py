@@ -23,7 +23,7 @@ from meshlens.ingest import ingest_files
 from meshlens.retention import RetentionPolicy, apply_retention, load_policy, policy_from_dict
 from meshlens.store import open_store
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # The bundled simulated data covers 2024-05-01 00:00..12:00 UTC. "now" one day later puts the
 # events_days=1 cutoff at 06:00, in the middle of the data.
 NOW = datetime(2024, 5, 2, 6, 0, tzinfo=UTC)

@@ -25,7 +25,7 @@ from meshlens.ingest import IngestCounts, ingest_batches, ingest_files
 from meshlens.records import RawBatch
 from meshlens.store import open_store
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 T0 = 1714557600  # 2024-05-01T10:00:00Z
 LABELS = {"namespace": "shop", "pod": "orders-7d9f8b6c5-abcde", "container": "istio-proxy"}
 

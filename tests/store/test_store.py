@@ -77,5 +77,5 @@ def test_series_upsert_replaces_same_key_and_ts(db: Path) -> None:
 
 
 def test_schema_doc_is_in_sync() -> None:
-    doc = Path(__file__).resolve().parent.parent / "docs" / "schema.md"
+    doc = Path(__file__).resolve().parents[2] / "docs" / "schema.md"
     assert doc.read_text() == schema.markdown() + "\n", "regenerate: meshlens schema --markdown > docs/schema.md"

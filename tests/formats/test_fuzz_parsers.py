@@ -1,5 +1,5 @@
 """Property tests over every parser and container entry point: any input gives events or rejects,
-never an exception, and the conservation count holds (see tests/fuzz_inputs.py for the checks).
+never an exception, and the conservation count holds (see tests/support/fuzz_inputs.py for the checks).
 
 Example counts are kept small so the file runs in well under a minute; ``MESHLENS_SLOW=1`` multiplies
 them by 20. The coverage-guided atheris target (fuzz/fuzz_parsers.py) complements this.
@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from meshlens.errors import MeshlensError
 from meshlens.sources import elasticsearch, loki
-from tests import fuzz_inputs as fi
+from tests.support import fuzz_inputs as fi
 
 SCALE = 20 if os.environ.get("MESHLENS_SLOW") == "1" else 1
 FAST = settings(max_examples=30 * SCALE, deadline=None, derandomize=SCALE == 1,
@@ -131,7 +131,7 @@ def test_atheris_bounded_run(tmp_path: Path) -> None:
     """The coverage-guided target, for a bounded time (``MESHLENS_FUZZ_SECONDS``, default 15 s)."""
     pytest.importorskip("atheris", reason="atheris>=3.0 is a dev dependency (pip install atheris)")
     seconds = int(os.environ.get("MESHLENS_FUZZ_SECONDS", "15"))
-    target = Path(__file__).resolve().parent.parent / "fuzz" / "fuzz_parsers.py"
+    target = Path(__file__).resolve().parents[2] / "fuzz" / "fuzz_parsers.py"
     proc = subprocess.run(
         [sys.executable, str(target), f"-max_total_time={seconds}", "-len_control=0", "-max_len=2048",
          f"-artifact_prefix={tmp_path}/", "-print_final_stats=1"],

@@ -31,7 +31,7 @@ from meshlens.simulate.model import parse_ts
 from meshlens.simulate.plan import Planner
 from meshlens.simulate.render import go_json_string, go_rfc3339_nano
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # The Istio default TEXT layout, written from the istio.io access-log task sample; validated on the real
 # sample lines in test_text_regex_matches_real_samples before being trusted on ours.

@@ -27,9 +27,9 @@ from meshlens.cli.reports import register
 from meshlens.errors import ConfigError
 from meshlens.store import writing
 from tests import conftest
-from tests.test_audit import DENY_POLICY, LEGACY, audit_rows, build_audit_store, events_table
+from tests.analysis.test_audit import DENY_POLICY, LEGACY, audit_rows, build_audit_store, events_table
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SHIPPED = sorted(p.stem for p in (REPO / "notebooks").glob("*.ipynb"))
 SHARED_SAMPLES = (conftest.SHARED_SAMPLES,)
 SECRET = "s3cr3t-Loki-pw-9f2Q"  # what the secret tests plant in the environment
