@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from meshlens.formats import envoy, k8s_audit, linkerd
+from meshlens.formats import bulk, envoy, envoy_log, k8s_audit, linkerd, ztunnel
 from meshlens.formats.base import RecordParser
 
 
@@ -77,11 +77,10 @@ def _docker_unwrap(obj: dict[str, Any]) -> tuple[str, Any]:
 
 
 _RBAC_DEBUG = re.compile(r"^\d{4}-\d\d-\d\dT\S+\s+debug\s+envoy\s+rbac\s")
-_ZTUNNEL = re.compile(r"^(?:\d{4}-\d\d-\d\dT\S+\s+)?(?:error|warn|info|debug)\s+access\s+.*\b(?:src|dst)\.addr=")
 _LINKERD_APACHE = re.compile(r"^\S+:\d+ \S+ - \[")
 
 _ENVOY_JSON_SQL = ("body[1] = '{' AND (" + " OR ".join(
-    f"contains(body, '\"{k}\"')" for k in ("response_code", "upstream_cluster")) + ")")
+    f"contains(body, '\"{k}\"')" for k in bulk.JSON_MARKER_KEYS) + ")")
 _ENVOY_TEXT_SQL = "body[1] = '\"' OR (body[1] = '[' AND regexp_matches(body, '^\\[[^\\]]*\\]\\s*\"'))"
 
 FORMATS: tuple[FormatSpec, ...] = (
@@ -117,6 +116,13 @@ FORMATS: tuple[FormatSpec, ...] = (
         "docker_json_log", "unwrap", "Docker json-file / Fluent Bit `{\"log\": ...}` records wrapping a line",
         detect=_docker_log, unwrap=_docker_unwrap, readme=False),
     FormatSpec(
+        "ztunnel", "json",
+        "Istio ambient ztunnel access logs: JSON (`\"scope\":\"access\"`, `\"message\":\"connection complete\"`) "
+        "and text (`info access connection complete src.addr=...`, `INFO access: connection complete ...`), "
+        "src/dst workload, identity, bytes, policy rejection; `ztunnel::state` policy decisions",
+        "istio/ztunnel PR #1229, istio/ztunnel issue #2055",
+        detect=ztunnel.looks_like_json, parse=ztunnel.parse_json, extra={"text": "ztunnel_text"}),
+    FormatSpec(
         "ecs", "json", "already-structured Elasticsearch documents (ECS fields)",
         "elastic/ecs `http.*`, `url.*`, `source.*` field reference",
         detect=_loads_lazy("meshlens.formats.ecs", "looks_like_ecs"),
@@ -126,8 +132,15 @@ FORMATS: tuple[FormatSpec, ...] = (
         "istio/istio `tests/integration/security` (`proxy-config log --level rbac:debug`)",
         detect=_RBAC_DEBUG.match, parse=envoy.parse_rbac_debug),
     FormatSpec(
-        "ztunnel", "text", "Istio ambient ztunnel access logs", "istio/ztunnel issue #1273",
-        detect=_ZTUNNEL.match, parse=envoy.parse_ztunnel),
+        "ztunnel_text", "text", "", detect=ztunnel.looks_like_text, parse=ztunnel.parse_text, readme=False),
+    FormatSpec(
+        "envoy_log", "text",
+        "Envoy's own log lines with an authz/authn outcome: native prefix `[YYYY-MM-DD HH:MM:SS.mmm][thread]"
+        "[level][component] [source/...:N]` (plain Envoy, Envoy Gateway, `[Envoy (Epoch 0)]` in older Istio) "
+        "or Istio's layout; `[rbac]` enforced/shadow denied/allowed with the matched policy, `[ext_authz]` "
+        "rejected/accepted, `[jwt]` authentication failures, `[connection]` TLS handshake errors",
+        "envoyproxy/envoy issue #36346",
+        detect=envoy_log.looks_like, parse=envoy_log.parse),
     FormatSpec(
         "linkerd_apache", "text", "Linkerd proxy access logs, apache style (ns timestamps and durations kept)",
         "linkerd/website `proxy-configuration` (access logging)",
@@ -145,6 +158,9 @@ TEXT_NOT_RECORDS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"^(?:\d{4}-\d\d-\d\dT\S+|\[\s*\d+\.\d+s\])\s+(?:info|warn|warning|error|debug|trace|critical|"
                 r"INFO|WARN|ERROR|DEBUG|TRACE)\b"),
      "proxy log line (pilot-agent/Envoy/Linkerd diagnostics), not an access or policy record"),
+    (re.compile(r"^" + envoy_log.WRAPPER + r"\[\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d(?:\.\d+)?\]\[[^\]]*\]\[[a-z]+\]\[[a-z_0-9]+\] "),
+     "Envoy log line ([date][thread][level][component] prefix) from a component without an authz/authn "
+     "outcome, not an access or policy record"),
 )
 """Known text shapes that are not records: (pattern, reject reason)."""
 
