@@ -15,6 +15,7 @@ from meshlens.cli.common import (
     filter_options,
     run_command,
 )
+from meshlens.formats.registry import format_help
 from meshlens.records import DEFAULT_BATCH
 
 DbOpt = Annotated[Path, typer.Option("--db", help="DuckDB store file (created if missing).")]
@@ -32,8 +33,7 @@ def ingest_file(
     paths: Annotated[list[Path], typer.Argument(help="Files or directories (plain, .gz, logcli jsonl, "
                                                 "saved Loki JSON, CRI logs).")],
     db: DbOpt,
-    fmt: Annotated[str, typer.Option("--format", help="Force a record format instead of auto-detection "
-                                     "(istio_text, istio_json, envoy_default, linkerd_json, k8s_audit, ...).")] = "auto",
+    fmt: Annotated[str, typer.Option("--format", help=format_help())] = "auto",
     mapping: Annotated[Path | None, typer.Option("--mapping", help="JSON/YAML file mapping Istio JSON key "
                                                  "names to your custom access-log keys.")] = None,
     batch_size: Annotated[int, typer.Option(help="Records per transaction.")] = DEFAULT_BATCH,
