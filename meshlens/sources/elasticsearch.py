@@ -67,6 +67,7 @@ import base64
 import binascii
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -324,11 +325,36 @@ class Plan:
     tiebreaker: str | None  # PIT sort tiebreaker ("_shard_doc", "_id" or a user field)
     slices: int
     reason: str = ""
+    index_first: bool = False  # sort on _index before the tiebreaker (it is unique per index only)
+
+    @property
+    def sort_keys(self) -> tuple[str, ...]:
+        """The sort after the time field: what makes it total across every index of the PIT."""
+        if self.mode != "pit" or not self.tiebreaker:
+            return ()
+        return ("_index", self.tiebreaker) if self.index_first else (self.tiebreaker,)
 
     def describe(self) -> str:
-        what = f"PIT ({self.dialect} API, tiebreaker {self.tiebreaker})" if self.mode == "pit" else "scroll"
+        what = (f"PIT ({self.dialect} API, sort <time>, {', '.join(self.sort_keys)})" if self.mode == "pit"
+                else "scroll")
         s = f"{what}, {self.slices} slice(s)"
         return f"{s} -- {self.reason}" if self.reason else s
+
+
+def needs_index_sort(dialect: str, tiebreaker: str | None) -> bool:
+    """Whether ``_index`` must come before the tiebreaker for the sort to be total across indices.
+
+    Elasticsearch's ``_shard_doc`` is ``(shard request index << 32) | doc``, the shard numbered across the
+    whole PIT (``ShardDocSortField.shardRequestIndex``), so it is unique over every index of the PIT.
+    OpenSearch's ``_shard_doc`` (3.3+) is ``(shardId << 32) | doc`` with ``shardId`` the shard's number
+    *inside its own index* (``ShardDocSortBuilder.build``: ``context.getShardId()``): shard 0 of
+    ``logs-a`` and shard 0 of ``logs-b`` yield the same values. ``_id`` (OpenSearch 2.4-3.2) and any
+    user field are unique per index at best. ``search_after`` skips every document whose sort values
+    equal the cursor, so without ``_index`` a page ending between two such documents loses the second.
+    """
+    if not tiebreaker:
+        return False
+    return not (dialect == "es" and tiebreaker == "_shard_doc")
 
 
 def choose_plan(
@@ -343,16 +369,19 @@ def choose_plan(
         if v < (2, 4, 0):
             return Plan("scroll", "opensearch", None, n, f"{info.describe()} has no point in time (2.4+)")
         tb = tiebreaker or ("_shard_doc" if v >= (3, 3, 0) else "_id")
-        return Plan("pit", "opensearch", tb, n)
+        return Plan("pit", "opensearch", tb, n, index_first=needs_index_sort("opensearch", tb))
     if info.distribution == "unknown":
-        return Plan("pit", "es", tiebreaker or "_shard_doc", n, "server not identified; trying the ES PIT API")
+        tb = tiebreaker or "_shard_doc"
+        return Plan("pit", "es", tb, n, "server not identified; trying the ES PIT API",
+                    index_first=needs_index_sort("es", tb))
     if v < (7, 12, 0) and not tiebreaker:
         return Plan("scroll", "es", None, n, f"{info.describe()} has no _shard_doc tiebreaker (7.12+)")
     if v < (7, 10, 0):
         return Plan("scroll", "es", None, n, f"{info.describe()} has no point in time (7.10+)")
     if n > 1 and v < (7, 15, 0):
         return Plan("scroll", "es", None, n, f"{info.describe()} cannot slice a point in time (7.15+)")
-    return Plan("pit", "es", tiebreaker or "_shard_doc", n)
+    tb = tiebreaker or "_shard_doc"
+    return Plan("pit", "es", tb, n, index_first=needs_index_sort("es", tb))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1088,9 +1117,7 @@ class EsSource:
 
     def _sort(self, plan: Plan) -> list[Any]:
         tf = {self.q.time_field: {"order": "asc", "unmapped_type": "date"}}
-        if plan.mode == "pit" and plan.tiebreaker:
-            return [tf, {plan.tiebreaker: "asc"}]
-        return [tf]
+        return [tf, *({key: "asc"} for key in plan.sort_keys)]
 
     def _slice(self, plan: Plan, slice_id: int) -> dict[str, Any] | None:
         if plan.slices <= 1:
@@ -1235,7 +1262,9 @@ class EsSource:
             self._pit = None
             if plan.dialect == "es" and self.info is not None and self.info.distribution == "unknown":
                 # unidentified server (no permission for GET /): try the OpenSearch dialect, then scroll
-                self.plan = Plan("pit", "opensearch", self.tiebreaker or "_id", plan.slices, "ES PIT API absent")
+                tb = self.tiebreaker or "_id"
+                self.plan = Plan("pit", "opensearch", tb, plan.slices, "ES PIT API absent",
+                                 index_first=needs_index_sort("opensearch", tb))
                 self.info = ServerInfo("opensearch", "")
                 self._probe_pit(window)
                 return
@@ -1252,8 +1281,7 @@ class EsSource:
         self.make_plan()
         assert self.plan is not None
         if len(cursors) != self.plan.slices:
-            self.plan = Plan(self.plan.mode, self.plan.dialect, self.plan.tiebreaker, len(cursors),
-                             self.plan.reason)
+            self.plan = dataclasses.replace(self.plan, slices=len(cursors))
         self._stop.clear()
         self._probe_pit(window)
         try:

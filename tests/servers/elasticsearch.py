@@ -879,8 +879,12 @@ class SearchEngine:
             for sh in range(idx.shards):
                 ps = by_shard.get(sh, [])
                 rng.shuffle(ps)  # a new Lucene doc order in every PIT (segments merge between PITs)
+                # Elasticsearch: the shard's position among all shards of the PIT (ShardDocSortField's
+                # shardRequestIndex, unique across indices); OpenSearch 3.3+: the shard's number inside
+                # its own index (ShardDocSortBuilder: context.getShardId()), so indices collide.
+                prefix = sh if self.is_os else ordinal
                 for lucene, p in enumerate(ps):
-                    shard_doc[(id(idx), p)] = (ordinal << 32) | lucene
+                    shard_doc[(id(idx), p)] = (prefix << 32) | lucene
                     refs.append((idx, p))
                 ordinal += 1
         base = base64.urlsafe_b64encode(f"pit-{seq}-{time.time_ns()}".encode()).decode().rstrip("=")
@@ -964,6 +968,8 @@ class SearchEngine:
             return global_doc
         if fld == "_id":
             return idx.ids[pos]
+        if fld == "_index":
+            return idx.name
         if fld == "_score":
             return 1.0
         vals = idx.values(fld, pos)
@@ -991,7 +997,7 @@ class SearchEngine:
                                       "Fielddata access on the _id field is disallowed, you can re-enable it by "
                                       "updating the dynamic cluster setting: indices.id_field_data.enabled",
                                       index_name)
-            elif fld in ("_doc", "_score"):
+            elif fld in ("_doc", "_score", "_index"):  # _index: a constant keyword per index, sortable
                 continue
             else:
                 types = {i.ftype(fld) for i in indices} - {None}
