@@ -231,3 +231,22 @@ def test_osmem_twin_indices_resume_between_twins(osmem: str, tmp_path: Path) -> 
         positions = list(store.query("SELECT position FROM events")["position"])
     assert sorted(positions) == sorted(want)
     assert (counts.read, counts.duplicates) == (len(want) - 9, 0)
+
+
+def test_osmem_accepts_allow_partial_pit_creation_false(osmem: str) -> None:
+    index, ids = new_index(osmem, 30)
+    src = source(osmem, index, page_size=7)
+    assert src.partial_pit_param() == "allow_partial_pit_creation"
+    assert set(read_positions(src)) == ids and src._send_partial_param, "the parameter was not refused"
+
+
+def test_osmem_pattern_matching_nothing_and_empty_range(osmem: str, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    index, _ = new_index(osmem, 5)
+    with pytest.raises(QueryError, match=r"'nomatch-\*' matches no index; indices there: .*logs-osm-"):
+        source(osmem, "nomatch-*").validate(WINDOW)
+    later = Window(WINDOW.to_ms, WINDOW.to_ms + 3_600_000)
+    with caplog.at_level(logging.WARNING, logger="meshlens.es"):
+        source(osmem, index).validate(later)
+    assert any("no documents in" in r.getMessage() and f"{index} (5 docs)" in r.getMessage() for r in caplog.records)

@@ -778,6 +778,11 @@ class Faults:
     drop_path: str | None = None
     forbidden_paths: tuple[str, ...] = ()
     latency_s: float = 0.0  # added to every search/scroll page (stands in for a real cluster's query time)
+    # field data on _id trips the fielddata breaker: "error" = 429 (all shards), "partial" = 200 with
+    # shard 0 of every index failed
+    id_sort_breaker: str | None = None
+    pit_failed_shards: int = 0  # shards lost when a PIT is opened (refused unless partial PITs are allowed)
+    unknown_params: tuple[str, ...] = ()  # parameters this server does not know (an older/compatible one)
 
 
 class SearchEngine:
@@ -794,6 +799,7 @@ class SearchEngine:
         self.lock = threading.RLock()
         self.faults = Faults()
         self.context_pages = 0
+        self.breaker_trips = 0
         self._pit_seq = itertools.count(1)
         self._scroll_seq = itertools.count(1)
         self.max_result_window = 10_000
@@ -817,6 +823,40 @@ class SearchEngine:
 
     def id_sort_allowed(self) -> bool:
         return self.is_os or self.v < (8, 0, 0)
+
+    def pit_params(self) -> set[str]:
+        """Query parameters the open-PIT endpoint accepts (any other is a 400, as on the real servers)."""
+        common = {"keep_alive", "preference", "routing", "expand_wildcards", "ignore_unavailable",
+                  "allow_no_indices"}
+        if self.is_os:
+            return common | {"allow_partial_pit_creation"}  # since PIT itself (2.4), default true
+        return common | ({"allow_partial_search_results"} if self.v >= (8, 16, 0) else set())
+
+    def check_params(self, uri_path: str, params: dict[str, str], allowed: set[str]) -> None:
+        for name in params:
+            if name not in allowed or name in self.faults.unknown_params:
+                raise es_error(400, "illegal_argument_exception",
+                               f"request [{uri_path}] contains unrecognized parameter: [{name}]")
+
+    def pit_shard_failures(self, index_expr: str, params: dict[str, str]) -> list[dict[str, Any]]:
+        """The shards a new PIT misses (fault knob); raises when partial PITs are not allowed."""
+        n = self.faults.pit_failed_shards
+        if not n:
+            return []
+        if self.is_os:
+            allowed = params.get("allow_partial_pit_creation", "true") != "false"
+        else:
+            allowed = params.get("allow_partial_search_results", "false") == "true"
+        names = [i.name for i in self.resolve(index_expr)] or [index_expr]
+        cause = {"type": "no_shard_available_action_exception",
+                 "reason": "[es-node-2][10.0.0.12:9300][indices:data/read/open_reader_context]"}
+        failures = [{"shard": k, "index": names[k % len(names)], "node": "n2Kq9", "reason": cause}
+                    for k in range(n)]
+        if not allowed:
+            raise EsHttpError(503, {"error": {
+                "root_cause": [cause], "type": "search_phase_execution_exception", "reason": "Partial shards failure",
+                "phase": "query", "grouped": True, "failed_shards": failures}, "status": 503})
+        return failures
 
     # -- indices -----------------------------------------------------------------------------
     def create_index(self, name: str, body: dict[str, Any] | None = None) -> Index:
@@ -1068,6 +1108,17 @@ class SearchEngine:
                 not any(f == "_shard_doc" for f, _, _ in spec):
             spec = [*spec, ("_shard_doc", "asc", {})]  # implicit tiebreaker (ES 7.12+)
         self._validate_sort(spec, indices, pit, index_name)
+        breaker = self.faults.id_sort_breaker if any(f == "_id" for f, _, _ in spec) else None
+        if breaker:
+            with self.lock:
+                self.breaker_trips += 1
+            if breaker == "error":
+                raise EsHttpError(429, {"error": {
+                    "root_cause": [_fielddata_breaker()], "type": "search_phase_execution_exception",
+                    "reason": "all shards failed", "phase": "query", "grouped": True,
+                    "failed_shards": [{"shard": 0, "index": i.name, "node": "n1Xy2Qs5TdaBqoP8vW4hzA",
+                                       "reason": _fielddata_breaker()} for i in indices],
+                    "caused_by": _fielddata_breaker()}, "status": 429})
         base_key = json.dumps([body.get("query"), body.get("sort")], sort_keys=True, default=str)
         key = json.dumps([base_key, slice_spec], sort_keys=True, default=str)
         cached = pit.cache.get(key) if pit is not None else None
@@ -1124,12 +1175,18 @@ class SearchEngine:
                 self.scrolls[sid] = ctx
             return self._scroll_page(sid, ctx, total, spec, t0)
         page = rows[start:start + size] if size > 0 else []
+        if breaker == "partial":  # shard 0 of every index failed; its hits are missing from the page
+            page = [row for row in page if row[1][0].shard_of(row[1][1]) != 0]
         resp: dict[str, Any] = {"took": 0, "timed_out": False}
         if pit is not None:
             resp["pit_id"] = self.pit_id_for(pit)
             self._count_context_page()
         resp["_shards"] = {"total": sum(i.shards for i in indices), "successful": sum(i.shards for i in indices),
                            "skipped": 0, "failed": 0}
+        if breaker == "partial":
+            resp["_shards"].update(successful=resp["_shards"]["total"] - len(indices), failed=len(indices),
+                                   failures=[{"shard": 0, "index": i.name, "node": "n1Xy2Qs5TdaBqoP8vW4hzA",
+                                              "reason": _fielddata_breaker()} for i in indices])
         resp["hits"] = self._hits(page, spec, total, body.get("track_total_hits", 10_000), with_sort=bool(spec))
         if body.get("aggs") or body.get("aggregations"):
             aggs = body.get("aggs") or body.get("aggregations")
@@ -1436,6 +1493,21 @@ class SearchEngine:
         return {"name": "es-node-1", "cluster_name": "meshlens-test", "cluster_uuid": "Qx8vDPFtSEuMHVvXl3JbQw",
                 "version": version, "tagline": "You Know, for Search"}
 
+    def cat_indices(self, expr: str, params: dict[str, str]) -> Any:
+        """``_cat/indices`` (``format=json``: a list of string-valued rows; ``h`` picks the columns)."""
+        rows = []
+        for idx in self.resolve(expr, allow_missing=True):
+            live = len(idx.live_positions())
+            rows.append({"health": "green", "status": "open", "index": idx.name, "uuid": idx.uuid,
+                         "pri": str(idx.shards), "rep": "0", "docs.count": str(live), "docs.deleted": "0",
+                         "store.size": f"{live}kb", "pri.store.size": f"{live}kb"})
+        if params.get("h"):
+            cols = params["h"].split(",")
+            rows = [{c: r.get(c) for c in cols} for r in rows]
+        if params.get("format") == "json":
+            return rows
+        return "".join(" ".join(str(v) for v in r.values()) + "\n" for r in rows)
+
     def health(self) -> dict[str, Any]:
         shards = sum(i.shards for i in self.indices.values())
         return {"cluster_name": "meshlens-test", "status": "green", "timed_out": False, "number_of_nodes": 1,
@@ -1443,6 +1515,14 @@ class SearchEngine:
                 "relocating_shards": 0, "initializing_shards": 0, "unassigned_shards": 0,
                 "delayed_unassigned_shards": 0, "number_of_pending_tasks": 0, "number_of_in_flight_fetch": 0,
                 "task_max_waiting_in_queue_millis": 0, "active_shards_percent_as_number": 100.0}
+
+
+def _fielddata_breaker() -> dict[str, Any]:
+    """``CircuitBreakingException`` as rendered in an error body (the fielddata breaker is PERMANENT)."""
+    return {"type": "circuit_breaking_exception",
+            "reason": "[fielddata] Data too large, data for [_id] would be [3221225472/3gb], which is larger than "
+                      "the limit of [3006477107/2.7gb]",
+            "bytes_wanted": 3221225472, "bytes_limit": 3006477107, "durability": "PERMANENT"}
 
 
 def _fielddata_msg(fld: str) -> str:
@@ -1640,7 +1720,7 @@ class EsTestServer:
     """
 
     def __init__(self, flavor: str = "es8", *, auth: Auth | None = None, shards: int = 2,
-                 host: str = "127.0.0.1", port: int = 0) -> None:
+                 host: str = "127.0.0.1", port: int = 0, ssl_context: Any = None) -> None:
         distribution, number = FLAVORS[flavor]
         self.flavor = flavor
         self.engine = SearchEngine(distribution, number, shards=shards)
@@ -1650,13 +1730,16 @@ class EsTestServer:
         self._lock = threading.Lock()
         self._httpd = _Server((host, port), _Handler)
         self._httpd.owner = self
+        self.tls = ssl_context is not None
+        if ssl_context is not None:  # HTTPS only, like a secured cluster: plain HTTP gets no answer
+            self._httpd.socket = ssl_context.wrap_socket(self._httpd.socket, server_side=True)
         self._thread: threading.Thread | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     @property
     def url(self) -> str:
         host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{port}"
 
     @property
     def faults(self) -> Faults:
@@ -1763,6 +1846,8 @@ class EsTestServer:
             raise no_handler(method, uri)
         if segs == ["_cluster", "health"]:
             return 200, eng.health(), {}
+        if segs[:2] == ["_cat", "indices"] and method == "GET":
+            return 200, eng.cat_indices(segs[2] if len(segs) > 2 else "*", params), {}
         if segs[-1] == "_bulk" and method in ("POST", "PUT"):
             return 200, eng.bulk(segs[0] if len(segs) == 2 else None, raw), {}
         # scroll
@@ -1797,10 +1882,15 @@ class EsTestServer:
         if len(segs) == 3 and segs[1:] == ["_search", "point_in_time"] and method == "POST":
             if not eng.has_os_pit():
                 raise no_handler(method, uri)
+            eng.check_params(path, params, eng.pit_params())
+            failures = eng.pit_shard_failures(segs[0], params)
             ctx = eng.open_pit(segs[0], params.get("keep_alive"))
             n = sum(eng.indices[i].shards for i in ctx.indices)
-            return 200, {"pit_id": ctx.base, "_shards": {"total": n, "successful": n, "skipped": 0, "failed": 0},
-                         "creation_time": int(time.time() * 1000)}, {}
+            shards: dict[str, Any] = {"total": n, "successful": n - len(failures), "skipped": 0,
+                                      "failed": len(failures)}
+            if failures:
+                shards["failures"] = failures
+            return 200, {"pit_id": ctx.base, "_shards": shards, "creation_time": int(time.time() * 1000)}, {}
         # PIT, Elasticsearch dialect
         if segs == ["_pit"]:
             if not eng.has_es_pit() or method != "DELETE":
@@ -1811,11 +1901,15 @@ class EsTestServer:
         if len(segs) == 2 and segs[1] == "_pit":
             if not eng.has_es_pit() or method != "POST":
                 raise no_handler(method, uri)
+            eng.check_params(path, params, eng.pit_params())
+            failures = eng.pit_shard_failures(segs[0], params)
             ctx = eng.open_pit(segs[0], params.get("keep_alive"))
             out: dict[str, Any] = {"id": ctx.base}
             if eng.v >= (8, 0, 0):
                 n = sum(eng.indices[i].shards for i in ctx.indices)
-                out["_shards"] = {"total": n, "successful": n, "skipped": 0, "failed": 0}
+                out["_shards"] = {"total": n, "successful": n - len(failures), "skipped": 0, "failed": len(failures)}
+                if failures:
+                    out["_shards"]["failures"] = failures
             return 200, out, {}
         # search & count
         if segs[-1] == "_search" and len(segs) <= 2 and method in ("GET", "POST"):
