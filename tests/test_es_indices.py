@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 import requests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from meshlens.ingest import ingest_batches
 from meshlens.sources.elasticsearch import EsQuery, EsSource, SliceCursor, Window, ingest_es, plan_run
@@ -144,3 +146,53 @@ def test_resume_from_a_watermark_between_twins(flavor: str, tmp_path: Path) -> N
             positions = list(store.query("SELECT position FROM events")["position"])
         assert sorted(positions) == sorted(want)
         assert (counts.read, counts.duplicates) == (len(want) - 9, 0)
+
+
+# -- property: any mix of indices, ids, timestamps and page sizes ------------------------------------
+_SERVERS: dict[str, EsTestServer] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_servers() -> Iterator[None]:
+    yield
+    for srv in _SERVERS.values():
+        srv.stop()
+    _SERVERS.clear()
+
+
+def _server(flavor: str) -> EsTestServer:
+    if flavor not in _SERVERS:
+        srv = EsTestServer(flavor).start()
+        srv.log_requests = False
+        _SERVERS[flavor] = srv
+    return _SERVERS[flavor]
+
+
+_seq = iter(range(10**9))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(docs=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 7), st.integers(0, 2)), min_size=4, max_size=60),
+       shards=st.integers(1, 3), page=st.integers(1, 9), parallel=st.integers(1, 3),
+       flavor=st.sampled_from(["os2", "os3", "es8"]), expire=st.sampled_from([None, 3]))
+def test_property_every_document_once_over_several_indices(docs: list[tuple[int, int, int]], shards: int,
+                                                           page: int, parallel: int, flavor: str,
+                                                           expire: int | None) -> None:
+    """(index, id, ms) drawn from small pools: ids and timestamps repeat across indices all the time."""
+    srv = _server(flavor)
+    stem = f"prop{next(_seq)}"
+    want: set[str] = set()
+    for k in range(3):
+        srv.create_index(f"{stem}-{k}", mappings={"@timestamp": {"type": "date"}}, shards=shards)
+    for k, doc_id, ms in docs:
+        srv.add_docs(f"{stem}-{k}", [(f"d{doc_id}", fluentbit_doc(doc_id, START_MS + ms, random.Random(doc_id)))])
+        want.add(f"{stem}-{k}/d{doc_id}")
+    srv.faults.expire_after_pages = expire
+    srv.engine.context_pages = 0
+    try:
+        cfg = HttpConfig(url=srv.url, max_retries=2, backoff_base_s=0)
+        src = EsSource(cfg, EsQuery(f"{stem}-*"), sleep=lambda s: None, page_size=page, parallel=parallel)
+        got = read_positions(src)
+    finally:
+        srv.faults.expire_after_pages = None
+    assert sorted(got) == sorted(want)

@@ -15,14 +15,22 @@ real response bodies (``shared/formats.md`` section 7) -- what meshlens uses:
   ``DELETE /_pit``, implicit ``_shard_doc`` tiebreaker (7.12+), sliced PIT (7.15+); OpenSearch
   ``POST /<index>/_search/point_in_time`` (2.4+), ``DELETE /_search/point_in_time``, ``_shard_doc``
   only from 3.3; a PIT is a snapshot (documents indexed later are invisible) and every new PIT gets a
-  new Lucene doc order (as after merges), so ``_shard_doc`` values differ between PITs;
+  new Lucene doc order (as after merges), so ``_shard_doc`` values differ between PITs; ``_shard_doc`` is
+  ``(shard << 32) | doc`` with the shard numbered across the whole PIT on Elasticsearch
+  (``ShardDocSortField.shardRequestIndex``) but inside its own index on OpenSearch
+  (``ShardDocSortBuilder``: ``context.getShardId()``), so OpenSearch indices with equal shard numbers
+  collide -- and ``search_after`` skips every hit equal to the cursor, as Lucene's ``compareTop`` does;
+  ``_index`` sorts; the open-PIT parameters by version (``allow_partial_pit_creation`` on OpenSearch,
+  default true; ``allow_partial_search_results`` on Elasticsearch 8.16+), any other one a 400
+  "contains unrecognized parameter"; ``_cat/indices``; optional TLS (``ssl_context``);
 * ``scroll`` (``POST /<index>/_search?scroll=``, ``/_search/scroll``, clear), composite aggregations
   (``terms``, ``date_histogram``, ``histogram`` sources; ``percentiles``, ``avg``/``sum``/``min``/
   ``max``/``value_count``, ``filter`` sub-aggregations; ``after_key`` paging), ``_count``, ``_bulk``,
   index creation with mappings and ``max_result_window``;
 * error bodies shaped like the real ones (``{"error": {"root_cause": [...], "type", "reason", ...},
   "status"}``; OpenSearch security's plain-text 401);
-* fault knobs: 429/5xx storms (optionally with ``Retry-After``), PIT/scroll expiry after N pages,
+* fault knobs: 429/5xx storms (optionally with ``Retry-After``), the fielddata circuit breaker on an
+  ``_id`` sort (429, or failed shards in a 200), PITs that miss shards, PIT/scroll expiry after N pages,
   authentication, forbidden paths, partial shard failures in a 200, ``timed_out`` answers, dropped
   connections and bodies cut mid-transfer.
 
