@@ -237,6 +237,11 @@ def ingest(
         state = src.final_state()
         if key and state is not None:
             store.set_watermark(key, dict(state))
+        notes = list(getattr(src, "notes", None) or ())
+        if notes:  # how the source read (fallbacks taken), kept in the run's row
+            store.finish_run(counts.run_id, read=counts.read, stored=counts.stored, duplicates=counts.duplicates,
+                             rejects=counts.rejects, status="ok", message="; ".join(notes)[:2000],
+                             filtered=counts.filtered, filtered_by_rule=counts.filtered_by_rule)
         failed = False
         return counts
     finally:

@@ -69,7 +69,7 @@ def ingest_es_cmd(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the last run for this url+index+query, or start where it ended.")] = False,
     resume_overlap: Annotated[str, typer.Option("--resume-overlap", help="Re-read this much before the last run's end, for late-indexed documents.")] = "60s",
     scroll: Annotated[bool, typer.Option("--scroll", help="Use scroll instead of point in time (servers/proxies without PIT).")] = False,
-    tiebreaker: Annotated[str | None, typer.Option("--tiebreaker", help="Unique sort field for PIT paging (default _shard_doc, or _id on OpenSearch < 3.3).")] = None,
+    tiebreaker: Annotated[str | None, typer.Option("--tiebreaker", help="Unique sort field for PIT paging (default _shard_doc, or _id on OpenSearch < 3.3; _index goes before it where it is unique per index only).")] = None,
     keep_alive: Annotated[str, typer.Option("--keep-alive", help="PIT/scroll keep-alive between pages.")] = "5m",
     fmt: Annotated[str | None, typer.Option("--format", help="Force a log format (default: detected per record).")] = None,
     cloud_id: CloudId = None,

@@ -29,7 +29,11 @@ class Source(Protocol):
 
     ``source_id`` is stored on every event and in the run record: it must not hold credentials.
     ``watermark_key`` names the stored resume state (None: the source is not resumable by state and
-    relies on event identity alone, as files do)."""
+    relies on event identity alone, as files do).
+
+    Optional attributes the pipeline reads: ``progress_bar`` (False when the source draws its own
+    progress, or a tqdm bar it owns) and ``notes`` (lines saying how the run read, e.g. a fallback
+    taken, stored in the run record)."""
 
     source_id: str
     watermark_key: str | None

@@ -3,11 +3,13 @@
 What it guarantees (and how):
 
 * **Completeness without deep paging.** Documents are read with a point in time (PIT) and
-  ``search_after`` on ``[<time field> asc, <unique tiebreaker> asc]``; ``from``/``size`` is never used
-  beyond the first page, so ``index.max_result_window`` never applies. The tiebreaker is ``_shard_doc``
-  where the server has it (Elasticsearch >= 7.12, elastic/elasticsearch#68833; OpenSearch >= 3.3,
-  opensearch-project/OpenSearch#18924) and ``_id`` on OpenSearch 2.4-3.2 (the tiebreaker OpenSearch's
-  maintainers suggest in opensearch-project/OpenSearch#11831). Servers without a usable PIT
+  ``search_after`` on a sort that is total over every index of the PIT; ``from``/``size`` is never used
+  beyond the first page, so ``index.max_result_window`` never applies. Elasticsearch >= 7.12
+  (elastic/elasticsearch#68833): ``[<time>, _shard_doc]`` -- its shards are numbered across the PIT.
+  OpenSearch >= 3.3 (opensearch-project/OpenSearch#18924): ``[<time>, _index, _shard_doc]`` -- its
+  ``_shard_doc`` numbers a shard inside its own index, so indices collide. OpenSearch 2.4-3.2:
+  ``[<time>, _index, _id]`` (``_id`` as OpenSearch's maintainers suggest in #11831; ids are per index).
+  See :func:`needs_index_sort` and ``docs/elasticsearch.md``. Servers without a usable PIT
   (Elasticsearch < 7.12 -- like elastic/eland#376 --, OpenSearch < 2.4, proxies that block the PIT
   endpoints) are read with ``scroll``, sorted by the time field so that a run can still resume.
 * **The right PIT dialect.** Elasticsearch opens ``POST /<index>/_pit?keep_alive=`` (answer ``id``) and
@@ -27,9 +29,17 @@ What it guarantees (and how):
   are meaningless in a new PIT because ``_shard_doc`` encodes Lucene doc ids. The same cursor is the
   resume state committed with every batch (``RawBatch.checkpoint``), so ``--resume`` after a kill
   continues exactly where the last committed batch ended.
-* **Partial results are never accepted silently.** A 200 with failed shards or ``timed_out: true`` is
-  retried; if it persists the run stops with a resumable :class:`SourceError` naming the shard
-  failures.
+* **Partial results are never accepted silently.** A PIT is opened with ``allow_partial_pit_creation=false``
+  (OpenSearch) / ``allow_partial_search_results=false`` (Elasticsearch 8.16+) where the server has it; a
+  200 with failed shards or ``timed_out: true`` is retried; if it persists the run stops with a resumable
+  :class:`SourceError` naming the shard failures.
+* **Circuit breakers.** A 429 is read before it is retried: a full queue or a transient breaker is
+  retried with backoff, a permanent one is not; the fielddata breaker tripped by the ``_id`` sort switches
+  the run to a sliced scroll from each slice's cursor, kept in the resume state and noted in the run
+  record (:class:`BreakerTripped`).
+* **Wrong address, wrong index.** Something that is not Elasticsearch/OpenSearch at the URL and an index
+  pattern that matches no index are one-line errors at once; an empty range is a warning naming the
+  pattern, the range and the indices that exist.
 
 Why plain HTTP (through :mod:`meshlens.sources.http`) instead of the official clients: the issue asks to
 prefer official client libraries "where they fit", and here they do not. ``elasticsearch-py`` 8/9 refuses
@@ -67,6 +77,7 @@ import base64
 import binascii
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -88,7 +99,7 @@ from meshlens.formats.documents import document_record
 from meshlens.formats.ecs import get as get_path
 from meshlens.records import AggregateCounts as _AggregateCounts
 from meshlens.records import RawBatch
-from meshlens.sources.http import HttpClient, HttpConfig
+from meshlens.sources.http import DEFAULT_RETRY_STATUSES, HttpClient, HttpConfig, parse_retry_after
 from meshlens.timeutil import parse_rfc3339_ns
 
 log = logging.getLogger("meshlens.es")
@@ -98,6 +109,9 @@ STATE_VERSION = 1
 DEFAULT_PAGE_SIZE = 5000
 DEFAULT_KEEP_ALIVE = "5m"
 PAGE_RETRIES = 3  # re-asks of one page that came back partial (failed shards / timed out)
+# 429 is answered here, not in the shared helper: a circuit breaker trip must not be retried blindly
+_RETRY_NOT_429 = tuple(s for s in DEFAULT_RETRY_STATUSES if s != 429)
+_MAX_RETRY_AFTER_S = 600.0
 
 ENV_VARS: dict[str, tuple[str, ...]] = {
     "url": ("ES_URL", "ELASTICSEARCH_URL", "OPENSEARCH_URL"),
@@ -322,11 +336,36 @@ class Plan:
     tiebreaker: str | None  # PIT sort tiebreaker ("_shard_doc", "_id" or a user field)
     slices: int
     reason: str = ""
+    index_first: bool = False  # sort on _index before the tiebreaker (it is unique per index only)
+
+    @property
+    def sort_keys(self) -> tuple[str, ...]:
+        """The sort after the time field: what makes it total across every index of the PIT."""
+        if self.mode != "pit" or not self.tiebreaker:
+            return ()
+        return ("_index", self.tiebreaker) if self.index_first else (self.tiebreaker,)
 
     def describe(self) -> str:
-        what = f"PIT ({self.dialect} API, tiebreaker {self.tiebreaker})" if self.mode == "pit" else "scroll"
+        what = (f"PIT ({self.dialect} API, sort <time>, {', '.join(self.sort_keys)})" if self.mode == "pit"
+                else "scroll")
         s = f"{what}, {self.slices} slice(s)"
         return f"{s} -- {self.reason}" if self.reason else s
+
+
+def needs_index_sort(dialect: str, tiebreaker: str | None) -> bool:
+    """Whether ``_index`` must come before the tiebreaker for the sort to be total across indices.
+
+    Elasticsearch's ``_shard_doc`` is ``(shard request index << 32) | doc``, the shard numbered across the
+    whole PIT (``ShardDocSortField.shardRequestIndex``), so it is unique over every index of the PIT.
+    OpenSearch's ``_shard_doc`` (3.3+) is ``(shardId << 32) | doc`` with ``shardId`` the shard's number
+    *inside its own index* (``ShardDocSortBuilder.build``: ``context.getShardId()``): shard 0 of
+    ``logs-a`` and shard 0 of ``logs-b`` yield the same values. ``_id`` (OpenSearch 2.4-3.2) and any
+    user field are unique per index at best. ``search_after`` skips every document whose sort values
+    equal the cursor, so without ``_index`` a page ending between two such documents loses the second.
+    """
+    if not tiebreaker:
+        return False
+    return not (dialect == "es" and tiebreaker == "_shard_doc")
 
 
 def choose_plan(
@@ -341,16 +380,19 @@ def choose_plan(
         if v < (2, 4, 0):
             return Plan("scroll", "opensearch", None, n, f"{info.describe()} has no point in time (2.4+)")
         tb = tiebreaker or ("_shard_doc" if v >= (3, 3, 0) else "_id")
-        return Plan("pit", "opensearch", tb, n)
+        return Plan("pit", "opensearch", tb, n, index_first=needs_index_sort("opensearch", tb))
     if info.distribution == "unknown":
-        return Plan("pit", "es", tiebreaker or "_shard_doc", n, "server not identified; trying the ES PIT API")
+        tb = tiebreaker or "_shard_doc"
+        return Plan("pit", "es", tb, n, "server not identified; trying the ES PIT API",
+                    index_first=needs_index_sort("es", tb))
     if v < (7, 12, 0) and not tiebreaker:
         return Plan("scroll", "es", None, n, f"{info.describe()} has no _shard_doc tiebreaker (7.12+)")
     if v < (7, 10, 0):
         return Plan("scroll", "es", None, n, f"{info.describe()} has no point in time (7.10+)")
     if n > 1 and v < (7, 15, 0):
         return Plan("scroll", "es", None, n, f"{info.describe()} cannot slice a point in time (7.15+)")
-    return Plan("pit", "es", tiebreaker or "_shard_doc", n)
+    tb = tiebreaker or "_shard_doc"
+    return Plan("pit", "es", tb, n, index_first=needs_index_sort("es", tb))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -556,10 +598,87 @@ class _Unsupported(Exception):
     """The server does not support what the plan asked for (endpoint, tiebreaker, slicing)."""
 
 
+class _ServerFailure(SourceError):
+    """A 5xx not retried by the HTTP helper; ``shards`` summarises ``failed_shards`` when present."""
+
+    def __init__(self, status: int, reason: str, shards: str | None) -> None:
+        super().__init__(f"the server answered HTTP {status}: {reason}" + (f" ({shards})" if shards else "")
+                         + ". Re-run with --resume when the cluster is healthy.", status=status, resumable=True)
+        self.reason, self.shards = reason, shards
+
+
+class _UnknownParameter(Exception):
+    """400 ``request [...] contains unrecognized parameter: [x]`` (every REST endpoint checks its params)."""
+
+
+class BreakerTripped(SourceError):
+    """The server's memory circuit breaker refused the request (HTTP 429 ``circuit_breaking_exception``).
+
+    Body shape (Elasticsearch and OpenSearch alike; ``CircuitBreakingException`` renders
+    ``bytes_wanted``, ``bytes_limit`` and ``durability``)::
+
+        {"error": {"root_cause": [{"type": "circuit_breaking_exception",
+                                   "reason": "[fielddata] Data too large, data for [_id] would be [...]",
+                                   "bytes_wanted": 1, "bytes_limit": 1, "durability": "PERMANENT"}],
+                   "type": "search_phase_execution_exception", "reason": "all shards failed", ...},
+         "status": 429}
+
+    ``PERMANENT`` (the fielddata breaker, or a request that can never fit) means the same request will
+    trip it again, so it is not retried; ``fielddata`` says field data -- on ``_id``, the sort tiebreaker
+    of OpenSearch 2.4-3.2 -- was being loaded, which the reader avoids by switching to a sliced scroll.
+    """
+
+    def __init__(self, message: str, *, reason: str, fielddata: bool, permanent: bool) -> None:
+        super().__init__(message, status=429, resumable=True)
+        self.reason = reason
+        self.fielddata = fielddata
+        self.permanent = permanent
+
+
+def _breaker_of(err: Any) -> tuple[str, bool, bool] | None:
+    """``(reason, fielddata, permanent)`` of the first ``circuit_breaking_exception`` in an error object."""
+    found: list[dict[str, Any]] = []
+
+    def walk(e: Any) -> None:
+        if not isinstance(e, dict) or found:
+            return
+        if e.get("type") == "circuit_breaking_exception":
+            found.append(e)
+            return
+        for k in ("root_cause", "failed_shards"):
+            for item in e.get(k) or []:
+                walk(item)
+        for k in ("caused_by", "reason"):
+            walk(e.get(k))
+
+    walk(err)
+    if not found:
+        return None
+    e = found[0]
+    reason = str(e.get("reason") or "")
+    low = reason.lower()
+    fielddata = low.startswith("[fielddata]") or "data for [_id]" in low
+    return reason, fielddata, str(e.get("durability") or "").upper() == "PERMANENT" or fielddata
+
+
+def _breaker_error(where: str, reason: str, fielddata: bool, permanent: bool) -> BreakerTripped:
+    return BreakerTripped(
+        f"{where}: the server's memory circuit breaker refused the request ({reason}); asking again will trip "
+        "it again. Everything before it is stored: narrow --index/--query, lower --page-size, or raise the "
+        "breaker limit (indices.breaker.*), then re-run with --resume.",
+        reason=reason, fielddata=fielddata, permanent=permanent)
+
+
 class _WindowTooLarge(Exception):
     def __init__(self, limit: int | None) -> None:
         super().__init__(limit)
         self.limit = limit
+
+
+def _iso_ms(ms: int) -> str:
+    import datetime as _dt
+
+    return _dt.datetime.fromtimestamp(ms / 1000, _dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _error_types(err: Any) -> list[str]:
@@ -630,6 +749,11 @@ def _classify_error(resp: Any, *, where: str, index: str) -> Exception:
             except ValueError:
                 limit = None
         return _WindowTooLarge(limit)
+    if status >= 500:
+        failed = err.get("failed_shards") if isinstance(err, dict) else None
+        return _ServerFailure(status, reason, _shard_failure_summary(failed) if failed else None)
+    if status == 400 and "contains unrecognized parameter" in low:
+        return _UnknownParameter(reason)
     if status == 404 and "index_not_found_exception" in types:
         return QueryError(
             f"{where}: index {index!r} not found ({reason}). Check --index (wildcards such as 'logs-*' are "
@@ -749,9 +873,15 @@ def plan_run(
     return window, [SliceCursor() for _ in range(max(1, slices))], base
 
 
-def state_with_run(base: Mapping[str, Any], window: Window, cursors: list[SliceCursor]) -> dict[str, Any]:
-    return {**base, "run": {"from_ms": window.from_ms, "to_ms": window.to_ms, "slices": len(cursors),
-                            "cursors": [c.to_dict() for c in cursors]}}
+def state_with_run(base: Mapping[str, Any], window: Window, cursors: list[SliceCursor],
+                   fallback: str | None = None) -> dict[str, Any]:
+    """The state of an unfinished run; ``fallback`` ("scroll") makes a resumed run read the way this one
+    ended (after a breaker trip), so it does not trip the breaker again first."""
+    run: dict[str, Any] = {"from_ms": window.from_ms, "to_ms": window.to_ms, "slices": len(cursors),
+                           "cursors": [c.to_dict() for c in cursors]}
+    if fallback:
+        run["fallback"] = fallback
+    return {**base, "run": run}
 
 
 def state_completed(base: Mapping[str, Any], window: Window) -> dict[str, Any]:
@@ -925,6 +1055,10 @@ class EsSource:
         self.pit_reopens = 0
         self.scroll_restarts = 0
         self.partial_retries = 0
+        self.throttled = 0  # 429s answered with a retry (full search queue, transient breaker)
+        self.notes: list[str] = []  # what a run should record about how it read (fallbacks); ingest_runs
+        self.fallback: str | None = None  # "scroll" once the PIT sort tripped the field-data breaker
+        self._send_partial_param = True
         self._pit: _PitHolder | None = None
         self._stop = threading.Event()
         self._page_lock = threading.Lock()
@@ -945,20 +1079,45 @@ class EsSource:
 
     # -- detection -----------------------------------------------------------------------------
     def detect(self) -> ServerInfo:
-        """``GET /``; a 403 there (a user without the ``monitor`` privilege) leaves the server unknown."""
+        """``GET /``; a 403 there (a user without the ``monitor`` privilege) leaves the server unknown.
+
+        Something that is not Elasticsearch/OpenSearch at the URL (Kibana, Grafana, Loki, a login page --
+        an HTML or plain-text answer, or JSON without ``version``/``tagline``) is named at once in one
+        line: a wrong port is configuration, and retrying it only makes the user wait.
+        """
         if self.info is None:
             try:
-                resp, body = self.client.request_json("GET", "/")
+                resp = self.client.request("GET", "/")
             except AuthError as exc:
                 if exc.status != 403:
                     raise
                 log.warning("no permission for GET / on %s; server version unknown", self.where)
                 self.info = ServerInfo("unknown", "")
                 return self.info
-            if body is None:
-                raise _classify_error(resp, where=self.where, index=self.q.index)
+            ctype = resp.headers.get("Content-Type", "")
+            try:
+                body = resp.json()
+            except ValueError:
+                if 200 <= resp.status_code < 300 and "json" in ctype.lower():
+                    resp, body = self.client.request_json("GET", "/")  # a JSON body cut short: ask again
+                else:
+                    raise self._not_es(resp) from None
+            if not 200 <= resp.status_code < 300:
+                if isinstance(body, dict) and ("error" in body or "status" in body):
+                    raise _classify_error(resp, where=self.where, index=self.q.index)
+                raise self._not_es(resp)
+            if not isinstance(body, dict) or not (isinstance(body.get("version"), dict) or body.get("tagline")):
+                raise self._not_es(resp)
             self.info = parse_server_info(body, resp.headers)
         return self.info
+
+    def _not_es(self, resp: Any) -> SourceError:
+        text = " ".join(resp.text.split())[:120]
+        ctype = resp.headers.get("Content-Type", "").split(";")[0] or "no content type"
+        return SourceError(
+            f"{self.where} is not Elasticsearch/OpenSearch: GET / answered HTTP {resp.status_code} {ctype} "
+            f"({text!r}). Check the host and port in --url (the search API listens on 9200 by default; "
+            "Kibana's or Dashboards' port is not it).", status=resp.status_code)
 
     def make_plan(self) -> Plan:
         if self.plan is None:
@@ -969,23 +1128,90 @@ class EsSource:
 
     # -- low-level calls -----------------------------------------------------------------------
     def _call(self, method: str, path: str, *, params: dict[str, Any] | None = None,
-              body: Any = None) -> dict[str, Any]:
-        resp, data = self.client.request_json(method, path, params=params, json=body)
+              body: Any = None, retry_statuses: tuple[int, ...] = _RETRY_NOT_429) -> dict[str, Any]:
+        """One JSON call. 429 is looked at before any retry: a full search queue (``es_rejected_execution``)
+        or a transient breaker is retried with backoff (``Retry-After`` honoured), a permanent breaker is
+        raised at once as :class:`BreakerTripped` -- retrying it is the storm that ends the run anyway."""
+        attempts = self.cfg.max_retries + 1
+        for attempt in range(attempts):
+            resp, data = self.client.request_json(method, path, params=params, json=body,
+                                                  retry_statuses=retry_statuses)
+            if data is not None or resp.status_code != 429:
+                break
+            err, reason = _decode_error(resp)
+            trip = _breaker_of(err)
+            if trip is not None and trip[2]:
+                raise _breaker_error(f"{self.where}{path}", *trip)
+            if attempt == attempts - 1:
+                raise SourceError(
+                    f"{self.where}{path} answered HTTP 429 (too many requests) {attempts} time(s): {reason[:300]}. "
+                    "Everything fetched before this point is stored; re-run with --resume (or lower --parallel).",
+                    status=429, resumable=True)
+            retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+            delay = self.client.backoff_delay(attempt) if retry_after is None else min(retry_after,
+                                                                                      _MAX_RETRY_AFTER_S)
+            with self._page_lock:
+                self.throttled += 1
+            log.warning("%s%s: HTTP 429 %s (attempt %d/%d); retrying in %.2fs", self.where, path, reason[:160],
+                        attempt + 1, attempts, delay)
+            self._sleep(delay)
         if data is None:
             raise _classify_error(resp, where=self.where, index=self.q.index)
         if not isinstance(data, dict):
             raise SourceError(f"{self.where}{path} answered with a JSON {type(data).__name__}, expected an object")
         return data
 
-    def _open_pit(self) -> str:
+    def partial_pit_param(self) -> str | None:
+        """The open-PIT parameter that makes the server refuse a PIT missing shards, where it has one.
+
+        OpenSearch (every version with PIT, 2.4+): ``allow_partial_pit_creation``, default **true**
+        (``RestCreatePitAction``: ``paramAsBoolean(ALLOW_PARTIAL_PIT_CREATION, true)``), so it must be sent
+        as false. Elasticsearch 8.16+: ``allow_partial_search_results``, default false; older versions
+        have no such parameter (and always refuse a partial PIT) and answer an unknown one with 400
+        "contains unrecognized parameter", so it is sent only where it exists. Any server that still
+        rejects it gets the request again without it; ``_shards.failed`` is checked either way.
+        """
         plan = self.make_plan()
         if plan.dialect == "opensearch":
-            data = self._call("POST", f"/{index_path(self.q.index)}/_search/point_in_time",
-                              params={"keep_alive": self.keep_alive})
-            pit = data.get("pit_id")
-        else:
-            data = self._call("POST", f"/{index_path(self.q.index)}/_pit", params={"keep_alive": self.keep_alive})
-            pit = data.get("id")
+            return "allow_partial_pit_creation"
+        info = self.info
+        if info is not None and info.distribution == "elasticsearch" and info.version >= (8, 16, 0):
+            return "allow_partial_search_results"
+        return None
+
+    def _open_pit(self) -> str:
+        plan = self.make_plan()
+        params = {"keep_alive": self.keep_alive}
+        partial = self.partial_pit_param() if self._send_partial_param else None
+        if partial:
+            params[partial] = "false"
+        path = (f"/{index_path(self.q.index)}/_search/point_in_time" if plan.dialect == "opensearch"
+                else f"/{index_path(self.q.index)}/_pit")
+        for attempt in range(PAGE_RETRIES + 1):
+            try:
+                # 500/503 are looked at here: "Partial shards failure" is the refused incomplete PIT
+                data = self._call("POST", path, params=params, retry_statuses=(502, 504))
+                break
+            except _UnknownParameter as exc:
+                if not partial:
+                    raise SourceError(f"{self.where}{path}: {exc}") from exc
+                log.info("%s does not know %s (%s); opening the PIT without it, checking _shards.failed",
+                         self.where, partial, exc)
+                self._send_partial_param = False
+                return self._open_pit()
+            except _ServerFailure as exc:
+                what = (f"refused to open a point in time over {self.q.index!r} that would miss shards "
+                        f"({exc.shards})" if exc.shards else
+                        f"answered HTTP {exc.status} opening a point in time over {self.q.index!r} ({exc.reason})")
+                if attempt == PAGE_RETRIES:
+                    raise SourceError(
+                        f"{self.where}: the server {what} on {attempt + 1} attempts. Nothing was read from it; "
+                        "re-run with --resume when the cluster is green (GET _cluster/health).",
+                        status=exc.status, resumable=True) from exc
+                delay = self.client.backoff_delay(attempt)
+                log.warning("%s: the server %s; trying again in %.2fs", self.where, what, delay)
+                self._sleep(delay)
+        pit = data.get("pit_id") if plan.dialect == "opensearch" else data.get("id")
         shards = data.get("_shards") or {}
         if shards.get("failed"):
             self._close_pit(pit) if pit else None
@@ -1028,12 +1254,47 @@ class EsSource:
         return int(c) if isinstance(c, int) else None
 
     def validate(self, window: Window) -> None:
-        """Fail at once, before any paging, on a missing index, a bad query or a wrong time field."""
-        body = {"size": 0, "query": self.q.clause(window), "track_total_hits": False}
+        """Fail at once, before any paging, on a missing index, a pattern that matches no index, a bad
+        query or a wrong time field; warn when the range holds no document (naming what does exist)."""
+        info = self.detect()
+        counts = info.is_opensearch or info.distribution == "unknown" or info.version >= (7, 0, 0)
+        body = {"size": 0, "query": self.q.clause(window), "track_total_hits": 1 if counts else False}
         try:
-            self._checked_search(f"/{index_path(self.q.index)}/_search", body)
+            data = self._checked_search(f"/{index_path(self.q.index)}/_search", body)
         except _Unsupported as exc:
             raise QueryError(f"{self.where} rejected the query: {exc}") from exc
+        shards = data.get("_shards") or {}
+        if shards.get("total") == 0:
+            known = self._index_names()
+            raise QueryError(
+                f"{self.where}: index pattern {self.q.index!r} matches no index"
+                + (f"; indices there: {known}" if known else "")
+                + ". Check --index (wildcards such as 'logs-*' are allowed) and that the credentials may see it.",
+                status=404)
+        total = (data.get("hits") or {}).get("total")
+        if counts and isinstance(total, dict) and total.get("value") == 0:
+            matched = self._index_names(self.q.index, with_counts=True)
+            log.warning("no documents in %r from %s to %s%s on %s%s", self.q.index, _iso_ms(window.from_ms),
+                        _iso_ms(window.to_ms), " matching the query" if self.q.query or self.q.query_dsl else "",
+                        self.where, f" (the pattern matches {matched})" if matched else "")
+
+    def _index_names(self, pattern: str | None = None, *, with_counts: bool = False, limit: int = 8) -> str:
+        """Up to ``limit`` non-hidden index names (with document counts), from ``_cat/indices``; "" if the
+        server or the credentials will not say -- this only decorates an error or a warning."""
+        path = "/_cat/indices" + (f"/{index_path(pattern)}" if pattern else "")
+        try:
+            resp, rows = self.client.request_json("GET", path, params={"format": "json", "h": "index,docs.count",
+                                                                         "s": "index"}, retry_statuses=())
+        except SourceError:
+            return ""
+        if not isinstance(rows, list):
+            return ""
+        names = [r for r in rows if isinstance(r, dict) and isinstance(r.get("index"), str)
+                 and not r["index"].startswith(".")]
+        shown = [f"{r['index']} ({r.get('docs.count', '?')} docs)" if with_counts else r["index"]
+                 for r in names[:limit]]
+        more = f" and {len(names) - limit} more" if len(names) > limit else ""
+        return ", ".join(shown) + more
 
     # -- one page ------------------------------------------------------------------------------
     def _checked_search(self, path: str, body: dict[str, Any], params: dict[str, Any] | None = None
@@ -1048,6 +1309,9 @@ class EsSource:
             failure_types = [t for f in failures if isinstance(f, dict) for t in _error_types(f.get("reason"))]
             if failure_types and all(t == "search_context_missing_exception" for t in failure_types):
                 raise _ContextMissing(_shard_failure_summary(failures))
+            trips = [t for f in failures if isinstance(f, dict) and (t := _breaker_of(f.get("reason")))]
+            if trips and any(t[2] for t in trips):  # some shards' breakers tripped for good
+                raise _breaker_error(f"{self.where}{path}", *next(t for t in trips if t[2]))
             what = (f"{shards.get('failed')} of {shards.get('total')} shard(s) failed"
                     if shards.get("failed") else "the search timed out")
             if attempt == PAGE_RETRIES:
@@ -1066,9 +1330,7 @@ class EsSource:
 
     def _sort(self, plan: Plan) -> list[Any]:
         tf = {self.q.time_field: {"order": "asc", "unmapped_type": "date"}}
-        if plan.mode == "pit" and plan.tiebreaker:
-            return [tf, {plan.tiebreaker: "asc"}]
-        return [tf]
+        return [tf, *({key: "asc"} for key in plan.sort_keys)]
 
     def _slice(self, plan: Plan, slice_id: int) -> dict[str, Any] | None:
         if plan.slices <= 1:
@@ -1096,6 +1358,9 @@ class EsSource:
         pit_id, gen = self._pit.current()
         search_after: list[Any] | None = None
         while not cursor.done and not self._stop.is_set():
+            if self.make_plan().mode != "pit":  # another slice tripped the breaker: continue by scroll
+                yield from self._scroll_slice(window, slice_id, cursor)
+                return
             body: dict[str, Any] = {
                 "size": self.page_size,
                 "query": self.q.clause(window, None if search_after else cursor),
@@ -1110,6 +1375,10 @@ class EsSource:
                 body["search_after"] = search_after
             try:
                 data = self._checked_search("/_search", body)
+            except BreakerTripped as exc:
+                self._fall_back_from_breaker(exc, plan)
+                yield from self._scroll_slice(window, slice_id, cursor)
+                return
             except _ContextMissing:
                 pit_id, gen = self._pit.reopen(gen)
                 search_after = None  # tiebreaker values belong to the old PIT: restart at the boundary
@@ -1194,6 +1463,26 @@ class EsSource:
         log.warning("%s: point in time unusable (%s); falling back to scroll", self.where, reason)
         self.plan = Plan("scroll", self.plan.dialect, None, self.plan.slices, f"PIT unusable: {reason}")
 
+    def _fall_back_from_breaker(self, exc: BreakerTripped, plan: Plan) -> None:
+        """Field data for the ``_id`` tiebreaker tripped the breaker: read on with a sliced scroll.
+
+        Scroll needs no tiebreaker (the context keeps its place), its slices are cut on the time field like
+        the PIT's, and each slice goes on from its cursor (``<time> >= boundary`` minus the ids emitted
+        there), so nothing is lost or repeated; the choice is kept in the resume state and noted in the
+        run record. A ``_seq_no`` sort is no substitute: it is unique per shard only, so it is not total
+        over an index with several shards.
+        """
+        if not (exc.fielddata and plan.mode == "pit" and plan.tiebreaker not in (None, "_shard_doc")):
+            raise exc
+        with self._page_lock:
+            if self.plan is not None and self.plan.mode == "pit":
+                note = (f"sorting on {plan.tiebreaker} tripped the field-data circuit breaker ({exc.reason[:200]}); "
+                        f"read on with a sliced scroll from each slice's cursor")
+                log.warning("%s: %s", self.where, note)
+                self.notes.append(note)
+                self.fallback = "scroll"
+                self.plan = Plan("scroll", plan.dialect, None, plan.slices, "field-data breaker on the PIT sort")
+
     def _probe_pit(self, window: Window) -> None:
         """Open the PIT and ask for one document, so an unsupported PIT/tiebreaker/slice falls back now."""
         plan = self.make_plan()
@@ -1208,12 +1497,18 @@ class EsSource:
             if sl:
                 body["slice"] = sl
             self._checked_search("/_search", body)
+        except BreakerTripped as exc:
+            self._fall_back_from_breaker(exc, plan)
+            self._pit.close()
+            self._pit = None
         except _Unsupported as exc:
             self._pit.close()
             self._pit = None
             if plan.dialect == "es" and self.info is not None and self.info.distribution == "unknown":
                 # unidentified server (no permission for GET /): try the OpenSearch dialect, then scroll
-                self.plan = Plan("pit", "opensearch", self.tiebreaker or "_id", plan.slices, "ES PIT API absent")
+                tb = self.tiebreaker or "_id"
+                self.plan = Plan("pit", "opensearch", tb, plan.slices, "ES PIT API absent",
+                                 index_first=needs_index_sort("opensearch", tb))
                 self.info = ServerInfo("opensearch", "")
                 self._probe_pit(window)
                 return
@@ -1230,8 +1525,7 @@ class EsSource:
         self.make_plan()
         assert self.plan is not None
         if len(cursors) != self.plan.slices:
-            self.plan = Plan(self.plan.mode, self.plan.dialect, self.plan.tiebreaker, len(cursors),
-                             self.plan.reason)
+            self.plan = dataclasses.replace(self.plan, slices=len(cursors))
         self._stop.clear()
         self._probe_pit(window)
         try:
@@ -1306,7 +1600,7 @@ class EsSource:
                 batch.append(r.line, r.ts_ns, r.labels, r.position, r.reject_reason)
             if not len(batch) and not page.cursor.done:
                 continue
-            batch.checkpoint = state_with_run(base, window, view)
+            batch.checkpoint = state_with_run(base, window, view, self.fallback)
             yield batch
         yield RawBatch(source=source, checkpoint=state_completed(base, window))
 
@@ -1450,12 +1744,20 @@ class EsRange:
     def watermark_key(self) -> str:
         return self.src.identity
 
+    @property
+    def notes(self) -> list[str]:
+        """How this run read (fallbacks taken), for its ingest_runs row."""
+        return self.src.notes
+
     def plan(self, previous: Mapping[str, Any] | None) -> bool:
         state = dict(previous) if previous else None
         if state and not state.get("run") and state.get("complete_to_ms") is not None and self.overlap_ms:
             state = {**state, "complete_to_ms": int(state["complete_to_ms"]) - self.overlap_ms}
         window, cursors, base = plan_run(state, self.requested, resume=previous is not None,
                                          slices=self.src.parallel)
+        if previous and isinstance(previous.get("run"), dict) and previous["run"].get("fallback") == "scroll":
+            self.src.force_scroll, self.src.fallback = True, "scroll"
+            self.src.notes.append("resumed a run that had fallen back to a sliced scroll (field-data breaker)")
         if window is None:
             log.info("%s: nothing new since the last run", self.src.identity)
             return False

@@ -15,14 +15,22 @@ real response bodies (``shared/formats.md`` section 7) -- what meshlens uses:
   ``DELETE /_pit``, implicit ``_shard_doc`` tiebreaker (7.12+), sliced PIT (7.15+); OpenSearch
   ``POST /<index>/_search/point_in_time`` (2.4+), ``DELETE /_search/point_in_time``, ``_shard_doc``
   only from 3.3; a PIT is a snapshot (documents indexed later are invisible) and every new PIT gets a
-  new Lucene doc order (as after merges), so ``_shard_doc`` values differ between PITs;
+  new Lucene doc order (as after merges), so ``_shard_doc`` values differ between PITs; ``_shard_doc`` is
+  ``(shard << 32) | doc`` with the shard numbered across the whole PIT on Elasticsearch
+  (``ShardDocSortField.shardRequestIndex``) but inside its own index on OpenSearch
+  (``ShardDocSortBuilder``: ``context.getShardId()``), so OpenSearch indices with equal shard numbers
+  collide -- and ``search_after`` skips every hit equal to the cursor, as Lucene's ``compareTop`` does;
+  ``_index`` sorts; the open-PIT parameters by version (``allow_partial_pit_creation`` on OpenSearch,
+  default true; ``allow_partial_search_results`` on Elasticsearch 8.16+), any other one a 400
+  "contains unrecognized parameter"; ``_cat/indices``; optional TLS (``ssl_context``);
 * ``scroll`` (``POST /<index>/_search?scroll=``, ``/_search/scroll``, clear), composite aggregations
   (``terms``, ``date_histogram``, ``histogram`` sources; ``percentiles``, ``avg``/``sum``/``min``/
   ``max``/``value_count``, ``filter`` sub-aggregations; ``after_key`` paging), ``_count``, ``_bulk``,
   index creation with mappings and ``max_result_window``;
 * error bodies shaped like the real ones (``{"error": {"root_cause": [...], "type", "reason", ...},
   "status"}``; OpenSearch security's plain-text 401);
-* fault knobs: 429/5xx storms (optionally with ``Retry-After``), PIT/scroll expiry after N pages,
+* fault knobs: 429/5xx storms (optionally with ``Retry-After``), the fielddata circuit breaker on an
+  ``_id`` sort (429, or failed shards in a 200), PITs that miss shards, PIT/scroll expiry after N pages,
   authentication, forbidden paths, partial shard failures in a 200, ``timed_out`` answers, dropped
   connections and bodies cut mid-transfer.
 
@@ -778,6 +786,11 @@ class Faults:
     drop_path: str | None = None
     forbidden_paths: tuple[str, ...] = ()
     latency_s: float = 0.0  # added to every search/scroll page (stands in for a real cluster's query time)
+    # field data on _id trips the fielddata breaker: "error" = 429 (all shards), "partial" = 200 with
+    # shard 0 of every index failed
+    id_sort_breaker: str | None = None
+    pit_failed_shards: int = 0  # shards lost when a PIT is opened (refused unless partial PITs are allowed)
+    unknown_params: tuple[str, ...] = ()  # parameters this server does not know (an older/compatible one)
 
 
 class SearchEngine:
@@ -794,6 +807,7 @@ class SearchEngine:
         self.lock = threading.RLock()
         self.faults = Faults()
         self.context_pages = 0
+        self.breaker_trips = 0
         self._pit_seq = itertools.count(1)
         self._scroll_seq = itertools.count(1)
         self.max_result_window = 10_000
@@ -817,6 +831,40 @@ class SearchEngine:
 
     def id_sort_allowed(self) -> bool:
         return self.is_os or self.v < (8, 0, 0)
+
+    def pit_params(self) -> set[str]:
+        """Query parameters the open-PIT endpoint accepts (any other is a 400, as on the real servers)."""
+        common = {"keep_alive", "preference", "routing", "expand_wildcards", "ignore_unavailable",
+                  "allow_no_indices"}
+        if self.is_os:
+            return common | {"allow_partial_pit_creation"}  # since PIT itself (2.4), default true
+        return common | ({"allow_partial_search_results"} if self.v >= (8, 16, 0) else set())
+
+    def check_params(self, uri_path: str, params: dict[str, str], allowed: set[str]) -> None:
+        for name in params:
+            if name not in allowed or name in self.faults.unknown_params:
+                raise es_error(400, "illegal_argument_exception",
+                               f"request [{uri_path}] contains unrecognized parameter: [{name}]")
+
+    def pit_shard_failures(self, index_expr: str, params: dict[str, str]) -> list[dict[str, Any]]:
+        """The shards a new PIT misses (fault knob); raises when partial PITs are not allowed."""
+        n = self.faults.pit_failed_shards
+        if not n:
+            return []
+        if self.is_os:
+            allowed = params.get("allow_partial_pit_creation", "true") != "false"
+        else:
+            allowed = params.get("allow_partial_search_results", "false") == "true"
+        names = [i.name for i in self.resolve(index_expr)] or [index_expr]
+        cause = {"type": "no_shard_available_action_exception",
+                 "reason": "[es-node-2][10.0.0.12:9300][indices:data/read/open_reader_context]"}
+        failures = [{"shard": k, "index": names[k % len(names)], "node": "n2Kq9", "reason": cause}
+                    for k in range(n)]
+        if not allowed:
+            raise EsHttpError(503, {"error": {
+                "root_cause": [cause], "type": "search_phase_execution_exception", "reason": "Partial shards failure",
+                "phase": "query", "grouped": True, "failed_shards": failures}, "status": 503})
+        return failures
 
     # -- indices -----------------------------------------------------------------------------
     def create_index(self, name: str, body: dict[str, Any] | None = None) -> Index:
@@ -879,8 +927,12 @@ class SearchEngine:
             for sh in range(idx.shards):
                 ps = by_shard.get(sh, [])
                 rng.shuffle(ps)  # a new Lucene doc order in every PIT (segments merge between PITs)
+                # Elasticsearch: the shard's position among all shards of the PIT (ShardDocSortField's
+                # shardRequestIndex, unique across indices); OpenSearch 3.3+: the shard's number inside
+                # its own index (ShardDocSortBuilder: context.getShardId()), so indices collide.
+                prefix = sh if self.is_os else ordinal
                 for lucene, p in enumerate(ps):
-                    shard_doc[(id(idx), p)] = (ordinal << 32) | lucene
+                    shard_doc[(id(idx), p)] = (prefix << 32) | lucene
                     refs.append((idx, p))
                 ordinal += 1
         base = base64.urlsafe_b64encode(f"pit-{seq}-{time.time_ns()}".encode()).decode().rstrip("=")
@@ -964,6 +1016,8 @@ class SearchEngine:
             return global_doc
         if fld == "_id":
             return idx.ids[pos]
+        if fld == "_index":
+            return idx.name
         if fld == "_score":
             return 1.0
         vals = idx.values(fld, pos)
@@ -991,7 +1045,7 @@ class SearchEngine:
                                       "Fielddata access on the _id field is disallowed, you can re-enable it by "
                                       "updating the dynamic cluster setting: indices.id_field_data.enabled",
                                       index_name)
-            elif fld in ("_doc", "_score"):
+            elif fld in ("_doc", "_score", "_index"):  # _index: a constant keyword per index, sortable
                 continue
             else:
                 types = {i.ftype(fld) for i in indices} - {None}
@@ -1062,6 +1116,17 @@ class SearchEngine:
                 not any(f == "_shard_doc" for f, _, _ in spec):
             spec = [*spec, ("_shard_doc", "asc", {})]  # implicit tiebreaker (ES 7.12+)
         self._validate_sort(spec, indices, pit, index_name)
+        breaker = self.faults.id_sort_breaker if any(f == "_id" for f, _, _ in spec) else None
+        if breaker:
+            with self.lock:
+                self.breaker_trips += 1
+            if breaker == "error":
+                raise EsHttpError(429, {"error": {
+                    "root_cause": [_fielddata_breaker()], "type": "search_phase_execution_exception",
+                    "reason": "all shards failed", "phase": "query", "grouped": True,
+                    "failed_shards": [{"shard": 0, "index": i.name, "node": "n1Xy2Qs5TdaBqoP8vW4hzA",
+                                       "reason": _fielddata_breaker()} for i in indices],
+                    "caused_by": _fielddata_breaker()}, "status": 429})
         base_key = json.dumps([body.get("query"), body.get("sort")], sort_keys=True, default=str)
         key = json.dumps([base_key, slice_spec], sort_keys=True, default=str)
         cached = pit.cache.get(key) if pit is not None else None
@@ -1118,12 +1183,18 @@ class SearchEngine:
                 self.scrolls[sid] = ctx
             return self._scroll_page(sid, ctx, total, spec, t0)
         page = rows[start:start + size] if size > 0 else []
+        if breaker == "partial":  # shard 0 of every index failed; its hits are missing from the page
+            page = [row for row in page if row[1][0].shard_of(row[1][1]) != 0]
         resp: dict[str, Any] = {"took": 0, "timed_out": False}
         if pit is not None:
             resp["pit_id"] = self.pit_id_for(pit)
             self._count_context_page()
         resp["_shards"] = {"total": sum(i.shards for i in indices), "successful": sum(i.shards for i in indices),
                            "skipped": 0, "failed": 0}
+        if breaker == "partial":
+            resp["_shards"].update(successful=resp["_shards"]["total"] - len(indices), failed=len(indices),
+                                   failures=[{"shard": 0, "index": i.name, "node": "n1Xy2Qs5TdaBqoP8vW4hzA",
+                                              "reason": _fielddata_breaker()} for i in indices])
         resp["hits"] = self._hits(page, spec, total, body.get("track_total_hits", 10_000), with_sort=bool(spec))
         if body.get("aggs") or body.get("aggregations"):
             aggs = body.get("aggs") or body.get("aggregations")
@@ -1430,6 +1501,21 @@ class SearchEngine:
         return {"name": "es-node-1", "cluster_name": "meshlens-test", "cluster_uuid": "Qx8vDPFtSEuMHVvXl3JbQw",
                 "version": version, "tagline": "You Know, for Search"}
 
+    def cat_indices(self, expr: str, params: dict[str, str]) -> Any:
+        """``_cat/indices`` (``format=json``: a list of string-valued rows; ``h`` picks the columns)."""
+        rows = []
+        for idx in self.resolve(expr, allow_missing=True):
+            live = len(idx.live_positions())
+            rows.append({"health": "green", "status": "open", "index": idx.name, "uuid": idx.uuid,
+                         "pri": str(idx.shards), "rep": "0", "docs.count": str(live), "docs.deleted": "0",
+                         "store.size": f"{live}kb", "pri.store.size": f"{live}kb"})
+        if params.get("h"):
+            cols = params["h"].split(",")
+            rows = [{c: r.get(c) for c in cols} for r in rows]
+        if params.get("format") == "json":
+            return rows
+        return "".join(" ".join(str(v) for v in r.values()) + "\n" for r in rows)
+
     def health(self) -> dict[str, Any]:
         shards = sum(i.shards for i in self.indices.values())
         return {"cluster_name": "meshlens-test", "status": "green", "timed_out": False, "number_of_nodes": 1,
@@ -1437,6 +1523,14 @@ class SearchEngine:
                 "relocating_shards": 0, "initializing_shards": 0, "unassigned_shards": 0,
                 "delayed_unassigned_shards": 0, "number_of_pending_tasks": 0, "number_of_in_flight_fetch": 0,
                 "task_max_waiting_in_queue_millis": 0, "active_shards_percent_as_number": 100.0}
+
+
+def _fielddata_breaker() -> dict[str, Any]:
+    """``CircuitBreakingException`` as rendered in an error body (the fielddata breaker is PERMANENT)."""
+    return {"type": "circuit_breaking_exception",
+            "reason": "[fielddata] Data too large, data for [_id] would be [3221225472/3gb], which is larger than "
+                      "the limit of [3006477107/2.7gb]",
+            "bytes_wanted": 3221225472, "bytes_limit": 3006477107, "durability": "PERMANENT"}
 
 
 def _fielddata_msg(fld: str) -> str:
@@ -1634,7 +1728,7 @@ class EsTestServer:
     """
 
     def __init__(self, flavor: str = "es8", *, auth: Auth | None = None, shards: int = 2,
-                 host: str = "127.0.0.1", port: int = 0) -> None:
+                 host: str = "127.0.0.1", port: int = 0, ssl_context: Any = None) -> None:
         distribution, number = FLAVORS[flavor]
         self.flavor = flavor
         self.engine = SearchEngine(distribution, number, shards=shards)
@@ -1644,13 +1738,16 @@ class EsTestServer:
         self._lock = threading.Lock()
         self._httpd = _Server((host, port), _Handler)
         self._httpd.owner = self
+        self.tls = ssl_context is not None
+        if ssl_context is not None:  # HTTPS only, like a secured cluster: plain HTTP gets no answer
+            self._httpd.socket = ssl_context.wrap_socket(self._httpd.socket, server_side=True)
         self._thread: threading.Thread | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     @property
     def url(self) -> str:
         host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{port}"
 
     @property
     def faults(self) -> Faults:
@@ -1757,6 +1854,8 @@ class EsTestServer:
             raise no_handler(method, uri)
         if segs == ["_cluster", "health"]:
             return 200, eng.health(), {}
+        if segs[:2] == ["_cat", "indices"] and method == "GET":
+            return 200, eng.cat_indices(segs[2] if len(segs) > 2 else "*", params), {}
         if segs[-1] == "_bulk" and method in ("POST", "PUT"):
             return 200, eng.bulk(segs[0] if len(segs) == 2 else None, raw), {}
         # scroll
@@ -1791,10 +1890,15 @@ class EsTestServer:
         if len(segs) == 3 and segs[1:] == ["_search", "point_in_time"] and method == "POST":
             if not eng.has_os_pit():
                 raise no_handler(method, uri)
+            eng.check_params(path, params, eng.pit_params())
+            failures = eng.pit_shard_failures(segs[0], params)
             ctx = eng.open_pit(segs[0], params.get("keep_alive"))
             n = sum(eng.indices[i].shards for i in ctx.indices)
-            return 200, {"pit_id": ctx.base, "_shards": {"total": n, "successful": n, "skipped": 0, "failed": 0},
-                         "creation_time": int(time.time() * 1000)}, {}
+            shards: dict[str, Any] = {"total": n, "successful": n - len(failures), "skipped": 0,
+                                      "failed": len(failures)}
+            if failures:
+                shards["failures"] = failures
+            return 200, {"pit_id": ctx.base, "_shards": shards, "creation_time": int(time.time() * 1000)}, {}
         # PIT, Elasticsearch dialect
         if segs == ["_pit"]:
             if not eng.has_es_pit() or method != "DELETE":
@@ -1805,11 +1909,15 @@ class EsTestServer:
         if len(segs) == 2 and segs[1] == "_pit":
             if not eng.has_es_pit() or method != "POST":
                 raise no_handler(method, uri)
+            eng.check_params(path, params, eng.pit_params())
+            failures = eng.pit_shard_failures(segs[0], params)
             ctx = eng.open_pit(segs[0], params.get("keep_alive"))
             out: dict[str, Any] = {"id": ctx.base}
             if eng.v >= (8, 0, 0):
                 n = sum(eng.indices[i].shards for i in ctx.indices)
-                out["_shards"] = {"total": n, "successful": n, "skipped": 0, "failed": 0}
+                out["_shards"] = {"total": n, "successful": n - len(failures), "skipped": 0, "failed": len(failures)}
+                if failures:
+                    out["_shards"]["failures"] = failures
             return 200, out, {}
         # search & count
         if segs[-1] == "_search" and len(segs) <= 2 and method in ("GET", "POST"):

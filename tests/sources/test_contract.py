@@ -100,12 +100,13 @@ def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
             yield Backend(kind, _loki_make(srv.url))
             return
         if kind == "loki-real":
-            ok, why = real_loki.available()
-            if not ok:
+            why = real_loki.available()
+            if why:
                 pytest.skip(why)
-            loki = stack.enter_context(real_loki.RealLoki())
-            loki.push({"job": "mesh", "app": "reviews"}, records())
-            loki.wait_count('{job="mesh"}', START, END, N_GOOD + N_BAD)
+            loki = real_loki.start()
+            stack.callback(loki.stop)
+            loki.push([({"job": "mesh", "app": "reviews"}, records())])
+            _wait_visible(loki.url, N_GOOD + N_BAD)
             yield Backend(kind, _loki_make(loki.url))
             return
         from tests.servers.elasticsearch import EsTestServer
@@ -114,6 +115,25 @@ def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         es.create_index("logs-mesh-1", mappings={"@timestamp": {"type": "date"}})
         es.add_docs("logs-mesh-1", [(f"d{i}", _es_doc(ts, line)) for i, (ts, line) in enumerate(records())])
         yield Backend(kind, _es_make(es.url))
+
+
+def _wait_visible(url: str, expected: int, timeout_s: float = 30.0) -> None:
+    """Pushed entries are queryable within moments; wait until a metric query counts all of them."""
+    import time
+
+    import requests
+
+    span_s = (END - START) // 1_000_000_000 + 1
+    got, deadline = -1, time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        r = requests.get(f"{url}/loki/api/v1/query", timeout=30, params={
+            "query": f'sum(count_over_time({{job="mesh"}}[{span_s}s]))', "time": str(END)})
+        result = r.json()["data"]["result"] if r.ok else []
+        got = int(float(result[0]["value"][1])) if result else 0
+        if got == expected:
+            return
+        time.sleep(0.3)
+    raise RuntimeError(f"the real Loki shows {got} of the {expected} pushed entries")
 
 
 def _es_doc(ts_ns: int, line: str) -> dict[str, Any]:

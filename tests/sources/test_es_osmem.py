@@ -155,3 +155,98 @@ def test_composite_aggregation_pagination(osmem: str, tmp_path: Path) -> None:
     assert total == 350
     assert buckets == 4 * 7  # 350 ms of documents in 100 ms buckets, 7 services
     assert p99_max <= 99
+
+
+# -- one PIT over several indices (issue 18) --------------------------------------------------------
+def twin_indices(url: str, n: int, *, distinct_ts: int = 1) -> tuple[str, set[str]]:
+    """Two fresh one-shard indices with the same ids and timestamps: identical [time, _shard_doc] and
+    [time, _id] sort values across them. Returns the pattern that matches both, and the positions."""
+    stem = f"logs-twin{next(_names)}"
+    want: set[str] = set()
+    for suffix in ("a", "b"):
+        name = f"{stem}-{suffix}"
+        body = {"settings": {"number_of_shards": 1},
+                "mappings": {"properties": {"@timestamp": {"type": "date"}}}}
+        assert requests.put(f"{url}/{name}", json=body, timeout=10).ok
+        lines = []
+        for i in range(n):
+            lines += [json.dumps({"index": {"_index": name, "_id": f"d{i}"}}),
+                      json.dumps(fluentbit_doc(i, START_MS + i % distinct_ts, random.Random(i)))]
+            want.add(f"{name}/d{i}")
+        r = requests.post(f"{url}/_bulk?refresh=true", data="\n".join(lines) + "\n",
+                          headers={"Content-Type": "application/x-ndjson"}, timeout=60)
+        assert r.ok and not r.json()["errors"]
+    return f"{stem}-*", want
+
+
+def _raw_paging(url: str, pattern: str, sort: list[Any], size: int) -> list[str]:
+    pit = requests.post(f"{url}/{pattern}/_search/point_in_time?keep_alive=1m", timeout=10).json()["pit_id"]
+    body: dict[str, Any] = {"size": size, "sort": sort, "pit": {"id": pit, "keep_alive": "1m"}}
+    seen: list[str] = []
+    while True:
+        hits = requests.post(f"{url}/_search", json=body, timeout=10).json()["hits"]["hits"]
+        if not hits:
+            return seen
+        seen += [f"{h['_index']}/{h['_id']}" for h in hits]
+        body["search_after"] = hits[-1]["sort"]
+
+
+@pytest.mark.parametrize("tiebreaker", ["_shard_doc", "_id"])
+def test_osmem_guard_old_sort_loses_twins(osmem: str, tiebreaker: str) -> None:
+    """osmem-server skips the twin of a page's last document exactly as our reading of OpenSearch says."""
+    pattern, want = twin_indices(osmem, 10)
+    ts = {"@timestamp": {"order": "asc", "unmapped_type": "date"}}
+    assert len(_raw_paging(osmem, pattern, [ts, {tiebreaker: "asc"}], 3)) < len(want)
+    assert sorted(_raw_paging(osmem, pattern, [ts, {"_index": "asc"}, {tiebreaker: "asc"}], 3)) == sorted(want)
+
+
+@pytest.mark.parametrize("tiebreaker", [None, "_id"])
+@pytest.mark.parametrize("distinct_ts", [1, 3])
+def test_osmem_twin_indices_every_document_once(osmem: str, tiebreaker: str | None, distinct_ts: int) -> None:
+    pattern, want = twin_indices(osmem, 20, distinct_ts=distinct_ts)
+    for page in (1, 3, 7):
+        got = read_positions(source(osmem, pattern, page_size=page, tiebreaker=tiebreaker))
+        assert len(got) == len(want) and set(got) == want, page
+
+
+def test_osmem_twin_indices_resume_between_twins(osmem: str, tmp_path: Path) -> None:
+    from meshlens.ingest import ingest_batches
+    from meshlens.sources.elasticsearch import plan_run
+
+    pattern, want = twin_indices(osmem, 12)
+    db = tmp_path / "t.duckdb"
+    src = source(osmem, pattern, page_size=3)
+    window, cursors, base = plan_run(None, WINDOW, resume=False, slices=1)
+
+    def killed_after(n: int) -> Iterator[Any]:
+        for i, b in enumerate(src.batches(window, cursors, base)):
+            if i == n:
+                raise KeyboardInterrupt
+            yield b
+
+    with open_store(db) as store, pytest.raises(KeyboardInterrupt):
+        ingest_batches(store, killed_after(3), source=src.identity, watermark_key=src.identity, progress=False)
+    counts = ingest_es(db, index=pattern, url=osmem, start=FROM, end=TO, page_size=3, resume=True, progress=False)
+    with open_store(db) as store:
+        positions = list(store.query("SELECT position FROM events")["position"])
+    assert sorted(positions) == sorted(want)
+    assert (counts.read, counts.duplicates) == (len(want) - 9, 0)
+
+
+def test_osmem_accepts_allow_partial_pit_creation_false(osmem: str) -> None:
+    index, ids = new_index(osmem, 30)
+    src = source(osmem, index, page_size=7)
+    assert src.partial_pit_param() == "allow_partial_pit_creation"
+    assert set(read_positions(src)) == ids and src._send_partial_param, "the parameter was not refused"
+
+
+def test_osmem_pattern_matching_nothing_and_empty_range(osmem: str, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    index, _ = new_index(osmem, 5)
+    with pytest.raises(QueryError, match=r"'nomatch-\*' matches no index; indices there: .*logs-osm-"):
+        source(osmem, "nomatch-*").validate(WINDOW)
+    later = Window(WINDOW.to_ms, WINDOW.to_ms + 3_600_000)
+    with caplog.at_level(logging.WARNING, logger="meshlens.es"):
+        source(osmem, index).validate(later)
+    assert any("no documents in" in r.getMessage() and f"{index} (5 docs)" in r.getMessage() for r in caplog.records)
