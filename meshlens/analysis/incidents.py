@@ -177,34 +177,73 @@ class _Group:
     end_ns: int
     score: float
     services: list[str]
+    covered: bool = False  # reaches users through an entry anomaly that started earlier (see _candidate_groups)
+
+
+def _entry_of(scope: str, target: str) -> str:
+    return str(target) if scope == "service" else str(target).split("->")[-1]
+
+
+def _upstream(edges: pd.DataFrame) -> dict[str, set[str]]:
+    """Service -> every service that (transitively) calls it."""
+    callers: dict[str, set[str]] = {}
+    for a, b in zip(edges["caller"], edges["callee"], strict=True):
+        callers.setdefault(str(b), set()).add(str(a))
+    out: dict[str, set[str]] = {}
+    for svc in callers:
+        seen, todo = set(), [svc]
+        while todo:
+            for c in callers.get(todo.pop(), ()):
+                if c not in seen:
+                    seen.add(c)
+                    todo.append(c)
+        out[svc] = seen
+    return out
 
 
 def _candidate_groups(anoms: pd.DataFrame, edges: pd.DataFrame, entries: list[str]) -> tuple[list[_Group], set[int]]:
-    """Groups that reach an entry service (with their symptom), and the rows of those that do not."""
+    """Groups that reach an entry service (with their symptom), and the rows of those that do not.
+
+    A group reaches users when it holds an anomaly of an entry service (or of an edge into one) -- or,
+    *covered*, when an entry service that calls its services (transitively) is in an anomaly that started
+    before the group and is still going on at its onset: one long anomaly of the entry can span two
+    incidents of its callees (a failure count's best interval merges two episodes with a short quiet gap
+    between them), and the second one must not be lost for want of an onset of its own at the entry."""
     neighbours: dict[str, set[str]] = {}
     for a, b in zip(edges["caller"], edges["callee"], strict=True):
         neighbours.setdefault(str(a), set()).add(str(b))
         neighbours.setdefault(str(b), set()).add(str(a))
     entry_set = set(entries)
+    upstream = _upstream(edges)
+    entry_rows = [r for r in anoms.itertuples(index=False) if r.scope in ("service", "edge")
+                  and _entry_of(r.scope, r.target) in entry_set]
     found, background = [], set()
     for g in _groups(anoms, neighbours):
         sub = anoms.iloc[g]
-        # where users see it: a service anomaly of an entry service, or an edge anomaly into one
+        services = list(dict.fromkeys(s for r in sub.itertuples(index=False) for s in _services_of(r)))
         at_entry: dict[str, float] = {}
         for r in sub.itertuples(index=False):
-            svc = str(r.target) if r.scope == "service" else str(r.target).split("->")[-1]
+            svc = _entry_of(r.scope, r.target)
             if svc in entry_set:
                 at_entry[svc] = max(at_entry.get(svc, 0.0), float(r.score))
+        onset = int(sub["onset"].min().value)
+        covered = False
+        if at_entry:
+            onset = int(min(r.onset.value for r in sub.itertuples(index=False)
+                            if _entry_of(r.scope, r.target) in entry_set))
+        else:
+            callers = set().union(*(upstream.get(x, set()) for x in services)) if services else set()
+            for r in entry_rows:
+                e = _entry_of(r.scope, r.target)
+                if e in callers and int(r.onset.value) <= onset <= int(r.end.value):
+                    at_entry[e] = max(at_entry.get(e, 0.0), float(r.score))
+            covered = bool(at_entry)
         if not at_entry:
             background.update(g)
             continue
-        symptom = max(at_entry, key=lambda s: (at_entry[s], s))
-        entry_rows = sub[[(str(t) if s == "service" else str(t).split("->")[-1]) in entry_set
-                          for s, t in zip(sub["scope"], sub["target"], strict=True)]]
-        services = list(dict.fromkeys(s for r in sub.itertuples(index=False) for s in _services_of(r)))
-        found.append(_Group(rows=g, symptom=symptom, onset_ns=int(entry_rows["onset"].min().value),
-                            end_ns=int(sub["end"].max().value), score=float(sub["score"].sum()),
-                            services=services))
+        symptom = max(at_entry, key=lambda x: (at_entry[x], x))
+        found.append(_Group(rows=g, symptom=symptom, onset_ns=onset, end_ns=int(sub["end"].max().value),
+                            score=float(sub["score"].sum()), services=services, covered=covered))
     return found, background
 
 
@@ -213,18 +252,18 @@ def _candidate_groups(anoms: pd.DataFrame, edges: pd.DataFrame, entries: list[st
 # ------------------------------------------------------------------------------------------------
 
 
-def _sub_window(g: _Group, groups: list[_Group], window: Window) -> Window:
-    """The symptom's traffic around this group only (other groups at the same symptom left out)."""
+def _sub_window(g: _Group, prev_end_ns: int | None, next_onset_ns: int | None, window: Window) -> Window:
+    """The symptom's traffic around this group only: from :data:`PRE_S` before its onset (not before the
+    previous incident at the same symptom ended) to :data:`POST_S` after its end (not past the next
+    group's onset there); at least 10 minutes either side of the onset."""
+    ten = 10 * 60 * NS
     lo = max(window.lo_ns, g.onset_ns - PRE_S * NS)
+    if prev_end_ns is not None:
+        lo = max(lo, min(prev_end_ns + MARGIN_S * NS, g.onset_ns - ten))
     hi = min(window.hi_ns, g.end_ns + POST_S * NS)
-    for o in groups:
-        if o is g or o.symptom != g.symptom:
-            continue
-        if o.onset_ns < g.onset_ns:
-            lo = max(lo, min(o.end_ns + MARGIN_S * NS, g.onset_ns - 10 * 60 * NS))
-        elif o.onset_ns > g.onset_ns:
-            hi = min(hi, max(o.onset_ns - MARGIN_S * NS, g.onset_ns + 10 * 60 * NS))
-    return Window(lo, max(hi, lo + 10 * 60 * NS))
+    if next_onset_ns is not None:
+        hi = min(hi, max(next_onset_ns - MARGIN_S * NS, g.onset_ns + ten))
+    return Window(lo, max(hi, min(window.hi_ns, lo + 2 * ten)))
 
 
 def _excess(onset: Any) -> float:
@@ -246,7 +285,7 @@ def _analyze_group(store: Store, g: _Group, sub: Window, full: Window, lookback:
         if rc.onset is None:
             return None
         drift = min(abs(rc.onset.onset_ns - g.onset_ns), max(0, rc.onset.onset_ns - g.end_ns))
-        if drift > MAX_ONSET_DRIFT_S * NS:
+        if drift > (LINK_S if g.covered else MAX_ONSET_DRIFT_S) * NS:
             return None
         ch = correlate_session(sess, lookback=lookback, report=rc)
     rc_items = rc.to_json()
@@ -257,6 +296,8 @@ def _analyze_group(store: Store, g: _Group, sub: Window, full: Window, lookback:
     end_ns = None if ongoing else (onset.end_ns if not onset.ongoing else g.end_ns)
     signal, signature = _kind(onset, rc.signature)
     return {"onset_ns": onset.onset_ns, "end_ns": end_ns, "symptom": g.symptom,
+            # still going on near the sub-window's end: a later group there may be part of this episode
+            "open": onset.ongoing or onset.end_ns >= sub.hi_ns - MARGIN_S * NS,
             "root_cause": rc_items[0] if rc_items else None, "change": top_change,
             "severity": round(_excess(onset), 1), "kind": signal, "signature": signature,
             "confidence": rc_items[0]["score"] if rc_items else None,
@@ -281,7 +322,7 @@ def _summary(item: dict[str, Any]) -> str:
         text += "; no service or edge explains it"
     ch = item["change"]
     if ch:
-        text += (f"; {ch['verb']} {ch['target']} by {ch['actor']} at {ch['ts']} "
+        text += (f"; {ch['verb']} {ch['target']} by {ch['actor']} at {ts_text(pd.Timestamp(ch['ts']).value)} "
                  f"(change score {ch['score']:.2f})")
     else:
         text += "; no config change explains it"
@@ -299,20 +340,56 @@ def _compact(anoms: pd.DataFrame, rows: list[int]) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------------------
 
 
+def _home(g: _Group, found: list[dict[str, Any]], hi: int) -> dict[str, Any] | None:
+    """The incident found at ``g``'s symptom whose span holds ``g``'s onset, if any."""
+    return next((f for f in found if f["symptom"] == g.symptom
+                 and f["onset_ns"] - SAME_ONSET_S * NS <= g.onset_ns <= (f["end_ns"] or hi)), None)
+
+
 def _pass(store: Store, window: Window, lo: int, hi: int, entries: list[str], edges: pd.DataFrame,
           lookback: str, options: dict[str, Any]) -> tuple[list[dict[str, Any]], pd.DataFrame, set[int]]:
     anoms = detect_anomalies(store, lo, hi, **options)
     groups, background = _candidate_groups(anoms, edges, entries)
     found: list[dict[str, Any]] = []
-    for g in groups:
-        res = _analyze_group(store, g, _sub_window(g, groups, Window(lo, hi)), window, lookback)
-        if res is None:
+    rejected: list[_Group] = []
+    # per symptom in time order: each sub-window starts after the previous incident's (root-cause) end
+    for symptom in sorted({g.symptom for g in groups}):
+        mine = sorted((g for g in groups if g.symptom == symptom), key=lambda g: g.onset_ns)
+        prev_end: int | None = None
+        absorbed: set[int] = set()
+        for k, g in enumerate(mine):
+            if k in absorbed:
+                continue
+            if _home(g, found, hi) is not None:
+                rejected.append(g)  # inside an incident already explained at this symptom: part of it
+                continue
+            # the next group at this symptom bounds this one's analysis; when the episode is still going
+            # on at that bound, the next group is part of it: absorb it and look again up to the one after
+            later = [j for j in range(k + 1, len(mine)) if mine[j].onset_ns > g.onset_ns + SAME_ONSET_S * NS]
+            res, taken = None, []
+            for attempt in range(3):
+                nxt = mine[later[attempt]].onset_ns if attempt < len(later) else None
+                res = _analyze_group(store, g, _sub_window(g, prev_end, nxt, Window(lo, hi)), window, lookback)
+                if res is None or not res["open"] or nxt is None:
+                    break
+                taken.append(later[attempt])
+            if res is None:
+                rejected.append(g)
+                continue
+            absorbed.update(taken)
+            rows = list(g.rows) + [i for j in taken for i in mine[j].rows]
+            services = list(dict.fromkeys(g.services + [x for j in taken for x in mine[j].services if not mine[j].covered]))
+            res.update(rows=rows, services=services, anoms=anoms, covered=g.covered)
+            found.append(res)
+            prev_end = res["end_ns"] or hi
+    for g in rejected:
+        # a group inside an incident's span at the same symptom is part of it (a later symptom of the same
+        # episode: latency building up during a surge...), anything else is background
+        home = _home(g, found, hi)
+        if home is not None:
+            home["rows"] = home["rows"] + [i for i in g.rows if i not in home["rows"]]
+        else:
             background.update(g.rows)
-            continue
-        res["rows"] = list(g.rows)
-        res["services"] = g.services
-        res["anoms"] = anoms
-        found.append(res)
     return found, anoms, background
 
 
@@ -324,7 +401,7 @@ def _merge(found: list[dict[str, Any]]) -> list[dict[str, Any]]:
                      and abs(o["onset_ns"] - f["onset_ns"]) <= SAME_ONSET_S * NS), None)
         if twin is None:
             out.append(f)
-        else:
+        elif not f.get("covered"):
             twin["services"] = list(dict.fromkeys(twin["services"] + f["services"]))
             twin.setdefault("extra", []).append(f)
     return out
@@ -358,12 +435,11 @@ def find_incidents(store: Store, start: Any = None, end: Any = None, *, lookback
         if window.hi_ns - cursor >= SECOND_PASS_MIN_S * NS:
             gaps.append((cursor, window.hi_ns))
         for lo, hi in gaps:
-            more, a2, bg2 = _pass(store, window, lo, hi, entry_list, edges, lookback, options)
+            more, _, _ = _pass(store, window, lo, hi, entry_list, edges, lookback, options)
             # only what the first pass did not already report (same symptom, same onset)
             more = [m for m in more if not any(m["symptom"] == f["symptom"] and abs(m["onset_ns"] - f["onset_ns"])
                                                <= SAME_ONSET_S * NS for f in found)]
-            found += more
-            backgrounds.append((a2, bg2))
+            found += more  # (its background anomalies are artefacts of the shorter baseline: not kept)
     incidents = _merge(found)
     incidents.sort(key=lambda x: (-x["severity"], x["onset_ns"]))
     items = []
@@ -377,7 +453,8 @@ def find_incidents(store: Store, start: Any = None, end: Any = None, *, lookback
                 "severity": f["severity"], "kind": f["kind"], "signature": f["signature"],
                 "confidence": f["confidence"], "requests_affected": f["requests_affected"],
                 "bad_before": round(f["bad_before"], 4), "bad_during": round(f["bad_during"], 4),
-                "anomalies": _compact(f["anoms"], f["rows"] + [i for x in f.get("extra", []) for i in x["rows"]])}
+                "anomalies": sorted([a for x in [f, *f.get("extra", [])] for a in _compact(x["anoms"], x["rows"])],
+                                    key=lambda a: -a["score"])}
         item["summary"] = _summary(item)
         items.append(item)
         claimed.append((f["onset_ns"], f["end_ns"] or window.hi_ns, set(services)))
