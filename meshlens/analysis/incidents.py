@@ -80,7 +80,7 @@ again (a series reports one latency episode per window; a second one hours later
 
 GATEWAY_RE = re.compile(r"gateway|ingress", re.IGNORECASE)
 
-INCIDENT_FIELDS = ["rank", "onset", "end", "services", "symptom", "root_cause", "change", "summary",
+INCIDENT_FIELDS = ["rank", "onset", "end", "services", "symptom", "symptoms", "root_cause", "change", "summary",
                    "severity", "kind", "signature", "confidence", "requests_affected", "anomalies"]
 
 
@@ -313,7 +313,9 @@ def _summary(item: dict[str, Any]) -> str:
     since = item["onset"]
     until = f" until {item['end']}" if item["end"] else " (ongoing)"
     bad = f" (bad requests {pct(item['bad_before'])} -> {pct(item['bad_during'])})"
-    text = f"{what.capitalize()} at {item['symptom']} from {since}{until}{bad}"
+    others = [x for x in item.get("symptoms", []) if x != item["symptom"]]
+    where = item["symptom"] + (f" (also {', '.join(others)})" if others else "")
+    text = f"{what.capitalize()} at {where} from {since}{until}{bad}"
     rc = item["root_cause"]
     if rc:
         sig = f" ({item['signature']})" if item.get("signature") else ""
@@ -393,17 +395,38 @@ def _pass(store: Store, window: Window, lo: int, hi: int, entries: list[str], ed
     return found, anoms, background
 
 
+def _culprit(f: dict[str, Any]) -> str | None:
+    rc = f.get("root_cause")
+    return str(rc["target"]).split("->")[-1] if rc else None
+
+
+def _same_episode(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Two findings are one incident when their onsets coincide and they are at the same symptom, or
+    blame the same service or the same change (one failure seen at two entry services)."""
+    if abs(a["onset_ns"] - b["onset_ns"]) > SAME_ONSET_S * NS:
+        return False
+    if a["symptom"] == b["symptom"]:
+        return True
+    same_cause = _culprit(a) is not None and _culprit(a) == _culprit(b)
+    same_change = bool(a.get("change") and b.get("change") and a["change"]["target"] == b["change"]["target"])
+    return same_cause or same_change
+
+
 def _merge(found: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Groups at one symptom whose root-cause onsets coincide are one incident (keep the stronger)."""
+    """Findings of one episode are one incident: the most severe one's symptom and analysis are kept,
+    the others' entry services are listed under ``symptoms`` and their services added."""
     out: list[dict[str, Any]] = []
     for f in sorted(found, key=lambda x: -x["severity"]):
-        twin = next((o for o in out if o["symptom"] == f["symptom"]
-                     and abs(o["onset_ns"] - f["onset_ns"]) <= SAME_ONSET_S * NS), None)
+        twin = next((o for o in out if _same_episode(o, f)), None)
         if twin is None:
+            f.setdefault("symptoms", [f["symptom"]])
             out.append(f)
-        elif not f.get("covered"):
+            continue
+        if f["symptom"] not in twin["symptoms"]:
+            twin["symptoms"].append(f["symptom"])
+        if not f.get("covered"):
             twin["services"] = list(dict.fromkeys(twin["services"] + f["services"]))
-            twin.setdefault("extra", []).append(f)
+        twin.setdefault("extra", []).append(f)
     return out
 
 
@@ -435,7 +458,8 @@ def find_incidents(store: Store, start: Any = None, end: Any = None, *, lookback
         if window.hi_ns - cursor >= SECOND_PASS_MIN_S * NS:
             gaps.append((cursor, window.hi_ns))
         for lo, hi in gaps:
-            more, _, _ = _pass(store, window, lo, hi, entry_list, edges, lookback, options)
+            # metric anomalies only: the categorical ones (new edges, callers...) were all seen in the first pass
+            more, _, _ = _pass(store, window, lo, hi, entry_list, edges, lookback, {**options, "categorical": False})
             # only what the first pass did not already report (same symptom, same onset)
             more = [m for m in more if not any(m["symptom"] == f["symptom"] and abs(m["onset_ns"] - f["onset_ns"])
                                                <= SAME_ONSET_S * NS for f in found)]
@@ -446,10 +470,11 @@ def find_incidents(store: Store, start: Any = None, end: Any = None, *, lookback
     claimed: list[tuple[int, int, set[str]]] = []
     for rank, f in enumerate(incidents, 1):
         rc = f["root_cause"]
-        services = list(dict.fromkeys([f["symptom"], *f["services"],
+        services = list(dict.fromkeys([*f["symptoms"], *f["services"],
                                        *([s for s in str(rc["target"]).split("->")] if rc else [])]))
         item = {"rank": rank, "onset": ts_text(f["onset_ns"]), "end": ts_text(f["end_ns"]) if f["end_ns"] else None,
-                "services": services, "symptom": f["symptom"], "root_cause": rc, "change": f["change"],
+                "services": services, "symptom": f["symptom"], "symptoms": f["symptoms"], "root_cause": rc,
+                "change": f["change"],
                 "severity": f["severity"], "kind": f["kind"], "signature": f["signature"],
                 "confidence": f["confidence"], "requests_affected": f["requests_affected"],
                 "bad_before": round(f["bad_before"], 4), "bad_during": round(f["bad_during"], 4),
