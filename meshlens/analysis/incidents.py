@@ -49,7 +49,7 @@ import pandas as pd
 from meshlens.analysis.anomalies import anomalies_json, detect_anomalies
 from meshlens.analysis.changes import LIKELY, correlate_session
 from meshlens.analysis.common import NS, Window, pct, resolve_window, ts_text
-from meshlens.analysis.graph import hops_sql
+from meshlens.analysis.graph import TRAFFIC_SQL
 from meshlens.analysis.rootcause import analyze_session, session
 from meshlens.store import Store
 
@@ -58,10 +58,10 @@ LINK_S = 15 * 60
 one episode. Onsets are bucket-aligned (a few minutes on a 12 h window) and latency builds up more
 slowly than errors, so a few buckets of slack are needed."""
 
-PRE_S = 60 * 60
+PRE_S = 45 * 60
 """How much normal traffic before an episode the root-cause analysis gets as its baseline."""
 
-POST_S = 30 * 60
+POST_S = 20 * 60
 """How much traffic after an episode's last anomaly the root-cause analysis sees (its recovery)."""
 
 MARGIN_S = 5 * 60
@@ -77,6 +77,15 @@ significant episode in the sub-window is something else, not this group."""
 SECOND_PASS_MIN_S = 45 * 60
 """After the first pass, stretches of at least this length outside the incidents found are searched
 again (a series reports one latency episode per window; a second one hours later would be hidden)."""
+
+MIN_DURATION_S = 180
+"""An incident lasts at least this long (at the entry's anomaly and in the root-cause episode): a burst of
+a few seconds -- a handful of failed requests that happen to be close together -- is not one."""
+
+MIN_EXCESS_RATE = 0.02
+"""...and spoils at least this share of the symptom's requests more than its baseline did (2 percentage
+points of failed or slow requests): a statistically significant but tiny shift on a busy service is not
+what an incident list is for (``analyze anomalies`` lists it)."""
 
 GATEWAY_RE = re.compile(r"gateway|ingress", re.IGNORECASE)
 
@@ -114,9 +123,14 @@ class IncidentReport:
 
 
 def _edges(store: Store, window: Window) -> pd.DataFrame:
-    """Caller -> callee pairs of the window with their request counts (one aggregate over the hops)."""
-    return store.query(f"SELECT caller, callee, sum(w) AS requests FROM ({hops_sql()}) GROUP BY ALL",
-                       {"lo": window.lo_ns, "hi": window.hi_ns})
+    """Caller -> callee pairs of the window with their request counts: every record naming its client
+    workload (a client sidecar's, or a server's that logs its client) -- one scan, no pairing of records
+    (the full hop table of :mod:`~meshlens.analysis.graph` costs as much as the anomalies themselves, and
+    only who calls whom is needed here)."""
+    return store.query(
+        f"""SELECT src_workload AS caller, dst_service AS callee, sum(coalesce(sample_weight, 1.0)) AS requests
+            FROM events WHERE {TRAFFIC_SQL} AND src_workload IS NOT NULL AND src_workload <> dst_service
+            GROUP BY ALL""", {"lo": window.lo_ns, "hi": window.hi_ns})
 
 
 def entry_services(edges: pd.DataFrame) -> list[str]:
@@ -145,28 +159,26 @@ def _services_of(row: Any) -> list[str]:
 
 
 def _groups(anoms: pd.DataFrame, neighbours: dict[str, set[str]]) -> list[list[int]]:
-    """Connected groups (row positions) of service/edge anomalies: close onsets, same or adjacent services."""
-    rows = [(i, int(r.onset.value), set(_services_of(r))) for i, r in enumerate(anoms.itertuples(index=False))
-            if r.scope in ("service", "edge")]
-    parent = {i: i for i, _, _ in rows}
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for x in range(len(rows)):
-        i, ti, si = rows[x]
-        near = si | {n for s in si for n in neighbours.get(s, ())}
-        for y in range(x + 1, len(rows)):
-            j, tj, sj = rows[y]
-            if abs(ti - tj) <= LINK_S * NS and near & sj:
-                parent[find(i)] = find(j)
-    out: dict[int, list[int]] = {}
-    for i, _, _ in rows:
-        out.setdefault(find(i), []).append(i)
-    return sorted(out.values(), key=lambda g: min(int(anoms["onset"].iat[i].value) for i in g))
+    """Groups (row positions) of service/edge anomalies, strongest first: each anomaly joins the first
+    group whose *leader* (its strongest anomaly) started within :data:`LINK_S` of it and that holds the
+    same or an adjacent service; else it leads a group of its own. Anchoring time at the leader keeps a
+    busy window from chaining anomalies an hour apart into one group through the ones in between."""
+    groups: list[tuple[int, set[str], list[int]]] = []  # (leader onset, services, rows)
+    order = sorted(range(len(anoms)), key=lambda i: -float(anoms["score"].iat[i]))
+    for i in order:
+        r = anoms.iloc[i]
+        if r["scope"] not in ("service", "edge"):
+            continue
+        si = set(_services_of(r))
+        near = si | {n for x in si for n in neighbours.get(x, ())}
+        t = int(r["onset"].value)
+        home = next((g for g in groups if abs(g[0] - t) <= LINK_S * NS and g[1] & near), None)
+        if home is None:
+            groups.append((t, set(si), [i]))
+        else:
+            home[1].update(si)
+            home[2].append(i)
+    return sorted((sorted(g[2]) for g in groups), key=lambda g: min(int(anoms["onset"].iat[i].value) for i in g))
 
 
 @dataclass
@@ -182,6 +194,13 @@ class _Group:
 
 def _entry_of(scope: str, target: str) -> str:
     return str(target) if scope == "service" else str(target).split("->")[-1]
+
+
+def _hurts(r: Any) -> bool:
+    """Whether an anomaly at an entry service is users being hurt: failures or latency (not a change in how
+    many requests arrive -- demand -- nor a categorical finding), lasting :data:`MIN_DURATION_S` or more."""
+    return (r.kind == "metric" and r.metric != "requests"
+            and int(r.end.value) - int(r.onset.value) >= MIN_DURATION_S * NS)
 
 
 def _upstream(edges: pd.DataFrame) -> dict[str, set[str]]:
@@ -216,7 +235,7 @@ def _candidate_groups(anoms: pd.DataFrame, edges: pd.DataFrame, entries: list[st
     entry_set = set(entries)
     upstream = _upstream(edges)
     entry_rows = [r for r in anoms.itertuples(index=False) if r.scope in ("service", "edge")
-                  and _entry_of(r.scope, r.target) in entry_set]
+                  and _entry_of(r.scope, r.target) in entry_set and _hurts(r)]
     found, background = [], set()
     for g in _groups(anoms, neighbours):
         sub = anoms.iloc[g]
@@ -224,13 +243,13 @@ def _candidate_groups(anoms: pd.DataFrame, edges: pd.DataFrame, entries: list[st
         at_entry: dict[str, float] = {}
         for r in sub.itertuples(index=False):
             svc = _entry_of(r.scope, r.target)
-            if svc in entry_set:
+            if svc in entry_set and _hurts(r):
                 at_entry[svc] = max(at_entry.get(svc, 0.0), float(r.score))
         onset = int(sub["onset"].min().value)
         covered = False
         if at_entry:
             onset = int(min(r.onset.value for r in sub.itertuples(index=False)
-                            if _entry_of(r.scope, r.target) in entry_set))
+                            if _entry_of(r.scope, r.target) in entry_set and _hurts(r)))
         else:
             callers = set().union(*(upstream.get(x, set()) for x in services)) if services else set()
             for r in entry_rows:
@@ -287,6 +306,9 @@ def _analyze_group(store: Store, g: _Group, sub: Window, full: Window, lookback:
         drift = min(abs(rc.onset.onset_ns - g.onset_ns), max(0, rc.onset.onset_ns - g.end_ns))
         if drift > (LINK_S if g.covered else MAX_ONSET_DRIFT_S) * NS:
             return None
+        if (rc.onset.end_ns - rc.onset.onset_ns < MIN_DURATION_S * NS
+                or rc.onset.bad_incident - rc.onset.bad_baseline < MIN_EXCESS_RATE):
+            return None  # significant, but too short or too small to be an incident
         ch = correlate_session(sess, lookback=lookback, report=rc)
     rc_items = rc.to_json()
     ch_items = ch.to_json()
