@@ -87,6 +87,9 @@ MIN_EXCESS_RATE = 0.02
 points of failed or slow requests): a statistically significant but tiny shift on a busy service is not
 what an incident list is for (``analyze anomalies`` lists it)."""
 
+MIN_LATENCY_RATIO = 1.25
+"""A latency anomaly hurts when its percentile is at least this multiple of its baseline (+25 %)."""
+
 GATEWAY_RE = re.compile(r"gateway|ingress", re.IGNORECASE)
 
 INCIDENT_FIELDS = ["rank", "onset", "end", "services", "symptom", "symptoms", "root_cause", "change", "summary",
@@ -197,10 +200,16 @@ def _entry_of(scope: str, target: str) -> str:
 
 
 def _hurts(r: Any) -> bool:
-    """Whether an anomaly at an entry service is users being hurt: failures or latency (not a change in how
-    many requests arrive -- demand -- nor a categorical finding), lasting :data:`MIN_DURATION_S` or more."""
-    return (r.kind == "metric" and r.metric != "requests"
-            and int(r.end.value) - int(r.onset.value) >= MIN_DURATION_S * NS)
+    """Whether an anomaly is requests being hurt: failures or latency (not a change in how many requests
+    arrive -- demand -- nor a categorical finding), lasting :data:`MIN_DURATION_S` or more, by a margin
+    that matters whatever the traffic volume (a significance score grows with the number of requests; an
+    effect size does not): a failure ratio :data:`MIN_EXCESS_RATE` above its baseline, a latency
+    percentile :data:`MIN_LATENCY_RATIO` times its baseline."""
+    if r.kind != "metric" or r.metric == "requests" or int(r.end.value) - int(r.onset.value) < MIN_DURATION_S * NS:
+        return False
+    if r.metric in ("p50_ms", "p99_ms"):
+        return bool(r.observed >= MIN_LATENCY_RATIO * r.baseline)
+    return bool(r.observed - r.baseline >= MIN_EXCESS_RATE)
 
 
 def _upstream(edges: pd.DataFrame) -> dict[str, set[str]]:
@@ -250,7 +259,7 @@ def _candidate_groups(anoms: pd.DataFrame, edges: pd.DataFrame, entries: list[st
         if at_entry:
             onset = int(min(r.onset.value for r in sub.itertuples(index=False)
                             if _entry_of(r.scope, r.target) in entry_set and _hurts(r)))
-        else:
+        elif any(_hurts(r) for r in sub.itertuples(index=False)):
             callers = set().union(*(upstream.get(x, set()) for x in services)) if services else set()
             for r in entry_rows:
                 e = _entry_of(r.scope, r.target)
