@@ -6,36 +6,47 @@ mesh-wide; an unrelated loud service shows up too), :mod:`~meshlens.analysis.roo
 episode at *one* symptom service, :mod:`~meshlens.analysis.changes` ranks config changes against it.
 :func:`find_incidents` chains them:
 
-1. **Anomalies** of the whole window (:func:`~meshlens.analysis.anomalies.detect_anomalies`, one pass).
-2. **Episodes.** Service and edge anomalies are linked when their onsets are close (within
-   :data:`LINK_S`) and they touch the same service or two services that call each other (the call graph
-   of the window, :mod:`~meshlens.analysis.graph`): one failure propagating up a call chain is one
-   connected group, even when it spans several services and metrics; a second failure of the same
-   service hours later is another group; a loud service that errs at the same time as an incident but is
-   not adjacent to it stays apart.
+1. **Anomalies** of the whole window (:func:`~meshlens.analysis.anomalies.detect_anomalies`, one pass),
+   and who calls whom (one scan of the records that name their client).
+2. **Episodes.** Service and edge anomalies, strongest first, join the group whose strongest anomaly
+   started within :data:`LINK_S` of theirs and that holds the same or an adjacent service (caller or
+   callee); otherwise they start a group. One failure propagating up a call chain is one group even when
+   it spans several services and metrics; the same service failing again hours later is another group; a
+   loud service erring at the same time as an incident but not adjacent to it stays apart.
 3. **Does it reach users?** The mesh's *entry services* are those called by its ingress gateway(s) (a
    root caller -- never called itself -- named like a gateway or ingress; when the window has none, the
-   services called by any root caller: workers, un-meshed clients). A group with no anomaly at an entry
-   service never reached users: it is a *background* anomaly (returned separately, not an incident). The
-   affected entry service with the strongest anomaly is the incident's **symptom** (where users see it).
+   services called by any root caller: workers, un-meshed clients). A group reaches users when an entry
+   service in it (or an edge into one) *hurts*: failures :data:`MIN_EXCESS_RATE` above their baseline or
+   a latency percentile :data:`MIN_LATENCY_RATIO` times its baseline, for :data:`MIN_DURATION_S` or more
+   -- effect sizes, which do not grow with the traffic as significance scores do; a change in request
+   volume is demand, not harm. Also when such an anomaly of an entry service that (transitively) calls
+   the group started earlier and is still going on at the group's onset (*covered*: one long anomaly of
+   the entry can span two incidents of its callees). Everything else is *background* (returned
+   separately, never an incident). The hurting entry service with the strongest anomaly is the
+   **symptom** (where users see it).
 4. **Root cause and change on the incident's own onset.** The root-cause analysis that ``analyze
    root-cause`` runs (:func:`~meshlens.analysis.rootcause.analyze_session`) looks at the symptom over a
-   sub-window around the group -- from :data:`PRE_S` before its onset (never before the end of an earlier
-   incident at the same symptom) to :data:`POST_S` after its end (never past the next one's onset) -- so
-   the one episode it explains is this one; the change correlation
-   (:func:`~meshlens.analysis.changes.correlate_session`) scores config changes against that result. The
-   root-cause onset (refined to the request) is the incident's onset. When the symptom's failures and
-   latency did not change significantly there, the group is background after all.
+   sub-window around the group: from :data:`PRE_S` before its onset (not before the previous incident at
+   that symptom ended) to :data:`POST_S` after its end, and not past the next group's onset there --
+   unless the episode is still going on at that bound, then the next group is part of it. The change
+   correlation (:func:`~meshlens.analysis.changes.correlate_session`) scores config changes against that
+   result; its top candidate is the incident's change when it is likely (score >= 0.5). The root-cause
+   onset (refined to the request) is the incident's onset. When the symptom's failures and latency did
+   not change significantly there, or for less than :data:`MIN_DURATION_S`, or by less than
+   :data:`MIN_EXCESS_RATE`, the group is not an incident (background, or part of an incident whose span
+   holds it). Findings of one episode at two entry services (same onset, same culprit or change) are one
+   incident (``symptoms`` lists them).
 5. **Severity** = the symptom's excess bad (failed or slow) requests during the episode, estimated from
    its bad rate before vs during: how many user requests the incident spoiled. Most severe first.
+6. **Second pass.** A series reports one latency episode per window (failure counts two): when an
+   incident with slow requests was found, the stretches of at least :data:`SECOND_PASS_MIN_S` outside
+   the incidents are searched again, so a second latency incident of the same services hours later is
+   not hidden behind the first.
 
-Limits: an incident whose effect at every entry service is too weak for the anomaly detector (a few
-percent of slow requests behind a rarely used page) is not found -- ``analyze root-cause`` on the entry
-service with a narrow window is more sensitive. Two incidents overlapping in time at the same symptom
-are reported as one (the root-cause analysis explains one episode per call; its candidates usually
-list both causes). Anomalies detected per series are one latency episode per series and window: a second
-latency episode of the same services hours later is searched for in the rest of the window after the
-first pass (:data:`SECOND_PASS_MIN_S`).
+Limits: an incident too weak at every entry service for the anomaly detector (a few percent of slow
+requests behind a rarely used page) is not found -- ``analyze root-cause`` on the entry service with a
+narrow window is more sensitive. Two incidents overlapping in time at the same symptom are reported as
+one (the root-cause analysis explains one episode per call; its candidates usually list both causes).
 """
 
 from __future__ import annotations
@@ -50,7 +61,7 @@ from meshlens.analysis.anomalies import anomalies_json, detect_anomalies
 from meshlens.analysis.changes import LIKELY, correlate_session
 from meshlens.analysis.common import NS, Window, pct, resolve_window, ts_text
 from meshlens.analysis.graph import TRAFFIC_SQL
-from meshlens.analysis.rootcause import analyze_session, session
+from meshlens.analysis.rootcause import analyze_session, detect_onset, session
 from meshlens.store import Store
 
 LINK_S = 15 * 60
@@ -58,10 +69,10 @@ LINK_S = 15 * 60
 one episode. Onsets are bucket-aligned (a few minutes on a 12 h window) and latency builds up more
 slowly than errors, so a few buckets of slack are needed."""
 
-PRE_S = 45 * 60
+PRE_S = 30 * 60
 """How much normal traffic before an episode the root-cause analysis gets as its baseline."""
 
-POST_S = 20 * 60
+POST_S = 10 * 60
 """How much traffic after an episode's last anomaly the root-cause analysis sees (its recovery)."""
 
 MARGIN_S = 5 * 60
@@ -307,17 +318,30 @@ def _kind(onset: Any, signature: dict[str, float]) -> tuple[str, str | None]:
     return onset.signal, (names.get(top[0], top[0]) if top[0] and top[1] > 0 else None)
 
 
+def _episode_ok(onset: Any, g: _Group) -> bool:
+    """Whether the symptom's episode in the sub-window is this group's (close to its anomalies) and big
+    enough to be an incident (:data:`MIN_DURATION_S`, :data:`MIN_EXCESS_RATE`)."""
+    drift = min(abs(onset.onset_ns - g.onset_ns), max(0, onset.onset_ns - g.end_ns))
+    if drift > (LINK_S if g.covered else MAX_ONSET_DRIFT_S) * NS:
+        return False
+    return (onset.end_ns - onset.onset_ns >= MIN_DURATION_S * NS
+            and onset.bad_incident - onset.bad_baseline >= MIN_EXCESS_RATE)
+
+
+def _episode(store: Store, g: _Group, sub: Window) -> Any:
+    """The symptom's episode in ``sub`` if it is this group's incident, else None: the onset detection of
+    the root-cause analysis alone (:func:`~meshlens.analysis.rootcause.detect_onset`, a fraction of the
+    whole analysis), so that groups that are no incident -- and sub-window bounds still being settled --
+    cost little."""
+    onset = detect_onset(store, g.symptom, sub.lo_ns, sub.hi_ns)
+    return onset if onset is not None and _episode_ok(onset, g) else None
+
+
 def _analyze_group(store: Store, g: _Group, sub: Window, full: Window, lookback: str) -> dict[str, Any] | None:
     with session(store, g.symptom, sub.lo_ns, sub.hi_ns) as sess:
         rc = analyze_session(sess)
-        if rc.onset is None:
+        if rc.onset is None or not _episode_ok(rc.onset, g):
             return None
-        drift = min(abs(rc.onset.onset_ns - g.onset_ns), max(0, rc.onset.onset_ns - g.end_ns))
-        if drift > (LINK_S if g.covered else MAX_ONSET_DRIFT_S) * NS:
-            return None
-        if (rc.onset.end_ns - rc.onset.onset_ns < MIN_DURATION_S * NS
-                or rc.onset.bad_incident - rc.onset.bad_baseline < MIN_EXCESS_RATE):
-            return None  # significant, but too short or too small to be an incident
         ch = correlate_session(sess, lookback=lookback, report=rc)
     rc_items = rc.to_json()
     ch_items = ch.to_json()
@@ -327,8 +351,6 @@ def _analyze_group(store: Store, g: _Group, sub: Window, full: Window, lookback:
     end_ns = None if ongoing else (onset.end_ns if not onset.ongoing else g.end_ns)
     signal, signature = _kind(onset, rc.signature)
     return {"onset_ns": onset.onset_ns, "end_ns": end_ns, "symptom": g.symptom,
-            # still going on near the sub-window's end: a later group there may be part of this episode
-            "open": onset.ongoing or onset.end_ns >= sub.hi_ns - MARGIN_S * NS,
             "root_cause": rc_items[0] if rc_items else None, "change": top_change,
             "severity": round(_excess(onset), 1), "kind": signal, "signature": signature,
             "confidence": rc_items[0]["score"] if rc_items else None,
@@ -399,13 +421,17 @@ def _pass(store: Store, window: Window, lo: int, hi: int, entries: list[str], ed
             # the next group at this symptom bounds this one's analysis; when the episode is still going
             # on at that bound, the next group is part of it: absorb it and look again up to the one after
             later = [j for j in range(k + 1, len(mine)) if mine[j].onset_ns > g.onset_ns + SAME_ONSET_S * NS]
-            res, taken = None, []
-            for attempt in range(3):
-                nxt = mine[later[attempt]].onset_ns if attempt < len(later) else None
-                res = _analyze_group(store, g, _sub_window(g, prev_end, nxt, Window(lo, hi)), window, lookback)
-                if res is None or not res["open"] or nxt is None:
+            taken: list[int] = []
+            for _attempt in range(4):
+                nxt = mine[later[0]].onset_ns if later else None
+                sub = _sub_window(g, prev_end, nxt, Window(lo, hi))
+                onset = _episode(store, g, sub)
+                if onset is None or nxt is None or not (onset.ongoing or onset.end_ns >= sub.hi_ns - MARGIN_S * NS):
                     break
-                taken.append(later[attempt])
+                # still going on at the bound: the groups up to a little past it are part of this episode
+                taken += [j for j in later if mine[j].onset_ns <= nxt + LINK_S * NS]
+                later = [j for j in later if mine[j].onset_ns > nxt + LINK_S * NS]
+            res = _analyze_group(store, g, sub, window, lookback) if onset is not None else None
             if res is None:
                 rejected.append(g)
                 continue
@@ -478,7 +504,8 @@ def find_incidents(store: Store, start: Any = None, end: Any = None, *, lookback
     options = {k: v for k, v in options.items() if v is not None}
     found, anoms, bg_rows = _pass(store, window, window.lo_ns, window.hi_ns, entry_list, edges, lookback, options)
     backgrounds = [(anoms, bg_rows)]
-    if second_pass and found:
+    # a series reports one latency episode: only when one was taken by an incident can another hide
+    if second_pass and any("latency" in f["kind"] for f in found):
         # stretches free of the incidents found: a series' second latency episode hides behind its first
         spans = sorted((f["onset_ns"], f["end_ns"] or window.hi_ns) for f in found)
         cursor, gaps = window.lo_ns, []
