@@ -545,10 +545,11 @@ def find_incidents(store: Store, start: Any = None, end: Any = None, *, lookback
     for df, rows in backgrounds:
         if df.empty:
             continue
-        keep = sorted(rows)
-        # mesh-wide and categorical anomalies that do not coincide with an incident are background too
+        keep = []
+        # the rows of groups that are no incident, and mesh-wide anomalies -- unless they coincide with an
+        # incident on its services (e.g. found by the second pass) or, mesh-wide, in time
         for i, r in enumerate(df.itertuples(index=False)):
-            if r.scope in ("service", "edge"):  # grouped: background when their group is
+            if r.scope in ("service", "edge") and i not in rows:
                 continue
             t = int(r.onset.value)
             svcs = set(_services_of(r))
