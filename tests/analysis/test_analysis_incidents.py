@@ -22,7 +22,7 @@ import pytest
 from meshlens import notebook as nbhelp
 from meshlens.analysis import changes, incidents
 from meshlens.store import open_store
-from tests.test_analysis_common import T0, incident_mesh, open_ro
+from tests.analysis.test_analysis_common import T0, incident_mesh, open_ro
 
 SLOW = os.environ.get("MESHLENS_SLOW") == "1"
 N_WINDOWS, DURATION_S, ENTRY_RATE = (12, 5 * 3600.0, 0.6) if SLOW else (4, 4 * 3600.0, 0.5)
@@ -146,7 +146,7 @@ def test_cli_json_and_text(samples: tuple[Path, dict]) -> None:
 ])
 def test_cli_bad_input_is_one_line(samples: tuple[Path, dict], args: tuple[str, ...], message: str) -> None:
     r = subprocess.run([*CLI, "--db", str(samples[0]), *args], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
 
