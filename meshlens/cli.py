@@ -16,6 +16,7 @@ import typer
 
 from meshlens.errors import MeshlensError
 from meshlens.filters import FilterConfigOpt, NoDefaultFiltersOpt, SampleSuccessOpt
+from meshlens.formats.registry import format_help
 from meshlens.records import DEFAULT_BATCH
 
 app = typer.Typer(
@@ -47,8 +48,7 @@ def ingest_file(
     paths: Annotated[list[Path], typer.Argument(help="Files or directories (plain, .gz, logcli jsonl, "
                                                 "saved Loki JSON, CRI logs).")],
     db: DbOpt,
-    fmt: Annotated[str, typer.Option("--format", help="Force a record format instead of auto-detection "
-                                     "(istio_text, istio_json, envoy_default, linkerd_json, k8s_audit, ...).")] = "auto",
+    fmt: Annotated[str, typer.Option("--format", help=format_help())] = "auto",
     mapping: Annotated[Path | None, typer.Option("--mapping", help="JSON/YAML file mapping Istio JSON key "
                                                  "names to your custom access-log keys.")] = None,
     batch_size: Annotated[int, typer.Option(help="Records per transaction.")] = DEFAULT_BATCH,

@@ -25,23 +25,21 @@ import numpy as np
 import pandas as pd
 
 from meshlens.errors import ConfigError
+from meshlens.formats import envoy
 from meshlens.store import Store
 from meshlens.timeutil import ns_to_rfc3339, parse_time_ns
 
 NS = 1_000_000_000
 
-FAILURE_FLAGS: tuple[str, ...] = (
-    "NR", "NC", "UH", "UF", "UO", "URX", "UT", "UC", "RL", "UAEX", "DPE", "UMSDR", "NFCF", "LR", "IH", "SI",
-    "UPE", "OM",
-)
-"""Envoy response flags that mean the proxy failed the request (DC -- the downstream hung up -- is not one:
-it is logged by a server whose client gave up, and the client's own record carries the failure)."""
+FAILURE_FLAGS: tuple[str, ...] = envoy.FAILURE_FLAGS
+"""Envoy response flags that mean the proxy failed the request (declared in :data:`meshlens.formats.envoy.FLAGS`;
+DC -- the downstream hung up -- is not one: the client's own record carries the failure)."""
 
 FAILED_SQL = (
     "coalesce(coalesce(status, 0) >= 500 OR status IN (401, 403, 407, 429) "
     "OR authz_decision = 'deny' "
     "OR (response_flags IS NOT NULL AND len(list_intersect(string_split(response_flags, ','), "
-    "['" + "', '".join(FAILURE_FLAGS) + "'])) > 0), FALSE)"
+    + envoy.flags_list_sql(FAILURE_FLAGS) + ")) > 0), FALSE)"
 )
 """SQL: the record describes a failed request -- 5xx, an authorization refusal (401/403/407 or an authz
 deny), a rate limit (429), or an Envoy failure flag (no route, no cluster, upstream connect failure,

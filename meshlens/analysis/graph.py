@@ -39,6 +39,7 @@ import duckdb
 import pandas as pd
 
 from meshlens.analysis.common import FAILED_SQL, PROBE_SQL, Window, resolve_window, temp_name
+from meshlens.formats import envoy
 from meshlens.store import Store
 
 HOP_COLUMNS = (
@@ -240,8 +241,9 @@ def deepest_failures_sql(hops: str, req: str) -> str:
     )
     SELECT a.*,
            CASE WHEN a.srv_failed THEN 'server'
-                WHEN regexp_matches(coalesce(a.flags, ''), '(^|,)(UT|UH|UC|UO|LH)(,|$)') THEN 'callee'
-                WHEN regexp_matches(coalesce(a.flags, ''), '(^|,)UF(,|$)') AND a.tls_reason IS NULL THEN 'callee'
+                WHEN {envoy.flags_match_sql('a.flags', envoy.flags_where(owner='callee'))} THEN 'callee'
+                WHEN {envoy.flags_match_sql('a.flags', envoy.flags_where(owner='connect'))} AND a.tls_reason IS NULL
+                  THEN 'callee'
                 WHEN a.flags IS NULL AND coalesce(a.status, 0) >= 500 THEN 'callee'
                 WHEN a.flags IS NULL AND a.status IN (401, 403, 429) THEN 'callee'
                 ELSE 'edge' END AS side

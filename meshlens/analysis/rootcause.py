@@ -89,6 +89,7 @@ from meshlens.analysis.common import (
     ts_text,
 )
 from meshlens.analysis.graph import RID_SQL, TRAFFIC_SQL, deepest_failures_sql, hops_sql
+from meshlens.formats import envoy
 from meshlens.store import Store
 
 MIN_LLR = 10.0
@@ -891,10 +892,10 @@ def _signature_classes(leaves: pd.DataFrame, phi_slow: float) -> dict[str, float
     conds = [
         ("authz", inc["denied"].fillna(False).astype(bool) | status.isin([401, 403]) | details.str.contains("rbac")),
         ("tls", inc["tls_reason"].notna()),
-        ("route", flags.str.contains(r"(?:^|,)(?:NR|NC)(?:,|$)") | details.str.contains("route_not_found|cluster_not_found")),
-        ("ratelimit", (status == 429) | flags.str.contains(r"(?:^|,)RL(?:,|$)")),
-        ("timeout", flags.str.contains(r"(?:^|,)UT(?:,|$)")),
-        ("unavailable", flags.str.contains(r"(?:^|,)(?:UH|UF|UC|UO|URX)(?:,|$)")),
+        ("route", flags.str.contains(envoy.flags_regex(envoy.flags_where(klass="route"))) | details.str.contains("route_not_found|cluster_not_found")),
+        ("ratelimit", (status == 429) | flags.str.contains(envoy.flags_regex(envoy.flags_where(klass="ratelimit")))),
+        ("timeout", flags.str.contains(envoy.flags_regex(envoy.flags_where(klass="timeout")))),
+        ("unavailable", flags.str.contains(envoy.flags_regex(envoy.flags_where(klass="unavailable")))),
     ]
     cls = pd.Series("app", index=inc.index)
     for name, cond in reversed(conds):

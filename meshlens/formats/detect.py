@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
 from typing import Any
 
 import duckdb
@@ -28,7 +27,7 @@ import pyarrow as pa
 
 from meshlens import schema
 from meshlens.errors import ConfigError
-from meshlens.formats import bulk, envoy, k8s_audit, linkerd
+from meshlens.formats import bulk, registry
 from meshlens.formats.base import Event, Labels, Reject
 from meshlens.formats.identity import self_identity, workload_from_pod
 from meshlens.records import RawBatch
@@ -37,45 +36,25 @@ from meshlens.timeutil import parse_rfc3339_ns
 MAX_RAW_REJECT = 64 * 1024
 SCAN_CHUNK = 8 * 2048  # rows per Arrow record batch handed to DuckDB (its unit of parallel work)
 
-# public --format names -> internal class
-FORMATS: dict[str, str] = {
-    "auto": "auto",
-    "istio_text": "envoy_text",
-    "envoy_default": "envoy_text",
-    "envoy_text": "envoy_text",
-    "istio_json": "envoy_json",
-    "consul_json": "envoy_json",
-    "envoy_json": "envoy_json",
-    "linkerd_apache": "linkerd_apache",
-    "linkerd_json": "linkerd_json",
-    "linkerd_proxy": "linkerd_proxy",
-    "envoy_rbac_debug": "envoy_rbac_debug",
-    "ztunnel": "ztunnel",
-    "k8s_audit": "k8s_audit",
-    "ecs": "ecs",
-}
+# public --format names -> internal class (bulk SQL extractor, or the record parser's own name)
+FORMATS: dict[str, str] = {"auto": "auto", **{n: (spec.bulk_class or spec.name)
+                                              for n, spec in registry.BY_NAME.items()}}
 
-_RBAC_DEBUG = re.compile(r"^\d{4}-\d\d-\d\dT\S+\s+debug\s+envoy\s+rbac\s")
-_ZTUNNEL = re.compile(r"^(?:\d{4}-\d\d-\d\dT\S+\s+)?(?:error|warn|info|debug)\s+access\s+.*\b(?:src|dst)\.addr=")
-_LINKERD_APACHE = re.compile(r"^\S+:\d+ \S+ - \[")
-_PROXY_LOG = re.compile(
-    r"^(?:\d{4}-\d\d-\d\dT\S+|\[\s*\d+\.\d+s\])\s+(?:info|warn|warning|error|debug|trace|critical|INFO|WARN|"
-    r"ERROR|DEBUG|TRACE)\b"
-)
 _KUBECTL_PREFIX = re.compile(r"^\[([^\]\s]+) ([^\]\s]+)\] ")
-
-
-def _load_ecs() -> tuple[Callable[[Any], bool], Callable[[str, Any, Labels], Event]] | None:
-    try:
-        from meshlens.formats import ecs  # written alongside the Elasticsearch source
-    except ImportError:
-        return None
-    return ecs.looks_like_ecs, ecs.parse_ecs
 
 
 def _first_words(text: str, n: int = 80) -> str:
     t = text.strip().replace("\n", "\\n")
     return t[:n] + ("..." if len(t) > n else "")
+
+
+def _named(name: str, fn: Any, body: str, obj: Any, labels: Labels) -> Event:
+    """Run a record parser; its rejects carry the format name (the rejects table's ``format``)."""
+    try:
+        return fn(body, obj, labels)
+    except Reject as r:
+        r.format = name  # type: ignore[attr-defined]
+        raise
 
 
 class Parser:
@@ -95,7 +74,6 @@ class Parser:
             self.con.execute(m)
         self.con.execute(f"CREATE OR REPLACE TEMP TABLE events_template AS SELECT * FROM ({_template_sql(schema.EVENT_COLUMNS)}) LIMIT 0")
         self.con.execute(f"CREATE OR REPLACE TEMP TABLE rejects_template AS SELECT * FROM ({_template_sql(schema.REJECT_COLUMNS)}) LIMIT 0")
-        self._ecs = _load_ecs()
         self._label_cache: dict[int, tuple[Labels | None, str, str | None, str | None, str | None]] = {}
 
     # -- labels ------------------------------------------------------------------------------
@@ -204,13 +182,13 @@ class Parser:
         con = self.con
         forced = self.cls
         if forced == "auto":
-            klass = """CASE
+            # bulk formats claim rows by their SQL detection, in registry order; the rest go to Python
+            whens = "\n".join(f"              WHEN {spec.sql_detect} THEN "
+                              f"'{'envoy_json?' if spec.bulk_class == 'envoy_json' else spec.bulk_class}'"
+                              for spec in registry.of_kind("bulk") if spec.sql_detect)
+            klass = f"""CASE
               WHEN pre_reject IS NOT NULL THEN 'pre_reject'
-              WHEN body[1] = '{' THEN CASE
-                  WHEN contains(body, '"response_code"') OR contains(body, '"upstream_cluster"')
-                    THEN 'envoy_json?'
-                  ELSE 'python' END
-              WHEN body[1] = '"' OR (body[1] = '[' AND regexp_matches(body, '^\\[[^\\]]*\\]\\s*"')) THEN 'envoy_text'
+{whens}
               ELSE 'python' END"""
         elif forced == "envoy_text":
             klass = "CASE WHEN pre_reject IS NOT NULL THEN 'pre_reject' ELSE 'envoy_text' END"
@@ -289,6 +267,7 @@ class Parser:
     def _dispatch(self, body: str, labels: Labels) -> tuple[str, Event]:
         forced = self.cls
         stripped = body.strip()
+        spec = registry.BY_NAME.get(forced)
         if forced == "auto" and not stripped:
             raise Reject("empty line")
         if forced == "auto" and stripped[:1] == "[" and stripped[-1:] == "]":
@@ -296,7 +275,7 @@ class Parser:
                 return self._dispatch_json(body, json.loads(body), labels)
             except json.JSONDecodeError:
                 pass
-        if (forced == "auto" and stripped[:1] == "{") or forced in ("k8s_audit", "linkerd_json", "ecs"):
+        if (forced == "auto" and stripped[:1] == "{") or (spec is not None and spec.kind == "json"):
             try:
                 obj = json.loads(body)
             except json.JSONDecodeError as exc:
@@ -306,57 +285,44 @@ class Parser:
         return self._dispatch_text(body, labels)
 
     def _dispatch_json(self, body: str, obj: Any, labels: Labels) -> tuple[str, Event]:
+        """JSON record parsers of the registry, in order; envelopes (``unwrap``) are opened and their
+        inner record detected again."""
         forced = self.cls
         if not isinstance(obj, dict):
             raise Reject(f"JSON record is a {type(obj).__name__}, not an object")
-        if forced == "k8s_audit" or (forced == "auto" and k8s_audit.looks_like_audit(obj)):
-            return "k8s_audit", k8s_audit.parse(body, obj, labels)
-        if forced == "linkerd_json" or (forced == "auto" and "client.addr" in obj):
-            return "linkerd_json", linkerd.parse_json(body, obj, labels)
-        if forced == "auto" and isinstance(obj.get("log"), str) and len(obj) <= 6:
-            # Docker json-file / Fluent Bit record wrapping a proxy line
-            inner = obj["log"].rstrip("\n")
-            fmt_name, ev = self._dispatch(inner, labels)
-            if ev.get("ts_ns") is None and not ev.get("ts_text") and isinstance(obj.get("time"), str):
-                ev["ts_text"] = obj["time"]
-            return fmt_name, ev
-        if self._ecs is not None and (forced == "ecs" or (forced == "auto" and self._ecs[0](obj))):
-            return "ecs", self._ecs[1](body, obj, labels)
         if forced != "auto":
-            raise Reject(f"does not parse as {self.fmt}")
+            spec = registry.BY_NAME.get(forced)
+            if spec is None or spec.kind != "json" or spec.parse is None:
+                raise Reject(f"does not parse as {self.fmt}")
+            return spec.name, _named(spec.name, spec.parse, body, obj, labels)
+        for spec in registry.FORMATS:
+            if spec.kind == "json" and spec.detect is not None and spec.parse is not None and spec.detect(obj):
+                return spec.name, _named(spec.name, spec.parse, body, obj, labels)
+            if spec.kind == "unwrap" and spec.detect is not None and spec.unwrap is not None and spec.detect(obj):
+                inner, when = spec.unwrap(obj)
+                fmt_name, ev = self._dispatch(inner, labels)
+                if ev.get("ts_ns") is None and not ev.get("ts_text") and isinstance(when, str):
+                    ev["ts_text"] = when
+                return fmt_name, ev
         keys = ", ".join(sorted(obj)[:8])
         raise Reject(f"JSON record of unknown shape (keys: {keys}); not an Istio/Envoy, Linkerd, "
                      "Kubernetes audit or ECS record -- pass --format or a JSON key mapping")
 
     def _dispatch_text(self, body: str, labels: Labels) -> tuple[str, Event]:
+        """Text record parsers of the registry, in order; known non-record shapes are named."""
         forced = self.cls
-        parsers: list[tuple[str, Callable[[str, Any, Labels], Event]]] = []
-        if forced == "auto":
-            if _RBAC_DEBUG.match(body):
-                parsers.append(("envoy_rbac_debug", envoy.parse_rbac_debug))
-            elif _ZTUNNEL.match(body):
-                parsers.append(("ztunnel", envoy.parse_ztunnel))
-            elif _LINKERD_APACHE.match(body):
-                parsers.append(("linkerd_apache", linkerd.parse_apache))
-            elif linkerd.looks_like_proxy(body):
-                parsers.append(("linkerd_proxy", linkerd.parse_proxy))
-            elif _PROXY_LOG.match(body):
-                raise Reject("proxy log line (pilot-agent/Envoy/Linkerd diagnostics), not an access or "
-                             "policy record")
-            else:
-                raise Reject(f"unrecognised format: no parser matched '{_first_words(body)}'")
-        else:
-            table = {"envoy_rbac_debug": envoy.parse_rbac_debug, "ztunnel": envoy.parse_ztunnel,
-                     "linkerd_apache": linkerd.parse_apache, "linkerd_proxy": linkerd.parse_proxy}
-            if forced not in table:
+        if forced != "auto":
+            spec = registry.BY_NAME.get(forced)
+            if spec is None or spec.kind != "text" or spec.parse is None:
                 raise Reject(f"does not parse as {self.fmt}")
-            parsers.append((forced, table[forced]))
-        name, fn = parsers[0]
-        try:
-            return name, fn(body, None, labels)
-        except Reject as r:
-            r.format = name  # type: ignore[attr-defined]
-            raise
+            return spec.name, _named(spec.name, spec.parse, body, None, labels)
+        for spec in registry.of_kind("text"):
+            if spec.detect is not None and spec.parse is not None and spec.detect(body):
+                return spec.name, _named(spec.name, spec.parse, body, None, labels)
+        for pattern, reason in registry.TEXT_NOT_RECORDS:
+            if pattern.match(body):
+                raise Reject(reason)
+        raise Reject(f"unrecognised format: no parser matched '{_first_words(body)}'")
 
     # -- assemble ----------------------------------------------------------------------------
     def _finalize(self, batch: RawBatch, ingested_at: Any) -> tuple[int, int]:

@@ -10,41 +10,99 @@ analyses (evidence text) and docs.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from meshlens.formats.base import Event, Labels, Reject
 from meshlens.formats.identity import principal_identity
 
-# flag -> (long name, meaning)
-RESPONSE_FLAGS: dict[str, tuple[str, str]] = {
-    "UH": ("NoHealthyUpstream", "no healthy upstream hosts (503)"),
-    "UF": ("UpstreamConnectionFailure", "upstream connection failure (503)"),
-    "UO": ("UpstreamOverflow", "upstream overflow / circuit breaking (503)"),
-    "NR": ("NoRouteFound", "no route configured (404) or no matching filter chain"),
-    "URX": ("UpstreamRetryLimitExceeded", "upstream retry limit / max connect attempts exceeded"),
-    "NC": ("NoClusterFound", "upstream cluster not found"),
-    "DT": ("DurationTimeout", "max connection duration reached"),
-    "DC": ("DownstreamConnectionTermination", "downstream connection terminated"),
-    "LH": ("FailedLocalHealthCheck", "local service failed health check (503)"),
-    "UT": ("UpstreamRequestTimeout", "upstream request timeout (504)"),
-    "LR": ("LocalReset", "connection local reset (503)"),
-    "UR": ("UpstreamRemoteReset", "upstream remote reset (503)"),
-    "UC": ("UpstreamConnectionTermination", "upstream connection termination (503)"),
-    "DI": ("DelayInjected", "fault injection delay"),
-    "FI": ("FaultInjected", "fault injection abort"),
-    "RL": ("RateLimited", "rate limited locally (429)"),
-    "UAEX": ("UnauthorizedExternalService", "denied by external authorization (ext_authz)"),
-    "RLSE": ("RateLimitServiceError", "rate limit service error"),
-    "IH": ("InvalidEnvoyRequestHeaders", "invalid strictly-checked request header (400)"),
-    "SI": ("StreamIdleTimeout", "stream idle timeout (408)"),
-    "DPE": ("DownstreamProtocolError", "downstream HTTP protocol error"),
-    "UPE": ("UpstreamProtocolError", "upstream HTTP protocol error"),
-    "UMSDR": ("UpstreamMaxStreamDurationReached", "upstream max stream duration reached"),
-    "OM": ("OverloadManagerTerminated", "terminated by the overload manager"),
-    "DF": ("DnsResolutionFailed", "DNS resolution failed"),
-    "DO": ("DropOverload", "dropped by drop-overload"),
-    "RFCF": ("ResponseFromCacheFilter", "response served from cache filter"),
-    "NFCF": ("NoFilterConfigFound", "no filter config found"),
-}
+
+@dataclass(frozen=True)
+class ResponseFlag:
+    """One Envoy response flag, as the parser and every analysis read it.
+
+    ``failure``: the proxy failed the request (DC -- the downstream hung up -- is not one: it is logged by a
+    server whose client gave up, and the client's own record carries the failure). ``owner``: where a
+    client-side record with this flag places the fault -- ``callee`` (the callee did not answer: timeout,
+    no healthy host, reset, overflow), ``connect`` (upstream connection failure: the callee, unless the
+    TLS handshake failed, then the edge), ``edge`` (either side: route, cluster, protocol, limits) or
+    ``downstream`` (the client side). ``klass``: the failure class the root-cause signature uses.
+    """
+
+    code: str
+    name: str
+    meaning: str
+    failure: bool = False
+    owner: str = "edge"
+    klass: str | None = None
+
+
+_FLAGS: tuple[ResponseFlag, ...] = (
+    ResponseFlag("UH", "NoHealthyUpstream", "no healthy upstream hosts (503)", True, "callee", "unavailable"),
+    ResponseFlag("UF", "UpstreamConnectionFailure", "upstream connection failure (503)", True, "connect",
+                 "unavailable"),
+    ResponseFlag("UO", "UpstreamOverflow", "upstream overflow / circuit breaking (503)", True, "callee",
+                 "unavailable"),
+    ResponseFlag("NR", "NoRouteFound", "no route configured (404) or no matching filter chain", True, "edge",
+                 "route"),
+    ResponseFlag("URX", "UpstreamRetryLimitExceeded", "upstream retry limit / max connect attempts exceeded",
+                 True, "edge", "unavailable"),
+    ResponseFlag("NC", "NoClusterFound", "upstream cluster not found", True, "edge", "route"),
+    ResponseFlag("DT", "DurationTimeout", "max connection duration reached"),
+    ResponseFlag("DC", "DownstreamConnectionTermination", "downstream connection terminated", False,
+                 "downstream"),
+    ResponseFlag("LH", "FailedLocalHealthCheck", "local service failed health check (503)", False, "callee"),
+    ResponseFlag("UT", "UpstreamRequestTimeout", "upstream request timeout (504)", True, "callee", "timeout"),
+    ResponseFlag("LR", "LocalReset", "connection local reset (503)", True),
+    ResponseFlag("UR", "UpstreamRemoteReset", "upstream remote reset (503)"),
+    ResponseFlag("UC", "UpstreamConnectionTermination", "upstream connection termination (503)", True, "callee",
+                 "unavailable"),
+    ResponseFlag("DI", "DelayInjected", "fault injection delay"),
+    ResponseFlag("FI", "FaultInjected", "fault injection abort"),
+    ResponseFlag("RL", "RateLimited", "rate limited locally (429)", True, "edge", "ratelimit"),
+    ResponseFlag("UAEX", "UnauthorizedExternalService", "denied by external authorization (ext_authz)", True),
+    ResponseFlag("RLSE", "RateLimitServiceError", "rate limit service error"),
+    ResponseFlag("IH", "InvalidEnvoyRequestHeaders", "invalid strictly-checked request header (400)", True),
+    ResponseFlag("SI", "StreamIdleTimeout", "stream idle timeout (408)", True),
+    ResponseFlag("DPE", "DownstreamProtocolError", "downstream HTTP protocol error", True),
+    ResponseFlag("UPE", "UpstreamProtocolError", "upstream HTTP protocol error", True),
+    ResponseFlag("UMSDR", "UpstreamMaxStreamDurationReached", "upstream max stream duration reached", True),
+    ResponseFlag("OM", "OverloadManagerTerminated", "terminated by the overload manager", True),
+    ResponseFlag("DF", "DnsResolutionFailed", "DNS resolution failed"),
+    ResponseFlag("DO", "DropOverload", "dropped by drop-overload"),
+    ResponseFlag("RFCF", "ResponseFromCacheFilter", "response served from cache filter"),
+    ResponseFlag("NFCF", "NoFilterConfigFound", "no filter config found", True),
+)
+FLAGS: dict[str, ResponseFlag] = {f.code: f for f in _FLAGS}
+"""Envoy response flags (``%RESPONSE_FLAGS%``), declared once: parser, analyses' SQL and docs derive from it."""
+
+# flag -> (long name, meaning): the older view of the table, kept for callers
+RESPONSE_FLAGS: dict[str, tuple[str, str]] = {f.code: (f.name, f.meaning) for f in _FLAGS}
+
+FAILURE_FLAGS: tuple[str, ...] = tuple(f.code for f in _FLAGS if f.failure)
+"""Flags that mean the proxy failed the request (see :class:`ResponseFlag`)."""
+
+
+def flags_where(*, owner: str | None = None, klass: str | None = None) -> tuple[str, ...]:
+    """Codes of the flags with this owner and/or failure class, in table order."""
+    return tuple(f.code for f in _FLAGS
+                 if (owner is None or f.owner == owner) and (klass is None or f.klass == klass))
+
+
+def flags_regex(codes: tuple[str, ...] | list[str]) -> str:
+    """A regex matching a comma-separated ``response_flags`` value that holds any of ``codes``
+    (``(^|,)(UT|UH)(,|$)``); valid in DuckDB ``regexp_matches`` and Python/pandas ``str.contains``."""
+    return "(?:^|,)(?:" + "|".join(codes) + ")(?:,|$)"
+
+
+def flags_match_sql(column: str, codes: tuple[str, ...] | list[str]) -> str:
+    """SQL: ``column`` (comma-separated flags, may be NULL) holds any of ``codes``."""
+    return f"regexp_matches(coalesce({column}, ''), '{flags_regex(codes)}')"
+
+
+def flags_list_sql(codes: tuple[str, ...] | list[str]) -> str:
+    """SQL list literal of flag codes (``['NR', 'NC']``)."""
+    return "['" + "', '".join(codes) + "']"
+
 
 RBAC_DENIED_PREFIX = "rbac_access_denied_matched_policy["
 EXT_AUTHZ_DETAILS = ("ext_authz_denied", "ext_authz_error")

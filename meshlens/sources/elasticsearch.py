@@ -84,9 +84,8 @@ from typing import Any
 from urllib.parse import quote
 
 from meshlens.errors import AuthError, ConfigError, QueryError, SourceError
-from meshlens.formats.bulk import ENVOY_FIELDS, EXTRA_FIELDS, ISTIO_JSON_MARKERS
+from meshlens.formats.documents import document_record
 from meshlens.formats.ecs import get as get_path
-from meshlens.formats.ecs import looks_like_ecs
 from meshlens.records import RawBatch
 from meshlens.sources.http import HttpClient, HttpConfig
 from meshlens.timeutil import parse_rfc3339_ns
@@ -116,8 +115,6 @@ ENV_VARS: dict[str, tuple[str, ...]] = {
 _CONFIG_KEYS = {"url", "cloud_id", "username", "password", "api_key", "bearer_token", "bearer_token_file",
                 "ca_cert", "client_cert", "client_key", "verify", "headers", "timeout_s", "max_retries"}
 
-# Istio/Envoy JSON access-log keys, as the JSON parser knows them (defaults plus custom Telemetry keys).
-ISTIO_JSON_KEYS: tuple[str, ...] = (*ENVOY_FIELDS, *(k for keys in EXTRA_FIELDS.values() for k in keys))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -483,16 +480,6 @@ def time_value_ns(value: Any) -> int | None:
     return None
 
 
-def _istio_line(src: dict[str, Any]) -> str | None:
-    """Istio's JSON access-log keys merged into the document (Fluent Bit ``Merge_Log``) -> the JSON line."""
-    if not any(k in src for k in ISTIO_JSON_MARKERS):
-        return None
-    present = [k for k in ISTIO_JSON_KEYS if k in src]
-    if len(present) < 5:
-        return None
-    return json.dumps({k: src[k] for k in present}, separators=(",", ":"))
-
-
 @dataclass
 class Record:
     line: str
@@ -553,18 +540,8 @@ def hit_to_record(hit: dict[str, Any], time_field: str,
     labels = kubernetes_labels(src)
     if intern is not None:
         labels = intern(labels)
-    if looks_like_ecs(src):
-        return Record(json.dumps(src, sort_keys=True, ensure_ascii=False), ts_ns, labels, position)
-    for key in ("log", "message"):
-        raw = src.get(key)
-        if isinstance(raw, str):
-            if not raw.strip():
-                return Record(raw, ts_ns, labels, position, f"the {key!r} field is empty")
-            return Record(raw.rstrip("\r\n"), ts_ns, labels, position)
-    istio = _istio_line(src)
-    if istio is not None:
-        return Record(istio, ts_ns, labels, position)
-    return Record(json.dumps(src, sort_keys=True, ensure_ascii=False), ts_ns, labels, position)
+    line, reason = document_record(src)
+    return Record(line, ts_ns, labels, position, reason)
 
 
 # ---------------------------------------------------------------------------------------------------

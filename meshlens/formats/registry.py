@@ -1,0 +1,185 @@
+"""The one list of record formats: name, detection, parser, ``--format`` help and the README table.
+
+Why a registry: the detector (:mod:`meshlens.formats.detect`), the CLI's ``--format`` help, the README's
+format table (checked by a test, as ``docs/schema.md`` is) and the fuzz list all read this list, so adding
+a format is one new module (its ``looks_like``/``parse`` functions) plus one :class:`FormatSpec` entry
+below, plus its tests -- nothing else to edit.
+
+Four kinds of entry, tried per record in this order:
+
+* ``bulk``: the high-volume Envoy-family access logs, parsed in DuckDB SQL by :mod:`meshlens.formats.bulk`
+  (``bulk_class`` names the SQL extractor; their detection is the SQL fragment ``sql_detect``);
+* ``json``: record parsers for JSON objects, tried in list order with ``detect(obj)``;
+* ``unwrap``: JSON envelopes that carry another record (Docker ``{"log": ...}``): ``unwrap(obj)`` returns
+  the inner text and the envelope's time, and the inner text is detected again;
+* ``text``: record parsers for text lines, tried in list order with ``detect(text)``.
+
+A JSON record that no entry claims, or a text line that none claims, is rejected with a reason naming
+what it looked like (:data:`TEXT_NOT_RECORDS` names the known non-record shapes, e.g. proxy diagnostics).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshlens.formats import envoy, k8s_audit, linkerd
+from meshlens.formats.base import RecordParser
+
+
+@dataclass(frozen=True)
+class FormatSpec:
+    """One record format, as every consumer sees it.
+
+    ``name`` is the ``--format`` value (``aliases`` are accepted too); ``summary`` is the ``--format``
+    help and the README's "examples it handles"; ``example`` names a public source of a real record.
+    ``bulk_class`` (bulk formats): ``envoy_text`` or ``envoy_json``, the SQL extractor; ``sql_detect``:
+    the SQL condition on ``body`` that sends a record to it under auto-detection.
+    """
+
+    name: str
+    kind: str  # 'bulk' | 'json' | 'unwrap' | 'text'
+    summary: str
+    example: str = ""
+    aliases: tuple[str, ...] = ()
+    detect: Callable[[Any], bool] | None = None
+    parse: RecordParser | None = None
+    unwrap: Callable[[dict[str, Any]], tuple[str, Any]] | None = None
+    bulk_class: str | None = None
+    sql_detect: str | None = None
+    readme: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _loads_lazy(module: str, attr: str) -> Callable[..., Any]:
+    """A function of a module imported on first use (ECS is an optional part written with the ES source)."""
+    cache: list[Callable[..., Any]] = []
+
+    def call(*args: Any) -> Any:
+        if not cache:
+            import importlib
+
+            cache.append(getattr(importlib.import_module(module), attr))
+        return cache[0](*args)
+
+    call.__name__ = attr
+    return call
+
+
+def _docker_log(obj: dict[str, Any]) -> bool:
+    return isinstance(obj.get("log"), str) and len(obj) <= 6
+
+
+def _docker_unwrap(obj: dict[str, Any]) -> tuple[str, Any]:
+    return obj["log"].rstrip("\n"), obj.get("time")
+
+
+_RBAC_DEBUG = re.compile(r"^\d{4}-\d\d-\d\dT\S+\s+debug\s+envoy\s+rbac\s")
+_ZTUNNEL = re.compile(r"^(?:\d{4}-\d\d-\d\dT\S+\s+)?(?:error|warn|info|debug)\s+access\s+.*\b(?:src|dst)\.addr=")
+_LINKERD_APACHE = re.compile(r"^\S+:\d+ \S+ - \[")
+
+_ENVOY_JSON_SQL = ("body[1] = '{' AND (" + " OR ".join(
+    f"contains(body, '\"{k}\"')" for k in ("response_code", "upstream_cluster")) + ")")
+_ENVOY_TEXT_SQL = "body[1] = '\"' OR (body[1] = '[' AND regexp_matches(body, '^\\[[^\\]]*\\]\\s*\"'))"
+
+FORMATS: tuple[FormatSpec, ...] = (
+    FormatSpec(
+        "istio_text", "bulk",
+        "Istio's default TEXT format (≥1.9, and pre-1.9 without response-code details), with or without "
+        "the leading `[START_TIME]`, TCP records (`\"- - -\"`, code 0), `kubectl logs --prefix` prefixes",
+        "istio/istio `pilot/pkg/model/telemetry_logging.go`",
+        aliases=("envoy_text",), bulk_class="envoy_text", sql_detect=_ENVOY_TEXT_SQL),
+    FormatSpec(
+        "envoy_default", "bulk", "Envoy's own default format (gateways, Contour)",
+        "envoyproxy/envoy `docs/root/configuration/observability/access_log/usage.rst`",
+        bulk_class="envoy_text"),
+    FormatSpec(
+        "istio_json", "bulk",
+        "Istio/Consul JSON encoding: values as numbers, strings, `\"-\"` or `null` depending on the version; "
+        "trailing `;` on cluster names; `--format envoy_json --mapping keys.yaml` for custom key sets",
+        "istio/istio `manifests/profiles` (`accessLogEncoding: JSON`)",
+        aliases=("consul_json", "envoy_json"), bulk_class="envoy_json", sql_detect=_ENVOY_JSON_SQL),
+    FormatSpec(
+        "k8s_audit", "json",
+        "`audit.k8s.io/v1` Events (also v1beta1-era, AKS-wrapped, pretty-printed); mutating verbs → "
+        "`config_change` with the new spec and targets (Istio CRDs, Deployments, ConfigMaps, Helm release "
+        "secrets), reads → `access`; only `ResponseComplete`/`Panic` stages are stored; Secret values are "
+        "redacted",
+        "kubernetes/website `content/en/docs/tasks/debug/debug-cluster/audit.md`",
+        detect=k8s_audit.looks_like_audit, parse=k8s_audit.parse),
+    FormatSpec(
+        "linkerd_json", "json", "Linkerd proxy JSON access logs (ns timestamps and durations kept)",
+        "linkerd/website `proxy-configuration` (access logging)",
+        detect=lambda obj: "client.addr" in obj, parse=linkerd.parse_json),
+    FormatSpec(
+        "docker_json_log", "unwrap", "Docker json-file / Fluent Bit `{\"log\": ...}` records wrapping a line",
+        detect=_docker_log, unwrap=_docker_unwrap, readme=False),
+    FormatSpec(
+        "ecs", "json", "already-structured Elasticsearch documents (ECS fields)",
+        "elastic/ecs `http.*`, `url.*`, `source.*` field reference",
+        detect=_loads_lazy("meshlens.formats.ecs", "looks_like_ecs"),
+        parse=_loads_lazy("meshlens.formats.ecs", "parse_ecs")),
+    FormatSpec(
+        "envoy_rbac_debug", "text", "`enforced denied` / `shadow denied` / `no engine` RBAC debug lines",
+        "istio/istio `tests/integration/security` (`proxy-config log --level rbac:debug`)",
+        detect=_RBAC_DEBUG.match, parse=envoy.parse_rbac_debug),
+    FormatSpec(
+        "ztunnel", "text", "Istio ambient ztunnel access logs", "istio/ztunnel issue #1273",
+        detect=_ZTUNNEL.match, parse=envoy.parse_ztunnel),
+    FormatSpec(
+        "linkerd_apache", "text", "Linkerd proxy access logs, apache style (ns timestamps and durations kept)",
+        "linkerd/website `proxy-configuration` (access logging)",
+        detect=_LINKERD_APACHE.match, parse=linkerd.parse_apache),
+    FormatSpec(
+        "linkerd_proxy", "text",
+        "Linkerd `Request denied` / `Connection denied` policy lines (their follow-up error line is a "
+        "reject, so a denial counts once)",
+        "linkerd/linkerd2 issues (policy denials)",
+        detect=linkerd.looks_like_proxy, parse=linkerd.parse_proxy),
+)
+"""Every format, in detection order within its kind."""
+
+TEXT_NOT_RECORDS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"^(?:\d{4}-\d\d-\d\dT\S+|\[\s*\d+\.\d+s\])\s+(?:info|warn|warning|error|debug|trace|critical|"
+                r"INFO|WARN|ERROR|DEBUG|TRACE)\b"),
+     "proxy log line (pilot-agent/Envoy/Linkerd diagnostics), not an access or policy record"),
+)
+"""Known text shapes that are not records: (pattern, reject reason)."""
+
+BY_NAME: dict[str, FormatSpec] = {}
+for _spec in FORMATS:
+    for _n in (_spec.name, *_spec.aliases):
+        BY_NAME[_n] = _spec
+
+
+def names() -> list[str]:
+    """Every accepted ``--format`` value (``auto`` plus names and aliases), sorted."""
+    return sorted(["auto", *BY_NAME])
+
+
+def of_kind(kind: str) -> tuple[FormatSpec, ...]:
+    return tuple(s for s in FORMATS if s.kind == kind)
+
+
+def format_help() -> str:
+    """The ``--format`` option's help text."""
+    listed = [s.name for s in FORMATS if s.readme]
+    return ("Force a record format instead of auto-detection per record (" + ", ".join(listed)
+            + "; see README 'Formats').")
+
+
+def readme_table() -> str:
+    """The README's format table (Markdown), checked by a test against README.md."""
+    rows = ["| format | examples it handles | example source |", "|---|---|---|"]
+    for s in FORMATS:
+        if not s.readme:
+            continue
+        name = " / ".join(f"`{n}`" for n in (s.name, *(a for a in s.aliases if not a.startswith("envoy_"))))
+        rows.append(f"| {name} | {s.summary} | {s.example} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m meshlens.formats.registry > the README table
+    print(readme_table())
