@@ -114,11 +114,44 @@ FORMATS: tuple[FormatSpec, ...] = (
         "linkerd/website `proxy-configuration` (access logging)",
         detect=lambda obj: "client.addr" in obj, parse=linkerd.parse_json),
     FormatSpec(
+        "es_search_hit", "json",
+        "a saved Elasticsearch/OpenSearch search hit `{_index, _id, _source}` (one per line or pretty-printed): "
+        "the record its `_source` carries, read as the Elasticsearch source reads documents",
+        "kyma-project/telemetry-manager `docs/contributor/pocs/otlp-logs.md`",
+        detect=_loads_lazy("meshlens.formats.ecs", "looks_like_search_hit"),
+        parse=_loads_lazy("meshlens.formats.ecs", "parse_search_hit")),
+    FormatSpec(
+        "otel", "json",
+        "OpenTelemetry log records carrying mesh access logs (Istio `envoyOtelAls`, Envoy's OpenTelemetry "
+        "access logger): OTLP/JSON, the collector's Elasticsearch exporter (`otel`/`raw` modes), Data Prepper "
+        "documents; the body line (or the access-log attributes) is parsed, the record's time, trace id and "
+        "resource (`k8s.pod.name`...) complete it",
+        "open-telemetry/opentelemetry-proto `examples/logs.json`",
+        detect=_loads_lazy("meshlens.formats.otel", "looks_like_otel"),
+        parse=_loads_lazy("meshlens.formats.otel", "parse_otel")),
+    FormatSpec(
+        "linkerd_proxy_json", "json",
+        "Linkerd proxy logs in JSON (`proxy-log-format: json`): the same policy denials and identity "
+        "failures as `linkerd_proxy`",
+        "linkerd/linkerd2 issue #7050",
+        detect=linkerd.looks_like_proxy_json, parse=linkerd.parse_proxy_json),
+    FormatSpec(
+        "shipper_k8s", "json",
+        "log shipper records around a proxy line with Kubernetes metadata: Fluent Bit `log` + "
+        "`kubernetes{namespace_name,pod_name,container_name}`, Filebeat `message` + `kubernetes.pod.name`...; "
+        "the line is parsed with the pod as its writer",
+        "fluent/fluent-bit `filter_kubernetes` docs",
+        detect=_loads_lazy("meshlens.formats.ecs", "looks_like_shipper"),
+        parse=_loads_lazy("meshlens.formats.ecs", "parse_shipper")),
+    FormatSpec(
         "docker_json_log", "unwrap", "Docker json-file / Fluent Bit `{\"log\": ...}` records wrapping a line",
         detect=_docker_log, unwrap=_docker_unwrap, readme=False),
     FormatSpec(
-        "ecs", "json", "already-structured Elasticsearch documents (ECS fields)",
-        "elastic/ecs `http.*`, `url.*`, `source.*` field reference",
+        "ecs", "json",
+        "Elasticsearch documents in ECS: Elastic Agent's Istio integration (`event.original` -- the proxy's "
+        "line -- parsed when present, else `istio.access.*`), its Kubernetes audit integration "
+        "(`kubernetes.audit.*`), and already-structured ECS request fields",
+        "elastic/integrations `packages/istio/data_stream/access_logs/_dev/test/pipeline`",
         detect=_loads_lazy("meshlens.formats.ecs", "looks_like_ecs"),
         parse=_loads_lazy("meshlens.formats.ecs", "parse_ecs")),
     FormatSpec(
