@@ -102,6 +102,11 @@ def fields_sql(table: str, mapping: dict[str, str] | None = None, invalid_json: 
     }
     cols = [f"CASE WHEN klass = 'envoy_text' THEN {text[f]} ELSE {jk(json_keys[f])} END AS {f}"
             for f in ENVOY_FIELDS]
+    # Under auto-detection, a JSON record whose *top level* has neither key is not an access-log line
+    # even if the text mentions them (an OTLP record's {"key": "response_code"} attribute, an envelope's
+    # nested attributes): it goes to the record parsers, which know the envelopes.
+    no_keys = (f"WHEN {jk(json_keys['response_code'])} IS NULL AND {jk(json_keys['upstream_cluster'])} IS NULL "
+               f"THEN 'python' " if invalid_json == "python" else "")
     cols += [f"coalesce({', '.join(jk(k) for k in keys)}) AS {f}" for f, keys in extra_keys.items()]
     return f"""
 WITH s AS (
@@ -111,7 +116,7 @@ WITH s AS (
   FROM {table}),
 s2 AS (
   SELECT * REPLACE (CASE WHEN klass <> 'envoy_json?' THEN klass WHEN j IS NULL THEN {_q(invalid_json)}
-                         ELSE 'envoy_json' END AS klass),
+                         {no_keys}ELSE 'envoy_json' END AS klass),
     len(q) AS nq, CASE WHEN len(q) = 15 THEN 2 ELSE 0 END AS o,
          string_split(q[2], ' ') AS rq,
          CASE WHEN contains(q[3], '  ') THEN list_filter(string_split(trim(q[3]), ' '), lambda x: x <> '')

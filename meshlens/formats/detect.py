@@ -350,6 +350,11 @@ class Parser:
         stripped = body.strip()
         spec = registry.BY_NAME.get(forced)
         if forced == "auto" and not stripped:
+            from meshlens.formats.otel import attributes_record
+
+            line = attributes_record(labels)
+            if line is not None:
+                raise Embedded(line, name="empty line with access-log attributes as labels (OTLP structured metadata)")
             raise Reject("empty line")
         if forced == "auto" and stripped[:1] == "[" and stripped[-1:] == "]":
             try:

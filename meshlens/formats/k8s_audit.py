@@ -17,7 +17,7 @@ import copy
 import json
 from typing import Any
 
-from meshlens.formats.base import Event, Labels, Reject
+from meshlens.formats.base import Embedded, Event, Labels, Reject
 from meshlens.formats.identity import service_from_host
 
 MUTATING_VERBS = {"create", "update", "patch", "delete", "deletecollection", "apply"}
@@ -426,3 +426,36 @@ def parse_gke(text: str, obj: Any, labels: Labels) -> Event:
     if raw is not None:
         ev["raw"] = raw
     return ev
+
+
+# -- EKS: audit events exported from CloudWatch Logs ------------------------------------------------------
+_CW_KEYS = ("logStreamName", "logStream", "ingestionTime", "eventId", "logGroup")
+
+
+def looks_like_cloudwatch_event(obj: Any) -> bool:
+    """One CloudWatch Logs event (``aws logs filter-log-events``/``get-log-events`` items, S3 exports):
+    ``{"timestamp": ms, "message": "<the audit Event as JSON>", "logStreamName": "kube-apiserver-audit-..."}``."""
+    return isinstance(obj, dict) and isinstance(obj.get("message"), str) and any(k in obj for k in _CW_KEYS) \
+        and isinstance(obj.get("timestamp", 0), int | float)
+
+
+def parse_cloudwatch_event(text: str, obj: Any, labels: Labels) -> Event:
+    """The record a CloudWatch Logs event carries (EKS control-plane audit: an audit Event in ``message``);
+    the event's ``timestamp`` (ms) is the time when the record has none of its own."""
+    ts = obj.get("timestamp")
+    stream = obj.get("logStreamName") or obj.get("logStream") or "?"
+    raise Embedded(obj["message"].rstrip("\r\n"), name=f"CloudWatch Logs event (stream {stream})",
+                   ts_ns=int(ts * 1_000_000) if isinstance(ts, int | float) and not isinstance(ts, bool) else None)
+
+
+def expand_cloudwatch(obj: Any) -> list[str] | None:
+    """A CloudWatch Logs export holding several events -> one event (JSON) per record: the CLI's
+    ``{"events": [...]}`` and a subscription/Firehose ``{"messageType": "DATA_MESSAGE", "logEvents": [...]}``
+    (whose stream and group are copied into each event). None when ``obj`` is not such an export."""
+    if not isinstance(obj, dict):
+        return None
+    items = obj.get("logEvents") if isinstance(obj.get("logEvents"), list) else obj.get("events")
+    if not isinstance(items, list) or not items or not all(isinstance(e, dict) and "message" in e for e in items):
+        return None
+    extra = {k: obj[k] for k in ("logGroup", "logStream") if isinstance(obj.get(k), str)}
+    return [json.dumps({**extra, **e}, separators=(",", ":"), ensure_ascii=False) for e in items]

@@ -59,6 +59,8 @@ _ATTR_KEYS: dict[str, str] = {
     "upstream_peer": "upstream_host", "downstream_remote_address_without_port": "downstream_remote_address",
     "duration_ms": "duration",
 }
+# Loki (OTLP ingestion) and Prometheus-style label names write the dots as underscores
+_ATTR_KEYS.update({k.replace(".", "_"): v for k, v in list(_ATTR_KEYS.items()) if "." in k})
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
 _SIDECAR_NODE = re.compile(r"^(?:sidecar|router)~[^~]*~([^.~]+)\.([^~]+)~")
 
@@ -238,10 +240,18 @@ def _access_line(attrs: dict[str, Any]) -> str | None:
     line: dict[str, Any] = {}
     for k, v in attrs.items():
         key = _ATTR_KEYS.get(k)
+        if key == "trace_id" and isinstance(v, str) and _TRACEPARENT.match(v):
+            v = _TRACEPARENT.match(v).group(1)  # type: ignore[union-attr]  # W3C traceparent: the trace id
         if key and key not in line and v is not None:
             line[key] = v
     return json.dumps(line, separators=(",", ":")) if len(line) >= 3 and (
         "response_code" in line or "upstream_cluster" in line) else None
+
+
+def attributes_record(labels: Labels) -> str | None:
+    """An empty line whose stream labels hold access-log attributes (Loki 3's OTLP ingestion keeps the
+    attributes of a body-less record as structured metadata, returned as labels) -> an Istio JSON line."""
+    return _access_line(labels) if labels else None
 
 
 def parse_otel(text: str, obj: Any, labels: Labels) -> Any:

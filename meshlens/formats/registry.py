@@ -114,6 +114,12 @@ FORMATS: tuple[FormatSpec, ...] = (
         "linkerd/website `proxy-configuration` (access logging)",
         detect=lambda obj: "client.addr" in obj, parse=linkerd.parse_json),
     FormatSpec(
+        "cloudwatch_event", "json",
+        "CloudWatch Logs events (`aws logs filter-log-events`, subscription/Firehose `logEvents`, S3 exports) "
+        "carrying EKS control-plane audit Events in `message`; an export holding many is read event by event",
+        "AWS EKS docs `control-plane-logs` (`kube-apiserver-audit-*` streams)",
+        detect=k8s_audit.looks_like_cloudwatch_event, parse=k8s_audit.parse_cloudwatch_event),
+    FormatSpec(
         "es_search_hit", "json",
         "a saved Elasticsearch/OpenSearch search hit `{_index, _id, _source}` (one per line or pretty-printed): "
         "the record its `_source` carries, read as the Elasticsearch source reads documents",
