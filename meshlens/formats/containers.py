@@ -238,12 +238,16 @@ def _document(doc: bytes, obj: Any, position: str, labels: dict[str, str] | None
 def expand_document(obj: Any) -> list[str] | None:
     """The records of a JSON document that holds several (None: it is one record).
 
-    An OTLP/JSON logs request with several log records (one single-record request each), a CloudWatch
+    A JSON array of objects (one each), an OTLP/JSON logs request with several log records (one
+    single-record request each), a CloudWatch
     Logs export (one event each: EKS audit), a saved Elasticsearch/OpenSearch search response (one hit
     each). Each part is JSON text that the format detector reads as one record.
     """
     from meshlens.formats import k8s_audit, otel
 
+    if isinstance(obj, list):  # an exported array of documents (Filebeat/ingest-pipeline test output, jq -s)
+        return [json.dumps(x, separators=(",", ":"), ensure_ascii=False) for x in obj] \
+            if len(obj) > 1 and all(isinstance(x, dict) for x in obj) else None
     if not isinstance(obj, dict):
         return None
     parts = otel.expand_request(obj) or k8s_audit.expand_cloudwatch(obj)

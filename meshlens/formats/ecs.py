@@ -282,6 +282,13 @@ def _carried(obj: dict[str, Any]) -> tuple[str, str] | None:
         line = _istio_line(obj, access)
         if line is not None:
             return "ECS istio.access", line
+    message = obj.get("message")
+    if isinstance(message, str) and message.strip() and any(
+            k in obj or k in (obj.get("event") or {}) or f"event.{k}" in obj for k in ("module", "dataset")) \
+            and ("fileset.name" in obj or isinstance(obj.get("fileset"), dict) or "input.type" in obj
+                 or isinstance(obj.get("input"), dict) or "ecs" in obj or "data_stream" in obj):
+        # a Filebeat module / Elastic Agent document: `message` is the line the module parsed
+        return "ECS message", message.rstrip("\r\n")
     return None
 
 
