@@ -287,8 +287,10 @@ def _carried(obj: dict[str, Any]) -> tuple[str, str] | None:
             k in obj or k in (obj.get("event") or {}) or f"event.{k}" in obj for k in ("module", "dataset")) \
             and ("fileset.name" in obj or isinstance(obj.get("fileset"), dict) or "input.type" in obj
                  or isinstance(obj.get("input"), dict) or "ecs" in obj or "data_stream" in obj):
-        # a Filebeat module / Elastic Agent document: `message` is the line the module parsed
-        return "ECS message", message.rstrip("\r\n")
+        # a Filebeat module / Elastic Agent document: `message` is the line the module parsed (Ambassador /
+        # Emissary's Envoy format starts with an `ACCESS ` tag before `[START_TIME]`)
+        line = message.rstrip("\r\n")
+        return "ECS message", line[7:] if line.startswith("ACCESS [") else line
     return None
 
 

@@ -169,7 +169,8 @@ def parse_proxy(text: str, obj: Any, labels: Labels) -> Event:
             "authz_policy": policy,
             "mtls": bool(cid) or (tls_text.startswith("Some(Established") if tls_text else None),
         }
-    if "error=unauthorized " in text:
+    if "error=unauthorized " in text or (" error=" in text and (
+            "unauthorized request on route" in text or "unauthorized connection on server" in text)):
         raise Reject("Linkerd follow-up error line of a denial already recorded by its "
                      "'Request denied'/'Connection denied' line")
     authn = _authn_event(text, labels)
