@@ -247,7 +247,7 @@ def expand_document(obj: Any) -> list[str] | None:
 
     if isinstance(obj, list):  # an exported array of documents (Filebeat/ingest-pipeline test output, jq -s)
         return [json.dumps(x, separators=(",", ":"), ensure_ascii=False) for x in obj] \
-            if len(obj) > 1 and all(isinstance(x, dict) for x in obj) else None
+            if obj and all(isinstance(x, dict) for x in obj) else None
     if not isinstance(obj, dict):
         return None
     parts = otel.expand_request(obj) or k8s_audit.expand_cloudwatch(obj)

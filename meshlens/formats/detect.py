@@ -374,6 +374,8 @@ class Parser:
         """JSON record parsers of the registry, in order; envelopes (``unwrap``) are opened and their
         inner record detected again."""
         forced = self.cls
+        if isinstance(obj, list) and len(obj) == 1 and isinstance(obj[0], dict):
+            obj = obj[0]  # a one-document export (`[{...}]`); longer arrays are split by the file container
         if not isinstance(obj, dict):
             raise Reject(f"JSON record is a {type(obj).__name__}, not an object")
         if forced != "auto":
