@@ -361,6 +361,10 @@ class Parser:
                 return self._dispatch_json(body, json.loads(body), labels)
             except json.JSONDecodeError:
                 pass
+        if spec is not None and spec.kind == "json" and stripped[:1] != "{" and "text" in spec.extra:
+            # a format with a JSON and a text shape (ztunnel): forced, a text line goes to its text parser
+            text_spec = registry.BY_NAME[spec.extra["text"]]
+            return spec.name, _named(spec.name, text_spec.parse, body, None, labels)
         if (forced == "auto" and stripped[:1] == "{") or (spec is not None and spec.kind == "json"):
             try:
                 obj = json.loads(body)

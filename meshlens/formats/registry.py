@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from meshlens.formats import envoy, k8s_audit, linkerd
+from meshlens.formats import bulk, envoy, envoy_log, k8s_audit, linkerd, ztunnel
 from meshlens.formats.base import RecordParser
 
 
@@ -77,29 +77,33 @@ def _docker_unwrap(obj: dict[str, Any]) -> tuple[str, Any]:
 
 
 _RBAC_DEBUG = re.compile(r"^\d{4}-\d\d-\d\dT\S+\s+debug\s+envoy\s+rbac\s")
-_ZTUNNEL = re.compile(r"^(?:\d{4}-\d\d-\d\dT\S+\s+)?(?:error|warn|info|debug)\s+access\s+.*\b(?:src|dst)\.addr=")
 _LINKERD_APACHE = re.compile(r"^\S+:\d+ \S+ - \[")
 
 _ENVOY_JSON_SQL = ("body[1] = '{' AND (" + " OR ".join(
-    f"contains(body, '\"{k}\"')" for k in ("response_code", "upstream_cluster")) + ")")
+    f"contains(body, '\"{k}\"')" for k in bulk.JSON_MARKER_KEYS) + ")")
 _ENVOY_TEXT_SQL = "body[1] = '\"' OR (body[1] = '[' AND regexp_matches(body, '^\\[[^\\]]*\\]\\s*\"'))"
 
 FORMATS: tuple[FormatSpec, ...] = (
     FormatSpec(
         "istio_text", "bulk",
-        "Istio's default TEXT format (≥1.9, and pre-1.9 without response-code details), with or without "
-        "the leading `[START_TIME]`, TCP records (`\"- - -\"`, code 0), `kubectl logs --prefix` prefixes",
-        "istio/istio `pilot/pkg/model/telemetry_logging.go`",
+        "Istio's default TEXT format of every release: ≥1.9 with response-code details, 1.8, 1.2–1.7 with the "
+        "quoted mixer status (8 quoted fields), 1.1; waypoint records (`inbound-vip|PORT|http|host` clusters, "
+        "server side); with or without the leading `[START_TIME]`, TCP records (`\"- - -\"`, code 0), "
+        "`kubectl logs --prefix` prefixes",
+        "istio/istio#24042 (1.5), istio/istio#35122 (1.9+), kiali/kiali#7899 (waypoint)",
         aliases=("envoy_text",), bulk_class="envoy_text", sql_detect=_ENVOY_TEXT_SQL),
     FormatSpec(
-        "envoy_default", "bulk", "Envoy's own default format (gateways, Contour)",
-        "envoyproxy/envoy `docs/root/configuration/observability/access_log/usage.rst`",
+        "envoy_default", "bulk", "Envoy's own default format (gateways, Gloo, Contour)",
+        "solo-io/gloo `docs/content/guides/security/access_logging`",
         bulk_class="envoy_text"),
     FormatSpec(
         "istio_json", "bulk",
-        "Istio/Consul JSON encoding: values as numbers, strings, `\"-\"` or `null` depending on the version; "
-        "trailing `;` on cluster names; `--format envoy_json --mapping keys.yaml` for custom key sets",
-        "istio/istio `manifests/profiles` (`accessLogEncoding: JSON`)",
+        "Istio/Consul JSON encoding (values as numbers, strings, `\"-\"` or `null` depending on the version; "
+        "trailing `;` on cluster names), Envoy Gateway's default JSON (path in `x-envoy-origin-path`), "
+        "Contour's and Gloo's JSON fields, and any key set named after Envoy command operators "
+        "(`:authority`, `user-agent`, `upstreamCluster`...); `--format envoy_json --mapping keys.yaml` for "
+        "other custom key sets",
+        "istio/istio#19056 (1.4), envoyproxy/gateway#7811, solo-io/gloo access-logging docs",
         aliases=("consul_json", "envoy_json"), bulk_class="envoy_json", sql_detect=_ENVOY_JSON_SQL),
     FormatSpec(
         "k8s_audit", "json",
@@ -153,6 +157,13 @@ FORMATS: tuple[FormatSpec, ...] = (
         "docker_json_log", "unwrap", "Docker json-file / Fluent Bit `{\"log\": ...}` records wrapping a line",
         detect=_docker_log, unwrap=_docker_unwrap, readme=False),
     FormatSpec(
+        "ztunnel", "json",
+        "Istio ambient ztunnel access logs: JSON (`\"scope\":\"access\"`, `\"message\":\"connection complete\"`) "
+        "and text (`info access connection complete src.addr=...`, `INFO access: connection complete ...`), "
+        "src/dst workload, identity, bytes, policy rejection; `ztunnel::state` policy decisions",
+        "istio/ztunnel#1229, istio/ztunnel#2055, kubewarden/network-enforcer ztunnel_lua_test.go",
+        detect=ztunnel.looks_like_json, parse=ztunnel.parse_json, extra={"text": "ztunnel_text"}),
+    FormatSpec(
         "ecs", "json",
         "Elasticsearch documents in ECS: Elastic Agent's Istio integration (`event.original` -- the proxy's "
         "line -- parsed when present, else `istio.access.*`), its Kubernetes audit integration "
@@ -162,11 +173,18 @@ FORMATS: tuple[FormatSpec, ...] = (
         parse=_loads_lazy("meshlens.formats.ecs", "parse_ecs")),
     FormatSpec(
         "envoy_rbac_debug", "text", "`enforced denied` / `shadow denied` / `no engine` RBAC debug lines",
-        "istio/istio `tests/integration/security` (`proxy-config log --level rbac:debug`)",
+        "istio/istio.io `docs/ops/common-problems/security-issues`",
         detect=_RBAC_DEBUG.match, parse=envoy.parse_rbac_debug),
     FormatSpec(
-        "ztunnel", "text", "Istio ambient ztunnel access logs", "istio/ztunnel issue #1273",
-        detect=_ZTUNNEL.match, parse=envoy.parse_ztunnel),
+        "ztunnel_text", "text", "", detect=ztunnel.looks_like_text, parse=ztunnel.parse_text, readme=False),
+    FormatSpec(
+        "envoy_log", "text",
+        "Envoy's own log lines with an authz/authn outcome: native prefix `[YYYY-MM-DD HH:MM:SS.mmm][thread]"
+        "[level][component] [source/...:N]` (plain Envoy, Envoy Gateway, `[Envoy (Epoch 0)]` in older Istio) "
+        "or Istio's layout; `[rbac]` enforced/shadow denied/allowed with the matched policy, `[ext_authz]` "
+        "rejected/accepted, `[jwt]` authentication failures, `[connection]` TLS handshake errors",
+        "envoyproxy/envoy#36346, istio/istio#26349, envoyproxy/envoy#32058",
+        detect=envoy_log.looks_like, parse=envoy_log.parse),
     FormatSpec(
         "linkerd_apache", "text", "Linkerd proxy access logs, apache style (ns timestamps and durations kept)",
         "linkerd/website `proxy-configuration` (access logging)",
@@ -184,11 +202,16 @@ TEXT_NOT_RECORDS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"^(?:\d{4}-\d\d-\d\dT\S+|\[\s*\d+\.\d+s\])\s+(?:info|warn|warning|error|debug|trace|critical|"
                 r"INFO|WARN|ERROR|DEBUG|TRACE)\b"),
      "proxy log line (pilot-agent/Envoy/Linkerd diagnostics), not an access or policy record"),
+    (re.compile(r"^" + envoy_log.WRAPPER + r"\[\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d(?:\.\d+)?\]\[[^\]]*\]\[[a-z]+\]\[[a-z_0-9]+\] "),
+     "Envoy log line ([date][thread][level][component] prefix) from a component without an authz/authn "
+     "outcome, not an access or policy record"),
 )
 """Known text shapes that are not records: (pattern, reject reason)."""
 
 BY_NAME: dict[str, FormatSpec] = {}
 for _spec in FORMATS:
+    if _spec.kind == "unwrap":  # envelopes are not a record format one could force
+        continue
     for _n in (_spec.name, *_spec.aliases):
         BY_NAME[_n] = _spec
 
