@@ -63,7 +63,10 @@ def families() -> list[str]:
 
 
 def load_manifest(family: str) -> list[dict[str, Any]]:
-    data = yaml.safe_load((REAL / family / "MANIFEST.yaml").read_text(encoding="utf-8"))
+    path = REAL / family / "MANIFEST.yaml"
+    if not path.is_file():
+        return []  # reported by test_manifests_are_well_formed
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
     return data if isinstance(data, list) else []
 
 

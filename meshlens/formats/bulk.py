@@ -76,7 +76,9 @@ NAMED_ALIASES: dict[str, tuple[str, ...]] = {
     "start_time": ("@timestamp", "ts", "timestamp", "startTime"),
     "method": ("httpMethod", "requestMethod", "http_method"),
     "path": ("x-envoy-origin-path", "origpath", "original_path", "request_path"),
-    "response_code": ("responseCode", "status_code", "statusCode"),
+    "response_code": ("status_code", "statusCode"),
+    "request_id": ("requestId",),
+    "x_forwarded_for": ("forwarded_for", "forwardedFor"),
     "duration": ("clientDuration", "duration_ms"),
     "trace_id": ("uber_trace_id", "x_trace_id"),
     "grpc_status": ("grpc_status_number",),
@@ -85,21 +87,25 @@ NAMED_ALIASES: dict[str, tuple[str, ...]] = {
 
 
 def _operator_keys(op: str) -> list[str]:
-    """Key spellings a human gives an operator: ``%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%`` ->
-    ``x-envoy-original-path``, ``x_envoy_original_path``, ``xEnvoyOriginalPath``, ``:path``, ``path``..."""
+    """Key spellings people give an operator: ``%RESPONSE_CODE%`` -> ``response_code``, ``responseCode``;
+    a header operator also as the header (``%REQ(USER-AGENT)%`` -> ``user-agent``, ``user_agent``,
+    ``userAgent``; ``%REQ(:AUTHORITY)%`` -> ``:authority``, ``authority``; ``%REQ(X-REQUEST-ID)%`` ->
+    ``x-request-id``, ``request_id``, ``requestId``). Few spellings on purpose: every key is a column the
+    JSON extractor reads for every record."""
     inner = op.strip("%")
-    names = []
-    if inner.startswith(("REQ(", "RESP(")) and inner.endswith(")"):
-        names += [h for h in inner[inner.index("(") + 1:-1].split("?") if h]
-    else:
-        names.append(inner.split("(")[0] if inner.endswith("(NUMBER)") else inner)
+    header = inner.startswith(("REQ(", "RESP(")) and inner.endswith(")")
+    names = [h for h in inner[inner.index("(") + 1:-1].split("?") if h] if header else [inner.split("(")[0]]
     out: list[str] = []
     for name in names:
         low = name.lower()
         bare = low.lstrip(":")
         words = [w for w in re.split(r"[-_]", bare) if w]
-        out += [low, bare, bare.replace("-", "_"), bare.replace("_", "-"),
-                words[0] + "".join(w.capitalize() for w in words[1:]) if words else bare]
+        camel = words[0] + "".join(w.capitalize() for w in words[1:]) if words else bare
+        out += [bare.replace("-", "_"), camel]
+        if header:
+            out += [low, bare]
+    if header:
+        out.append(inner.lower())  # the operator itself, lower-cased: "req(:path)"
     return list(dict.fromkeys(out))
 
 
@@ -109,13 +115,14 @@ def json_aliases(field: str) -> tuple[str, ...]:
     keys += list(NAMED_ALIASES.get(field, ()))
     if field in EXTRA_FIELDS:
         keys = [*EXTRA_FIELDS[field], *keys]
+    if field == "grpc_status":  # Contour logs the name in grpc_status ("OK") and the code in grpc_status_number
+        keys = ["grpc_status_number", *keys]
     return tuple(dict.fromkeys(keys))
 
 
 # the keys that, in a JSON object, mark an Envoy access log (SQL detection; cheap substring checks)
-JSON_MARKER_KEYS: tuple[str, ...] = tuple(dict.fromkeys(
-    k for f in ("response_code", "upstream_cluster") for k in json_aliases(f)
-    if len(k) > 6 and "status" not in k))  # not status_code: ECS documents nest http.response.status_code
+# (not status_code: ECS documents nest http.response.status_code)
+JSON_MARKER_KEYS: tuple[str, ...] = ("response_code", "upstream_cluster", "responseCode", "upstreamCluster")
 
 
 def _q(s: str) -> str:
@@ -159,9 +166,10 @@ def fields_sql(table: str, mapping: dict[str, str] | None = None, invalid_json: 
     all_keys = list(seen.values())
     json_keys = {f: [seen[k.lower()] for k in dict.fromkeys(ks)] for f, ks in json_keys.items()}
     extra_keys = {f: list(dict.fromkeys(seen[k.lower()] for k in ks)) for f, ks in extra_keys.items()}
-    # keys that only non-Istio dialects use (Envoy Gateway, Contour, Gloo, operator-named custom sets)
-    istio_names = {*ENVOY_FIELDS, *(k for ks in EXTRA_FIELDS.values() for k in ks)}
-    dialect_keys = [k for k in all_keys if k not in istio_names and k not in mapping.values()]
+    # a JSON record keyed the plain-Envoy way (Envoy Gateway, Contour, Gloo, operator names): it lacks
+    # Istio's always-present start_time, or uses the header spellings Istio never does
+    dialect = ("klass = 'envoy_json' AND (j.\"start_time\" IS NULL OR j.\":authority\" IS NOT NULL "
+               "OR j.\"x-envoy-origin-path\" IS NOT NULL)") if not mapping else "FALSE"
     struct = "{" + ", ".join(json.dumps(k) + ': "VARCHAR"' for k in all_keys) + "}"
 
     def jk(key: str) -> str:
@@ -192,9 +200,13 @@ def fields_sql(table: str, mapping: dict[str, str] | None = None, invalid_json: 
 
     cols = [f"CASE WHEN klass = 'envoy_text' THEN {text[f]} ELSE {first(json_keys[f])} END AS {f}"
             for f in ENVOY_FIELDS]
+    # Under auto-detection, a JSON record whose *top level* has neither key is not an access-log line
+    # even if the text mentions them (an OTLP record's {"key": "response_code"} attribute, an envelope's
+    # nested attributes): it goes to the record parsers, which know the envelopes.
+    no_keys = (f"WHEN {first(json_keys['response_code'])} IS NULL AND {first(json_keys['upstream_cluster'])} IS NULL "
+               f"THEN 'python' " if invalid_json == "python" else "")
     cols += [f"{first(keys)} AS {f}" for f, keys in extra_keys.items()]
-    cols.append(f"klass = 'envoy_json' AND {first(dialect_keys)} IS NOT NULL AS envoy_dialect"
-                if dialect_keys else "FALSE AS envoy_dialect")
+    cols.append(f"{dialect} AS envoy_dialect")
     return f"""
 WITH s AS (
   SELECT *,
@@ -203,7 +215,7 @@ WITH s AS (
   FROM {table}),
 s2 AS (
   SELECT * REPLACE (CASE WHEN klass <> 'envoy_json?' THEN klass WHEN j IS NULL THEN {_q(invalid_json)}
-                         ELSE 'envoy_json' END AS klass),
+                         {no_keys}ELSE 'envoy_json' END AS klass),
     len(q) AS nq, CASE WHEN len(q) = 15 THEN 2 WHEN len(q) = 17 THEN 4 ELSE 0 END AS o,
          string_split(q[2], ' ') AS rq,
          CASE WHEN contains(q[3], '  ') THEN list_filter(string_split(trim(q[3]), ' '), lambda x: x <> '')

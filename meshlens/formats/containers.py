@@ -95,6 +95,9 @@ def sniff(first_lines: list[bytes], path: str) -> str:
         if isinstance(obj, dict) and obj.get("status") and isinstance(obj.get("data"), dict) \
                 and "resultType" in obj["data"]:
             return "loki_json"
+        if isinstance(obj, dict) and ("resourceLogs" in obj or "logEvents" in obj or "events" in obj
+                                      or "hits" in obj):
+            return "json_documents"
     return "lines"
 
 
@@ -105,6 +108,8 @@ def records_from_lines(lines: Iterable[bytes], path: str, kind: str,
         yield from _cri(lines, path, max_record_bytes)
     elif kind == "logcli":
         yield from _logcli(lines, path, max_record_bytes)
+    elif kind == "json_documents":
+        yield from _json_documents(lines, path, max_record_bytes)
     elif kind == "loki_json":
         doc = b"\n".join(lines)
         try:
@@ -217,11 +222,40 @@ def _bad_block(block: list[bytes], path: str, start: int, labels: dict[str, str]
 
 
 def _document(doc: bytes, obj: Any, position: str, labels: dict[str, str] | None) -> Iterator[Record]:
-    """A complete multi-line JSON document: a Loki response is expanded, anything else is one record."""
+    """A complete multi-line JSON document: a Loki response is expanded, so are documents that hold many
+    records (:func:`expand_document`); anything else is one record."""
     if isinstance(obj, dict) and isinstance(obj.get("data"), dict) and "resultType" in obj["data"]:
         yield from loki_response_records(obj, position)
         return
+    parts = expand_document(obj)
+    if parts is not None:
+        for i, text in enumerate(parts):
+            yield Record(text, f"{position}#{i}", None, labels)
+        return
     yield Record(doc.decode("utf-8", errors="replace"), position, None, labels)
+
+
+def expand_document(obj: Any) -> list[str] | None:
+    """The records of a JSON document that holds several (None: it is one record).
+
+    A JSON array of objects (one each), an OTLP/JSON logs request with several log records (one
+    single-record request each), a CloudWatch
+    Logs export (one event each: EKS audit), a saved Elasticsearch/OpenSearch search response (one hit
+    each). Each part is JSON text that the format detector reads as one record.
+    """
+    from meshlens.formats import k8s_audit, otel
+
+    if isinstance(obj, list):  # an exported array of documents (Filebeat/ingest-pipeline test output, jq -s)
+        return [json.dumps(x, separators=(",", ":"), ensure_ascii=False) for x in obj] \
+            if obj and all(isinstance(x, dict) for x in obj) else None
+    if not isinstance(obj, dict):
+        return None
+    parts = otel.expand_request(obj) or k8s_audit.expand_cloudwatch(obj)
+    if parts is None and isinstance(obj.get("hits"), dict) and isinstance(obj["hits"].get("hits"), list):
+        hits = obj["hits"]["hits"]
+        if hits and all(isinstance(h, dict) and "_source" in h for h in hits):
+            parts = [json.dumps(h, separators=(",", ":"), ensure_ascii=False) for h in hits]
+    return parts
 
 
 def loki_response_records(obj: dict[str, Any], position: str) -> Iterator[Record]:
@@ -254,6 +288,23 @@ def loki_response_records(obj: dict[str, Any], position: str) -> Iterator[Record
                 yield Record(value[1], pos, None, labels, f"Loki entry timestamp {ts!r} is not integer ns")
                 continue
             yield Record(value[1], pos, ts_ns, labels)
+
+
+def _json_documents(lines: Iterable[bytes], path: str, limit: int) -> Iterator[Record]:
+    """One JSON document per line, each possibly holding several records (OTLP/JSON requests as the
+    collector's file exporter writes them, CloudWatch exports): expanded with :func:`expand_document`."""
+    for rec in _plain(lines, path, limit):
+        if rec.reject_reason is None and rec.text[:1] == "{":
+            try:
+                obj = json.loads(rec.text)
+            except json.JSONDecodeError:
+                obj = None
+            parts = expand_document(obj) if obj is not None else None
+            if parts is not None:
+                for i, text in enumerate(parts):
+                    yield Record(text, f"{rec.position}#{i}", None, rec.labels)
+                continue
+        yield rec
 
 
 def _logcli(lines: Iterable[bytes], path: str, limit: int) -> Iterator[Record]:

@@ -28,12 +28,13 @@ import pyarrow as pa
 from meshlens import schema
 from meshlens.errors import ConfigError
 from meshlens.formats import bulk, registry
-from meshlens.formats.base import Event, Labels, Reject
+from meshlens.formats.base import Embedded, Event, Labels, Reject
 from meshlens.formats.identity import self_identity, workload_from_pod
 from meshlens.records import RawBatch
 from meshlens.timeutil import parse_rfc3339_ns
 
 MAX_RAW_REJECT = 64 * 1024
+MAX_EMBEDDING = 4  # envelopes inside envelopes (a search hit of an ECS document of a Docker line...)
 SCAN_CHUNK = 8 * 2048  # rows per Arrow record batch handed to DuckDB (its unit of parallel work)
 
 # public --format names -> internal class (bulk SQL extractor, or the record parser's own name)
@@ -41,6 +42,13 @@ FORMATS: dict[str, str] = {"auto": "auto", **{n: (spec.bulk_class or spec.name)
                                               for n, spec in registry.BY_NAME.items()}}
 
 _KUBECTL_PREFIX = re.compile(r"^\[([^\]\s]+) ([^\]\s]+)\] ")
+
+
+def _auto_whens() -> str:
+    """The SQL ``WHEN`` arms by which the bulk formats claim a ``body`` under auto-detection."""
+    return "\n".join(f"              WHEN {spec.sql_detect} THEN "
+                     f"'{'envoy_json?' if spec.bulk_class == 'envoy_json' else spec.bulk_class}'"
+                     for spec in registry.of_kind("bulk") if spec.sql_detect)
 
 
 def _first_words(text: str, n: int = 80) -> str:
@@ -183,9 +191,7 @@ class Parser:
         forced = self.cls
         if forced == "auto":
             # bulk formats claim rows by their SQL detection, in registry order; the rest go to Python
-            whens = "\n".join(f"              WHEN {spec.sql_detect} THEN "
-                              f"'{'envoy_json?' if spec.bulk_class == 'envoy_json' else spec.bulk_class}'"
-                              for spec in registry.of_kind("bulk") if spec.sql_detect)
+            whens = _auto_whens()
             klass = f"""CASE
               WHEN pre_reject IS NOT NULL THEN 'pre_reject'
 {whens}
@@ -238,6 +244,7 @@ class Parser:
                       ) -> tuple[list[Event], list[tuple[int, str | None, str]]]:
         events: list[Event] = []
         rejects: list[tuple[int, str | None, str]] = []
+        embedded: list[tuple[int, Embedded, Labels, int]] = []
         for seq, body, prefix_pod, ct in rows:
             labels: Labels = dict(batch.labels[seq] or {}) if batch.labels else {}
             if prefix_pod:
@@ -247,28 +254,107 @@ class Parser:
             fmt_name: str | None = None
             try:
                 fmt_name, ev = self._dispatch(body, labels)
+            except Embedded as emb:
+                embedded.append((seq, emb, labels, 1))
+                continue
             except Reject as r:
                 rejects.append((seq, fmt_name or getattr(r, "format", None), r.reason))
                 continue
             except (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError) as exc:
                 rejects.append((seq, fmt_name, f"parser error: {type(exc).__name__}: {exc}"))
                 continue
-            ts_text = ev.pop("ts_text", None)
-            if ev.get("ts_ns") is None and ts_text:
-                ts = parse_rfc3339_ns(ts_text)
-                if ts is None:
-                    rejects.append((seq, ev.get("format"), f"timestamp {ts_text!r} is not RFC 3339"))
-                    continue
-                ev["ts_ns"] = ts
-            ev["seq"] = seq
-            events.append(ev)
+            _finish(ev, seq, events, rejects)
+        if embedded:
+            self._parse_embedded(embedded, events, rejects)
+            events.sort(key=lambda e: e["seq"])
         return events, rejects
+
+    def _parse_embedded(self, items: list[tuple[int, Embedded, Labels, int]], events: list[Event],
+                        rejects: list[tuple[int, str | None, str]]) -> None:
+        """Parse the records that envelopes carry: Envoy/Istio lines with the bulk SQL (with the envelope's
+        identity), the rest with the record parsers; then complete each event from its envelope."""
+        inner = self if self.cls == "auto" else self._auto_parser()
+        while items:
+            ctx = [(emb.labels if emb.labels is not None else outer) for _, emb, outer, _ in items]
+            sql_rows = self._bulk_embedded([emb.text for _, emb, _, _ in items], ctx)
+            again: list[tuple[int, Embedded, Labels, int]] = []
+            for (seq, emb, _outer, depth), labels, (klass, row) in zip(items, ctx, sql_rows, strict=True):
+                if klass != "python":
+                    if row["reason"] is not None:
+                        if emb.fallback is not None:
+                            _finish(dict(emb.fallback), seq, events, rejects)
+                        else:
+                            rejects.append((seq, row["format"], f"{emb.name}: {row['reason']}"))
+                        continue
+                    ev = {c: row[c] for c in _PY_COLUMNS if row.get(c) is not None}
+                    ev["ts_ns"] = row.get("ts_ns")
+                else:
+                    try:
+                        _, ev = inner._dispatch(emb.text, labels)
+                    except Embedded as deeper:
+                        if depth >= MAX_EMBEDDING:
+                            rejects.append((seq, None, f"{emb.name}: records nested more than {MAX_EMBEDDING} "
+                                                       "envelopes deep"))
+                        else:
+                            again.append((seq, deeper, labels, depth + 1))
+                        continue
+                    except Reject as r:
+                        if emb.fallback is not None:
+                            _finish(dict(emb.fallback), seq, events, rejects)
+                        else:
+                            rejects.append((seq, getattr(r, "format", None), f"{emb.name}: {r.reason}"))
+                        continue
+                    except (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError) as exc:
+                        rejects.append((seq, None, f"{emb.name}: parser error: {type(exc).__name__}: {exc}"))
+                        continue
+                _complete(ev, emb)
+                _finish(ev, seq, events, rejects)
+            items = again
+
+    def _auto_parser(self) -> Parser:
+        """An auto-detecting parser on the same connection, for records inside a forced-format envelope."""
+        if getattr(self, "_inner", None) is None:
+            self._inner = Parser(None, self.json_mapping, con=self.con)
+        return self._inner
+
+    def _bulk_embedded(self, texts: list[str], labels: list[Labels]) -> list[tuple[str, dict[str, Any]]]:
+        """(class, parsed columns) per text: the bulk SQL parses what its detection claims."""
+        idents = [self_identity(lb) for lb in labels]
+        tbl = pa.table({
+            "seq": pa.array(range(len(texts)), pa.int64()),
+            "body": pa.array(texts, pa.string()),
+            "self_workload": pa.array([i[0] for i in idents], pa.string()),
+            "self_namespace": pa.array([i[1] for i in idents], pa.string()),
+            "self_container": pa.array([lb.get("container") or lb.get("container_name") for lb in labels],
+                                       pa.string()),
+        })
+        con = self.con
+        con.register("_ml_emb_in", tbl)
+        try:
+            base = f"""(SELECT seq, body AS line, NULL::BIGINT AS src_ts_ns, 0 AS stream_id, '' AS position,
+                  NULL::VARCHAR AS pre_reject, body, self_workload, self_namespace, self_container,
+                  NULL::VARCHAR AS prefix_pod, CASE {_auto_whens()} ELSE 'python' END AS klass FROM _ml_emb_in)"""
+            fields = bulk.fields_sql(base, self.json_mapping, invalid_json="python")
+            cur = con.execute(f"SELECT * FROM ({bulk.derive_sql('(' + fields + ')')}) ORDER BY seq")
+            names = [d[0] for d in cur.description]
+            out = []
+            for r in cur.fetchall():
+                row = dict(zip(names, r, strict=True))
+                out.append(("python" if row["klass"] not in ("envoy_text", "envoy_json") else row["klass"], row))
+            return out
+        finally:
+            con.unregister("_ml_emb_in")
 
     def _dispatch(self, body: str, labels: Labels) -> tuple[str, Event]:
         forced = self.cls
         stripped = body.strip()
         spec = registry.BY_NAME.get(forced)
         if forced == "auto" and not stripped:
+            from meshlens.formats.otel import attributes_record
+
+            line = attributes_record(labels)
+            if line is not None:
+                raise Embedded(line, name="empty line with access-log attributes as labels (OTLP structured metadata)")
             raise Reject("empty line")
         if forced == "auto" and stripped[:1] == "[" and stripped[-1:] == "]":
             try:
@@ -292,6 +378,8 @@ class Parser:
         """JSON record parsers of the registry, in order; envelopes (``unwrap``) are opened and their
         inner record detected again."""
         forced = self.cls
+        if isinstance(obj, list) and len(obj) == 1 and isinstance(obj[0], dict):
+            obj = obj[0]  # a one-document export (`[{...}]`); longer arrays are split by the file container
         if not isinstance(obj, dict):
             raise Reject(f"JSON record is a {type(obj).__name__}, not an object")
         if forced != "auto":
@@ -304,10 +392,8 @@ class Parser:
                 return spec.name, _named(spec.name, spec.parse, body, obj, labels)
             if spec.kind == "unwrap" and spec.detect is not None and spec.unwrap is not None and spec.detect(obj):
                 inner, when = spec.unwrap(obj)
-                fmt_name, ev = self._dispatch(inner, labels)
-                if ev.get("ts_ns") is None and not ev.get("ts_text") and isinstance(when, str):
-                    ev["ts_text"] = when
-                return fmt_name, ev
+                raise Embedded(inner, name=f"{spec.name} envelope",
+                               ts_text=when if isinstance(when, str) else None)
         keys = ", ".join(sorted(obj)[:8])
         raise Reject(f"JSON record of unknown shape (keys: {keys}); not an Istio/Envoy, Linkerd, "
                      "Kubernetes audit or ECS record -- pass --format or a JSON key mapping")
@@ -427,6 +513,39 @@ class Parser:
                                     OR klass IN ('pre_reject', 'bad_json')) + (SELECT count(*) FROM _ml_rej_py)
             FROM _ml_p""").fetchall()[0]
         return int(n_ev), int(n_rej)
+
+
+def _finish(ev: Event, seq: int, events: list[Event], rejects: list[tuple[int, str | None, str]]) -> None:
+    """Resolve a parsed event's text time and add it (or reject it for an unreadable time)."""
+    ts_text = ev.pop("ts_text", None)
+    if ev.get("ts_ns") is None and ts_text:
+        ts = parse_rfc3339_ns(ts_text)
+        if ts is None:
+            rejects.append((seq, ev.get("format"), f"timestamp {ts_text!r} is not RFC 3339"))
+            return
+        ev["ts_ns"] = ts
+    ev["seq"] = seq
+    events.append(ev)
+
+
+def _complete(ev: Event, emb: Embedded) -> None:
+    """Fill what the inner record did not state from its envelope (time, identity, trace...)."""
+    inner_ts = ev.get("ts_ns")
+    if inner_ts is None and ev.get("ts_text"):
+        inner_ts = parse_rfc3339_ns(str(ev["ts_text"]))
+    if emb.ts_refine and emb.ts_ns is not None and inner_ts is not None and emb.ts_ns != inner_ts \
+            and abs(emb.ts_ns - inner_ts) < 1_000_000_000 and emb.ts_ns % 1_000_000 != 0 \
+            and inner_ts % 1_000_000 == 0:
+        ev.pop("ts_text", None)
+        ev["ts_ns"] = emb.ts_ns  # the same instant, with the precision the line's START_TIME lacks
+    elif inner_ts is None and not ev.get("ts_text"):
+        if emb.ts_ns is not None:
+            ev["ts_ns"] = emb.ts_ns
+        elif emb.ts_text:
+            ev["ts_text"] = emb.ts_text
+    for k, v in emb.fill.items():
+        if ev.get(k) is None and v is not None:
+            ev[k] = v
 
 
 def _column(values: Any, typ: pa.DataType) -> pa.ChunkedArray:

@@ -19,10 +19,11 @@ and cluster names that ECS has no field for.
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from typing import Any
 
-from meshlens.formats.base import Event, Labels, Reject
+from meshlens.formats.base import Embedded, Event, Labels, Reject
 from meshlens.formats.identity import (
     CONTAINER_LABELS,
     first_label,
@@ -99,6 +100,8 @@ def looks_like_ecs(obj: dict[str, Any]) -> bool:
     """
     if not isinstance(obj, dict):
         return False
+    if _carried(obj) is not None:
+        return True
     if not any(k.startswith(_ECS_ROOTS) for k in obj):  # cheap exit for shipper envelopes and mesh JSON
         return False
     if _first(obj, *_REQUEST_FIELDS) is not None:
@@ -223,10 +226,173 @@ def _decision(obj: dict[str, Any]) -> str | None:
 
 
 def parse_ecs(text: str, obj: Any, labels: Labels) -> Event:
-    """One ECS document -> event columns (record-parser contract of :mod:`meshlens.formats.base`)."""
+    """One ECS document -> event columns (record-parser contract of :mod:`meshlens.formats.base`).
+
+    A document that carries the proxy's own record -- ``event.original`` (Elastic Agent integrations
+    with ``preserve_original_event``), ``kubernetes.audit.*`` (the Kubernetes audit integration) or
+    ``istio.access.*`` (the Istio integration without the original) -- is parsed from that record, which
+    states more than the ECS fields (response flags, clusters, SNI) and states it as the proxy wrote it
+    (the Istio pipeline swaps BYTES_RECEIVED and BYTES_SENT into ``http.request/response.body.bytes``).
+    The ECS fields are the fallback when the carried record cannot be parsed.
+    """
     if not isinstance(obj, dict):
         raise Reject(f"ECS record must be a JSON object, got {type(obj).__name__}")
-    if not looks_like_ecs(obj):
+    carried = _carried(obj)
+    if carried is not None:
+        name, inner = carried
+        fallback = None
+        if _looks_structured(obj):
+            try:
+                fallback = _parse_structured(obj, labels)
+            except Reject:
+                fallback = None
+        raise Embedded(inner, name=name, labels={**labels, **k8s_labels(obj)}, ts_text=_time_text(obj),
+                       fill={"trace_id": _text(get(obj, "trace.id"), "trace.id")}, fallback=fallback)
+    return _parse_structured(obj, labels)
+
+
+def _looks_structured(obj: dict[str, Any]) -> bool:
+    if not any(k.startswith(_ECS_ROOTS) for k in obj):
+        return False
+    if _first(obj, *_REQUEST_FIELDS) is not None:
+        return True
+    return _first(obj, *_SOURCE_FIELDS) is not None and _first(obj, *_DEST_FIELDS) is not None
+
+
+def _time_text(obj: dict[str, Any]) -> str | None:
+    v = _first(obj, "@timestamp", "event.start", "timestamp")
+    return v if isinstance(v, str) else None
+
+
+def _carried(obj: dict[str, Any]) -> tuple[str, str] | None:
+    """(envelope name, the record text) when an ECS document carries the proxy's own record."""
+    original = get(obj, "event.original")
+    if isinstance(original, str) and original.strip() and ("ecs" in obj or "event" in obj or "data_stream" in obj):
+        return "ECS event.original", original.rstrip("\r\n")
+    audit = get(obj, "kubernetes.audit")
+    if isinstance(audit, dict) and ("verb" in audit or "protoPayload" in audit):
+        event = dict(audit)
+        if isinstance(event.get("annotations"), dict):  # Elastic de-dots keys: authorization_k8s_io/decision
+            event["annotations"] = {k.replace("_k8s_io/", ".k8s.io/"): v for k, v in event["annotations"].items()}
+        if "protoPayload" not in event:
+            event.setdefault("kind", "Event")
+        return "ECS kubernetes.audit", json.dumps(event, separators=(",", ":"))
+    access = get(obj, "istio.access")
+    if isinstance(access, dict):
+        line = _istio_line(obj, access)
+        if line is not None:
+            return "ECS istio.access", line
+    message = obj.get("message")
+    if isinstance(message, str) and message.strip() and any(
+            k in obj or k in (obj.get("event") or {}) or f"event.{k}" in obj for k in ("module", "dataset")) \
+            and ("fileset.name" in obj or isinstance(obj.get("fileset"), dict) or "input.type" in obj
+                 or isinstance(obj.get("input"), dict) or "ecs" in obj or "data_stream" in obj):
+        # a Filebeat module / Elastic Agent document: `message` is the line the module parsed (Ambassador /
+        # Emissary's Envoy format starts with an `ACCESS ` tag before `[START_TIME]`)
+        line = message.rstrip("\r\n")
+        return "ECS message", line[7:] if line.startswith("ACCESS [") else line
+    return None
+
+
+def _istio_line(obj: dict[str, Any], access: dict[str, Any]) -> str | None:
+    """The Elastic Istio integration's fields -> the Istio JSON access-log line they were parsed from."""
+    version = _text(get(obj, "http.version"), "http.version")
+    fields = {
+        "start_time": get(obj, "@timestamp"),
+        "method": get(obj, "http.request.method"),
+        "path": _first(obj, "url.original", "url.path"),
+        "protocol": (version if version.upper().startswith("HTTP") else f"HTTP/{version}") if version else None,
+        "response_code": get(obj, "http.response.status_code"),
+        "response_flags": get(access, "response.flags"),
+        "response_code_details": get(access, "response.code_details"),
+        "connection_termination_details": get(access, "connection_termination_details"),
+        "upstream_transport_failure_reason": get(access, "upstream.transport_failure_reason"),
+        "bytes_received": get(access, "bytes.received"),
+        "bytes_sent": get(access, "bytes.sent"),
+        "duration": get(access, "duration"),
+        "upstream_service_time": get(access, "upstream.service_time"),
+        "x_forwarded_for": access.get("x-forwarded-for") or access.get("x_forwarded_for"),
+        "user_agent": get(obj, "user_agent.original"),
+        "request_id": get(obj, "http.request.id"),
+        "authority": get(access, "authority"),
+        "upstream_host": get(access, "upstream.host"),
+        "upstream_cluster": get(access, "upstream.cluster"),
+        "upstream_local_address": get(access, "upstream.local_address"),
+        "downstream_local_address": get(access, "downstream.local_address"),
+        "downstream_remote_address": get(access, "downstream.remote_address"),
+        "requested_server_name": get(access, "requested_server_name"),
+        "route_name": get(access, "route_name"),
+    }
+    line = {k: v for k, v in fields.items() if v is not None}
+    if "upstream_cluster" not in line and "response_code" not in line:
+        return None
+    return json.dumps(line, separators=(",", ":"))
+
+
+# Kubernetes metadata added by shippers: Filebeat/Elastic Agent (ECS-style, dotted) and Fluent Bit (_name)
+_K8S_KEYS = {
+    "namespace": ("kubernetes.namespace", "kubernetes.namespace_name", "kubernetes.namespace.name"),
+    "pod": ("kubernetes.pod.name", "kubernetes.pod_name"),
+    "container": ("kubernetes.container.name", "kubernetes.container_name"),
+    "workload": ("kubernetes.labels.app", "kubernetes.labels.app_kubernetes_io/name",
+                 "kubernetes.labels.app.kubernetes.io/name", "kubernetes.deployment.name",
+                 "kubernetes.statefulset.name", "kubernetes.daemonset.name"),
+}
+
+
+def k8s_labels(obj: dict[str, Any]) -> Labels:
+    """The writing pod's identity from a shipper's ``kubernetes.*`` metadata, as stream labels."""
+    if "kubernetes" not in obj and not any(k.startswith("kubernetes.") for k in obj):
+        return {}
+    out: Labels = {}
+    for label, paths in _K8S_KEYS.items():
+        v = _first(obj, *paths)
+        if isinstance(v, str) and v:
+            out[label] = v
+    return out
+
+
+def looks_like_shipper(obj: Any) -> bool:
+    """A log shipper's record around the proxy's line with Kubernetes metadata (Fluent Bit ``log`` +
+    ``kubernetes{pod_name,...}``, Filebeat ``message`` + ``kubernetes.pod.name``...), not an ECS event."""
+    if not isinstance(obj, dict):
+        return False
+    line = obj.get("log") if isinstance(obj.get("log"), str) else obj.get("message")
+    if not isinstance(line, str):
+        return False
+    return (isinstance(obj.get("kubernetes"), dict) or any(k.startswith("kubernetes.") for k in obj)) \
+        and _carried(obj) is None and not _looks_structured(obj)
+
+
+def parse_shipper(text: str, obj: Any, labels: Labels) -> Event:
+    """The proxy's line inside a shipper record, parsed with the pod's identity from the metadata."""
+    line = obj.get("log") if isinstance(obj.get("log"), str) else obj.get("message")
+    if not isinstance(line, str) or not line.strip():
+        raise Reject("log shipper record with an empty log/message field")
+    when = _first(obj, "@timestamp", "time", "timestamp", "date")
+    raise Embedded(line.rstrip("\r\n"), name="shipper record (log/message + kubernetes metadata)",
+                   labels={**labels, **k8s_labels(obj)}, ts_text=when if isinstance(when, str) else None)
+
+
+def looks_like_search_hit(obj: Any) -> bool:
+    """A saved Elasticsearch/OpenSearch search hit: ``{"_index", "_id", "_source": {...}, ...}``."""
+    return isinstance(obj, dict) and isinstance(obj.get("_source"), dict) and ("_index" in obj or "_id" in obj)
+
+
+def parse_search_hit(text: str, obj: Any, labels: Labels) -> Event:
+    """The record a hit's ``_source`` carries, as the Elasticsearch source would read it."""
+    from meshlens.formats.documents import document_record  # documents imports this module
+
+    inner, reason = document_record(obj["_source"])
+    where = f"search hit {obj.get('_index', '?')}/{obj.get('_id', '?')}"
+    if reason:
+        raise Reject(f"{where}: {reason}")
+    raise Embedded(inner, name=where)
+
+
+def _parse_structured(obj: dict[str, Any], labels: Labels) -> Event:
+    """An ECS document from its structured fields (no carried record)."""
+    if not looks_like_ecs(obj) or not _looks_structured(obj):
         raise Reject("ECS document without request fields (http.*, url.*) or a source/destination pair: "
                      "nothing to map to an event")
     method = _text(get(obj, "http.request.method"), "http.request.method")

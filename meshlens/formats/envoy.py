@@ -128,7 +128,9 @@ def is_tls_failure(text: str | None) -> bool:
 
 
 _RBAC_DEBUG = re.compile(
-    r"^(?P<ts>\d{4}-\d\d-\d\dT\S+)\s+debug\s+envoy\s+rbac\s+(?:\S+\.cc:\d+\s+)?"
+    r"^(?P<ts>\d{4}-\d\d-\d\dT\S+)\s+debug\s+envoy\s+rbac\s+(?:\[?\S+\.cc:\d+\]?\s+)?"
+    # connection/stream tags of newer ([Tags: "ConnectionId":"5"]) and older ([C5][S123]) Envoy
+    r"(?:(?:\[Tags: [^\]]*\]|\[C\d+\](?:\[S\d+\])?)\s*)?"
     r"(?P<msg>enforced denied|shadow denied|enforced allowed|shadow allowed|no engine, allowed by default)"
     r"(?:, matched policy (?P<policy>\S+))?"
 )

@@ -17,8 +17,9 @@ Outcomes read (everything else from these components is a reject naming the comp
 * ``ext_authz``: ``ext_authz filter rejected the request`` -> deny (policy ``ext_authz``), ``... allowed
   the request`` / ``accepted`` -> allow;
 * ``jwt``: the filter's final ``Jwt authentication completed with: <status>`` / ``Called Filter : check
-  complete <status>`` -> an ``authn`` event when the status is not ``OK`` (``authn_reason`` = the status);
-  the per-provider ``JWT token verification completed with:`` line is a reject (the final line counts);
+  complete <status>`` and the per-provider ``JWT token verification completed with: <status>`` -> an
+  ``authn`` event when the status is not ``OK`` (``authn_reason`` = the status): each line states the
+  failure on its own (a full debug log of one request holds both);
 * ``connection``: ``TLS_error:|...:TLS_error_end`` / ``TLS error: ...`` handshake failures and
   ``verify cert failed: ...`` -> ``tls`` events with the error as ``tls_failure_reason``.
 
@@ -36,7 +37,7 @@ from meshlens.formats.base import Event, Labels, Reject
 WRAPPER = r"(?:[\w.-]+\s+\|\s|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+\t)?(?:\[Envoy \(Epoch \d+\)\] )?"
 _NATIVE = re.compile(
     r"^" + WRAPPER + r"\[(?P<date>\d{4}-\d\d-\d\d)[ T](?P<time>\d\d:\d\d:\d\d(?:\.\d+)?)\]"
-    r"\[(?P<thread>[^\]]*)\]\[(?P<level>[a-z]+)\]\[(?P<comp>[a-z_]+)\] (?:\[(?P<src>[^\]\s]+:\d+)\] )?(?P<msg>.*)$")
+    r"\[(?P<thread>[^\]]*)\]\[(?P<level>[a-z]+)\]\[(?P<comp>[a-z_]+)\] (?:\[?(?P<src>[^\]\s]+:\d+)\] )?(?P<msg>.*)$")
 _ISTIO = re.compile(
     r"^(?P<ts>\d{4}-\d\d-\d\dT\S+)\s+(?P<level>trace|debug|info|warning|warn|error|critical)\s+envoy\s+"
     r"(?P<comp>jwt|ext_authz|connection|rbac)\s+(?:\[?(?P<src>[^\s\]]+\.(?:cc|h):\d+)\]?\s+)?(?P<msg>.*?)(?:\s+thread=\d+)?$")
@@ -99,9 +100,12 @@ def parse(text: str, obj: object, labels: Labels) -> Event:
             if status in ("OK", "Ok"):
                 raise Reject("Envoy jwt log line: authentication succeeded (no failure to record)")
             return {**base, "event_type": "authn", "direction": "inbound", "authn_reason": status}
-        if _JWT_TOKEN.search(msg):
-            raise Reject("Envoy jwt log line: per-token verification detail; the filter's final "
-                         "'completed with' line carries the outcome")
+        t = _JWT_TOKEN.search(msg)
+        if t:
+            status = t.group("status").strip()
+            if status in ("OK", "Ok"):
+                raise Reject("Envoy jwt log line: token verification succeeded (no failure to record)")
+            return {**base, "event_type": "authn", "direction": "inbound", "authn_reason": status}
         raise Reject(f"Envoy jwt log line without an authentication outcome ({_short(msg)})")
     t = _TLS.search(msg)
     if t:

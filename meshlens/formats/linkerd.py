@@ -129,12 +129,16 @@ def parse_proxy(text: str, obj: Any, labels: Labels) -> Event:
             decision = "allow"
         else:
             raise Reject("Linkerd policy log line without a decision")
-        body = text.split("::policy::", 1)[1]
+        module, _, body = text.split("::policy::", 1)[1].partition(": ")
         kv = dict(_KV.findall(body))
-        tcp = body.startswith("tcp")
+        tcp = module.endswith("tcp")
         server = kv.get("server.name")
         route = kv.get("route.name")
         policy = f"{kv.get('server.kind') or 'server'}/{server}" if server else None
+        if policy is None and kv.get("server"):
+            # 2.11 and early 2.12: `server=NAME` (a Server resource) or `server=KIND:NAME` (a default policy)
+            kind, _, name = kv["server"].rpartition(":")
+            policy = f"{kind or 'server'}/{name}"
         if route and not tcp:
             policy = f"{policy} route/{route}" if policy else f"route/{route}"
         if kv.get("authz.name"):
@@ -165,7 +169,8 @@ def parse_proxy(text: str, obj: Any, labels: Labels) -> Event:
             "authz_policy": policy,
             "mtls": bool(cid) or (tls_text.startswith("Some(Established") if tls_text else None),
         }
-    if "error=unauthorized " in text:
+    if "error=unauthorized " in text or (" error=" in text and (
+            "unauthorized request on route" in text or "unauthorized connection on server" in text)):
         raise Reject("Linkerd follow-up error line of a denial already recorded by its "
                      "'Request denied'/'Connection denied' line")
     authn = _authn_event(text, labels)
@@ -220,3 +225,37 @@ def _authn_event(text: str, labels: Labels) -> Event | None:
 
 def looks_like_proxy(text: str) -> bool:
     return "linkerd_app_" in text or "linkerd2_proxy" in text or "linkerd2_app_" in text
+
+
+def looks_like_proxy_json(obj: Any) -> bool:
+    """Linkerd proxy logs in JSON (``config.linkerd.io/proxy-log-format: json``): tracing's JSON layout."""
+    return (isinstance(obj, dict) and isinstance(obj.get("fields"), dict) and isinstance(obj.get("target"), str)
+            and obj["target"].startswith(("linkerd", "linkerd2")))
+
+
+def _span_text(span: Any) -> str:
+    if not isinstance(span, dict):
+        return str(span)
+    attrs = " ".join(f"{k}={v}" for k, v in span.items() if k != "name")
+    return f"{span.get('name', '')}{{{attrs}}}" if attrs else str(span.get("name", ""))
+
+
+def parse_proxy_json(text: str, obj: Any, labels: Labels) -> Event:
+    """A JSON-format proxy log record: the same events (and rejects) as its text form.
+
+    tracing's JSON layout carries the text form's parts as fields -- ``timestamp`` (the proxy's uptime,
+    like ``[  48.37s]``), ``level``, ``spans`` (the ``inbound:server{port=80}:...`` context), ``target``
+    (the module) and ``fields`` (``message`` plus key/values) -- so the line is rebuilt from them and
+    read by :func:`parse_proxy`, which keeps one definition of what a denial looks like.
+    """
+    if not looks_like_proxy_json(obj):
+        raise Reject("not a Linkerd JSON proxy log record (no fields/target)")
+    fields = dict(obj["fields"])
+    message = str(fields.pop("message", ""))
+    spans = obj.get("spans") if isinstance(obj.get("spans"), list) else []
+    context = ":".join(_span_text(s) for s in spans)
+    kvs = " ".join(f"{k}={v}" for k, v in fields.items())
+    line = f"{obj.get('timestamp', '')} {obj.get('level', '')} {context}: {obj['target']}: {message} {kvs}".rstrip()
+    ev = parse_proxy(line, None, labels)
+    ev["format"] = "linkerd_proxy_json"
+    return ev

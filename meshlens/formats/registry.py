@@ -86,19 +86,24 @@ _ENVOY_TEXT_SQL = "body[1] = '\"' OR (body[1] = '[' AND regexp_matches(body, '^\
 FORMATS: tuple[FormatSpec, ...] = (
     FormatSpec(
         "istio_text", "bulk",
-        "Istio's default TEXT format (≥1.9, and pre-1.9 without response-code details), with or without "
-        "the leading `[START_TIME]`, TCP records (`\"- - -\"`, code 0), `kubectl logs --prefix` prefixes",
-        "istio/istio `pilot/pkg/model/telemetry_logging.go`",
+        "Istio's default TEXT format of every release: ≥1.9 with response-code details, 1.8, 1.2–1.7 with the "
+        "quoted mixer status (8 quoted fields), 1.1; waypoint records (`inbound-vip|PORT|http|host` clusters, "
+        "server side); with or without the leading `[START_TIME]`, TCP records (`\"- - -\"`, code 0), "
+        "`kubectl logs --prefix` prefixes",
+        "istio/istio#24042 (1.5), istio/istio#35122 (1.9+), kiali/kiali#7899 (waypoint)",
         aliases=("envoy_text",), bulk_class="envoy_text", sql_detect=_ENVOY_TEXT_SQL),
     FormatSpec(
-        "envoy_default", "bulk", "Envoy's own default format (gateways, Contour)",
-        "envoyproxy/envoy `docs/root/configuration/observability/access_log/usage.rst`",
+        "envoy_default", "bulk", "Envoy's own default format (gateways, Gloo, Contour)",
+        "solo-io/gloo `docs/content/guides/security/access_logging`",
         bulk_class="envoy_text"),
     FormatSpec(
         "istio_json", "bulk",
-        "Istio/Consul JSON encoding: values as numbers, strings, `\"-\"` or `null` depending on the version; "
-        "trailing `;` on cluster names; `--format envoy_json --mapping keys.yaml` for custom key sets",
-        "istio/istio `manifests/profiles` (`accessLogEncoding: JSON`)",
+        "Istio/Consul JSON encoding (values as numbers, strings, `\"-\"` or `null` depending on the version; "
+        "trailing `;` on cluster names), Envoy Gateway's default JSON (path in `x-envoy-origin-path`), "
+        "Contour's and Gloo's JSON fields, and any key set named after Envoy command operators "
+        "(`:authority`, `user-agent`, `upstreamCluster`...); `--format envoy_json --mapping keys.yaml` for "
+        "other custom key sets",
+        "istio/istio#19056 (1.4), envoyproxy/gateway#7811, solo-io/gloo access-logging docs",
         aliases=("consul_json", "envoy_json"), bulk_class="envoy_json", sql_detect=_ENVOY_JSON_SQL),
     FormatSpec(
         "k8s_audit", "json",
@@ -113,6 +118,42 @@ FORMATS: tuple[FormatSpec, ...] = (
         "linkerd/website `proxy-configuration` (access logging)",
         detect=lambda obj: "client.addr" in obj, parse=linkerd.parse_json),
     FormatSpec(
+        "cloudwatch_event", "json",
+        "CloudWatch Logs events (`aws logs filter-log-events`, subscription/Firehose `logEvents`, S3 exports) "
+        "carrying EKS control-plane audit Events in `message`; an export holding many is read event by event",
+        "AWS EKS docs `control-plane-logs` (`kube-apiserver-audit-*` streams)",
+        detect=k8s_audit.looks_like_cloudwatch_event, parse=k8s_audit.parse_cloudwatch_event),
+    FormatSpec(
+        "es_search_hit", "json",
+        "a saved Elasticsearch/OpenSearch search hit `{_index, _id, _source}` (one per line or pretty-printed): "
+        "the record its `_source` carries, read as the Elasticsearch source reads documents",
+        "kyma-project/telemetry-manager `docs/contributor/pocs/otlp-logs.md`",
+        detect=_loads_lazy("meshlens.formats.ecs", "looks_like_search_hit"),
+        parse=_loads_lazy("meshlens.formats.ecs", "parse_search_hit")),
+    FormatSpec(
+        "otel", "json",
+        "OpenTelemetry log records carrying mesh access logs (Istio `envoyOtelAls`, Envoy's OpenTelemetry "
+        "access logger): OTLP/JSON, the collector's Elasticsearch exporter (`otel`/`raw` modes), Data Prepper "
+        "documents; the body line (or the access-log attributes) is parsed, the record's time, trace id and "
+        "resource (`k8s.pod.name`...) complete it",
+        "open-telemetry/opentelemetry-proto `examples/logs.json`",
+        detect=_loads_lazy("meshlens.formats.otel", "looks_like_otel"),
+        parse=_loads_lazy("meshlens.formats.otel", "parse_otel")),
+    FormatSpec(
+        "linkerd_proxy_json", "json",
+        "Linkerd proxy logs in JSON (`proxy-log-format: json`): the same policy denials and identity "
+        "failures as `linkerd_proxy`",
+        "linkerd/linkerd2 issue #7050",
+        detect=linkerd.looks_like_proxy_json, parse=linkerd.parse_proxy_json),
+    FormatSpec(
+        "shipper_k8s", "json",
+        "log shipper records around a proxy line with Kubernetes metadata: Fluent Bit `log` + "
+        "`kubernetes{namespace_name,pod_name,container_name}`, Filebeat `message` + `kubernetes.pod.name`...; "
+        "the line is parsed with the pod as its writer",
+        "fluent/fluent-bit `filter_kubernetes` docs",
+        detect=_loads_lazy("meshlens.formats.ecs", "looks_like_shipper"),
+        parse=_loads_lazy("meshlens.formats.ecs", "parse_shipper")),
+    FormatSpec(
         "docker_json_log", "unwrap", "Docker json-file / Fluent Bit `{\"log\": ...}` records wrapping a line",
         detect=_docker_log, unwrap=_docker_unwrap, readme=False),
     FormatSpec(
@@ -120,16 +161,19 @@ FORMATS: tuple[FormatSpec, ...] = (
         "Istio ambient ztunnel access logs: JSON (`\"scope\":\"access\"`, `\"message\":\"connection complete\"`) "
         "and text (`info access connection complete src.addr=...`, `INFO access: connection complete ...`), "
         "src/dst workload, identity, bytes, policy rejection; `ztunnel::state` policy decisions",
-        "istio/ztunnel PR #1229, istio/ztunnel issue #2055",
+        "istio/ztunnel#1229, istio/ztunnel#2055, kubewarden/network-enforcer ztunnel_lua_test.go",
         detect=ztunnel.looks_like_json, parse=ztunnel.parse_json, extra={"text": "ztunnel_text"}),
     FormatSpec(
-        "ecs", "json", "already-structured Elasticsearch documents (ECS fields)",
-        "elastic/ecs `http.*`, `url.*`, `source.*` field reference",
+        "ecs", "json",
+        "Elasticsearch documents in ECS: Elastic Agent's Istio integration (`event.original` -- the proxy's "
+        "line -- parsed when present, else `istio.access.*`), its Kubernetes audit integration "
+        "(`kubernetes.audit.*`), and already-structured ECS request fields",
+        "elastic/integrations `packages/istio/data_stream/access_logs/_dev/test/pipeline`",
         detect=_loads_lazy("meshlens.formats.ecs", "looks_like_ecs"),
         parse=_loads_lazy("meshlens.formats.ecs", "parse_ecs")),
     FormatSpec(
         "envoy_rbac_debug", "text", "`enforced denied` / `shadow denied` / `no engine` RBAC debug lines",
-        "istio/istio `tests/integration/security` (`proxy-config log --level rbac:debug`)",
+        "istio/istio.io `docs/ops/common-problems/security-issues`",
         detect=_RBAC_DEBUG.match, parse=envoy.parse_rbac_debug),
     FormatSpec(
         "ztunnel_text", "text", "", detect=ztunnel.looks_like_text, parse=ztunnel.parse_text, readme=False),
@@ -139,7 +183,7 @@ FORMATS: tuple[FormatSpec, ...] = (
         "[level][component] [source/...:N]` (plain Envoy, Envoy Gateway, `[Envoy (Epoch 0)]` in older Istio) "
         "or Istio's layout; `[rbac]` enforced/shadow denied/allowed with the matched policy, `[ext_authz]` "
         "rejected/accepted, `[jwt]` authentication failures, `[connection]` TLS handshake errors",
-        "envoyproxy/envoy issue #36346",
+        "envoyproxy/envoy#36346, istio/istio#26349, envoyproxy/envoy#32058",
         detect=envoy_log.looks_like, parse=envoy_log.parse),
     FormatSpec(
         "linkerd_apache", "text", "Linkerd proxy access logs, apache style (ns timestamps and durations kept)",
@@ -166,6 +210,8 @@ TEXT_NOT_RECORDS: tuple[tuple[re.Pattern[str], str], ...] = (
 
 BY_NAME: dict[str, FormatSpec] = {}
 for _spec in FORMATS:
+    if _spec.kind == "unwrap":  # envelopes are not a record format one could force
+        continue
     for _n in (_spec.name, *_spec.aliases):
         BY_NAME[_n] = _spec
 
