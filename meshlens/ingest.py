@@ -237,6 +237,9 @@ def ingest(
         state = src.final_state()
         if key and state is not None:
             store.set_watermark(key, dict(state))
+        warnings = getattr(counts, "warnings", None)
+        if isinstance(warnings, list):  # what the user should hear about (e.g. nothing matched the range)
+            warnings.extend(getattr(src, "warnings", None) or ())
         notes = list(getattr(src, "notes", None) or ())
         if notes:  # how the source read (fallbacks taken), kept in the run's row
             store.finish_run(counts.run_id, read=counts.read, stored=counts.stored, duplicates=counts.duplicates,

@@ -32,8 +32,9 @@ class Source(Protocol):
     relies on event identity alone, as files do).
 
     Optional attributes the pipeline reads: ``progress_bar`` (False when the source draws its own
-    progress, or a tqdm bar it owns) and ``notes`` (lines saying how the run read, e.g. a fallback
-    taken, stored in the run record)."""
+    progress, or a tqdm bar it owns), ``notes`` (lines saying how the run read, e.g. a fallback
+    taken, stored in the run record) and ``warnings`` (what the user should hear about, e.g. an empty
+    range and what does exist; added to the counts' warnings)."""
 
     source_id: str
     watermark_key: str | None

@@ -1057,6 +1057,7 @@ class EsSource:
         self.partial_retries = 0
         self.throttled = 0  # 429s answered with a retry (full search queue, transient breaker)
         self.notes: list[str] = []  # what a run should record about how it read (fallbacks); ingest_runs
+        self.warnings: list[str] = []  # what the user should know (an empty range), also for --json
         self.fallback: str | None = None  # "scroll" once the PIT sort tripped the field-data breaker
         self._send_partial_param = True
         self._pit: _PitHolder | None = None
@@ -1274,9 +1275,11 @@ class EsSource:
         total = (data.get("hits") or {}).get("total")
         if counts and isinstance(total, dict) and total.get("value") == 0:
             matched = self._index_names(self.q.index, with_counts=True)
-            log.warning("no documents in %r from %s to %s%s on %s%s", self.q.index, _iso_ms(window.from_ms),
-                        _iso_ms(window.to_ms), " matching the query" if self.q.query or self.q.query_dsl else "",
-                        self.where, f" (the pattern matches {matched})" if matched else "")
+            msg = (f"no documents in {self.q.index!r} from {_iso_ms(window.from_ms)} to {_iso_ms(window.to_ms)}"
+                   f"{' matching the query' if self.q.query or self.q.query_dsl else ''} on {self.where}"
+                   f"{f' (the pattern matches {matched})' if matched else ''}")
+            log.warning("meshlens: warning: %s", msg)  # the same form as the Loki source's empty-range warning
+            self.warnings.append(msg)
 
     def _index_names(self, pattern: str | None = None, *, with_counts: bool = False, limit: int = 8) -> str:
         """Up to ``limit`` non-hidden index names (with document counts), from ``_cat/indices``; "" if the
@@ -1748,6 +1751,11 @@ class EsRange:
     def notes(self) -> list[str]:
         """How this run read (fallbacks taken), for its ingest_runs row."""
         return self.src.notes
+
+    @property
+    def warnings(self) -> list[str]:
+        """What the user should hear about (an empty range: which indices do exist)."""
+        return self.src.warnings
 
     def plan(self, previous: Mapping[str, Any] | None) -> bool:
         state = dict(previous) if previous else None

@@ -53,12 +53,13 @@ def read_positions(src: EsSource) -> list[str]:
     return out
 
 
-def raw_pit_paging(url: str, sort: list[Any], size: int, *, dialect: str) -> list[str]:
+def raw_pit_paging(url: str, sort: list[Any], size: int, *, dialect: str, pattern: str = "logs-twin-*"
+                   ) -> list[str]:
     """Page a PIT with ``search_after`` exactly as a client would (the old meshlens sort, or any)."""
     if dialect == "es":
-        pit = requests.post(f"{url}/logs-twin-*/_pit?keep_alive=1m", timeout=10).json()["id"]
+        pit = requests.post(f"{url}/{pattern}/_pit?keep_alive=1m", timeout=10).json()["id"]
     else:
-        pit = requests.post(f"{url}/logs-twin-*/_search/point_in_time?keep_alive=1m", timeout=10).json()["pit_id"]
+        pit = requests.post(f"{url}/{pattern}/_search/point_in_time?keep_alive=1m", timeout=10).json()["pit_id"]
     body: dict[str, Any] = {"size": size, "sort": sort, "pit": {"id": pit, "keep_alive": "1m"}}
     seen: list[str] = []
     while True:

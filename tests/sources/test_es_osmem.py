@@ -23,6 +23,7 @@ from meshlens.sources.elasticsearch import EsQuery, EsSource, SliceCursor, Windo
 from meshlens.sources.http import HttpConfig
 from meshlens.store import open_store
 from tests.servers.elasticsearch import fluentbit_doc
+from tests.test_es_indices import raw_pit_paging
 
 osmem_server = pytest.importorskip("osmem_server")
 
@@ -179,25 +180,14 @@ def twin_indices(url: str, n: int, *, distinct_ts: int = 1) -> tuple[str, set[st
     return f"{stem}-*", want
 
 
-def _raw_paging(url: str, pattern: str, sort: list[Any], size: int) -> list[str]:
-    pit = requests.post(f"{url}/{pattern}/_search/point_in_time?keep_alive=1m", timeout=10).json()["pit_id"]
-    body: dict[str, Any] = {"size": size, "sort": sort, "pit": {"id": pit, "keep_alive": "1m"}}
-    seen: list[str] = []
-    while True:
-        hits = requests.post(f"{url}/_search", json=body, timeout=10).json()["hits"]["hits"]
-        if not hits:
-            return seen
-        seen += [f"{h['_index']}/{h['_id']}" for h in hits]
-        body["search_after"] = hits[-1]["sort"]
-
-
 @pytest.mark.parametrize("tiebreaker", ["_shard_doc", "_id"])
 def test_osmem_guard_old_sort_loses_twins(osmem: str, tiebreaker: str) -> None:
     """osmem-server skips the twin of a page's last document exactly as our reading of OpenSearch says."""
     pattern, want = twin_indices(osmem, 10)
     ts = {"@timestamp": {"order": "asc", "unmapped_type": "date"}}
-    assert len(_raw_paging(osmem, pattern, [ts, {tiebreaker: "asc"}], 3)) < len(want)
-    assert sorted(_raw_paging(osmem, pattern, [ts, {"_index": "asc"}, {tiebreaker: "asc"}], 3)) == sorted(want)
+    assert len(raw_pit_paging(osmem, [ts, {tiebreaker: "asc"}], 3, dialect="os", pattern=pattern)) < len(want)
+    fixed = raw_pit_paging(osmem, [ts, {"_index": "asc"}, {tiebreaker: "asc"}], 3, dialect="os", pattern=pattern)
+    assert sorted(fixed) == sorted(want)
 
 
 @pytest.mark.parametrize("tiebreaker", [None, "_id"])
