@@ -128,15 +128,96 @@ def test_connection_dropped_mid_body_is_retried() -> None:
         assert len(retries) == 2 and all("ChunkedEncodingError" in r or "JSON" in r for r in retries)
 
 
-def test_connection_refused_is_retried_then_resumable() -> None:
+def _free_port() -> int:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
+    return port
+
+
+def test_connection_refused_is_one_line_and_never_retried() -> None:
+    port = _free_port()
     sleeps: list[float] = []
     with pytest.raises(SourceError) as ei:
         _client(f"http://127.0.0.1:{port}", sleeps, max_retries=2).request("GET", READY)
-    assert ei.value.resumable and len(sleeps) == 2 and "ConnectionError" in str(ei.value)
+    assert str(ei.value) == (f"cannot connect to http://127.0.0.1:{port} (connection refused): "
+                             "is Loki running there?")
+    assert not ei.value.resumable and sleeps == []
+
+
+class _Http2Port:
+    """A port that behaves like a gRPC server: HTTP/2 SETTINGS frame first, then a reset."""
+
+    SETTINGS = bytes.fromhex("00000c0400000000000005000040000003000003e8")
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import struct
+
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            conn.settimeout(1)
+            try:
+                conn.sendall(self.SETTINGS)
+                conn.recv(24)  # a client preface is 24 bytes; anything else is a "bogus greeting"
+            except OSError:
+                pass
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_a_grpc_port_is_named_not_retried(scheme: str) -> None:
+    srv = _Http2Port()
+    try:
+        sleeps: list[float] = []
+        with pytest.raises(SourceError) as ei:
+            _client(f"{scheme}://127.0.0.1:{srv.port}", sleeps).request("GET", READY)
+        assert str(ei.value).startswith(f"127.0.0.1:{srv.port} is not Loki's HTTP API (it answered gRPC/HTTP2)")
+        assert sleeps == [] and "\n" not in str(ei.value)
+    finally:
+        srv.close()
+
+
+def test_https_on_a_plain_http_port_says_use_http() -> None:
+    with LokiServer() as srv:
+        url = srv.url.replace("http://", "https://")
+        sleeps: list[float] = []
+        with pytest.raises(SourceError) as ei:
+            _client(url, sleeps).request("GET", READY)
+        port = srv.url.rsplit(":", 1)[1]
+        assert str(ei.value) == f"127.0.0.1:{port} speaks plain HTTP, not HTTPS: use http://127.0.0.1:{port}"
+        assert sleeps == [] and "--ca-cert" not in str(ei.value)
+
+
+def test_transient_reset_after_the_server_answered_is_retried() -> None:
+    with LokiServer() as srv:
+        client = _client(srv.url, [], max_retries=3)
+        assert client.request("GET", READY).status_code == 200
+        srv.inject(Fault(drop_mid_body=True, times=1))
+        resp, doc = client.request_json("GET", READY)
+        assert resp.status_code == 200 and doc is not None
+
+
+def test_permanent_answers_are_not_retried() -> None:
+    with LokiServer() as srv:
+        srv.inject(status=500, body="multiple org IDs present", times=5)
+        sleeps: list[float] = []
+        resp = _client(srv.url, sleeps).request("GET", READY, permanent=lambda st, body: "org IDs" in body)
+        assert resp.status_code == 500 and sleeps == [] and len(srv.query_requests(READY)) == 1
 
 
 def test_credentials_are_sent_basic_bearer_apikey() -> None:
@@ -198,6 +279,17 @@ def test_tls_with_ca_bundle_works_and_unknown_ca_fails_at_once(tls_files: dict[s
             _client(srv.url, sleeps).request("GET", READY)
         assert not ei.value.resumable and sleeps == []
         assert _client(srv.url, verify=False).request("GET", READY).status_code == 200
+
+
+def test_http_on_an_https_port_says_use_https(tls_files: dict[str, Path]) -> None:
+    with _tls_server(tls_files) as srv:
+        url = srv.url.replace("https://", "http://")
+        sleeps: list[float] = []
+        with pytest.raises(SourceError) as ei:
+            _client(url, sleeps).request("GET", READY)
+        port = srv.url.rsplit(":", 1)[1]
+        assert str(ei.value) == f"127.0.0.1:{port} speaks HTTPS, not plain HTTP: use https://127.0.0.1:{port}"
+        assert sleeps == []
 
 
 def test_slow_response_times_out_and_is_retried() -> None:

@@ -6,8 +6,14 @@ that both sources use and one test suite pins.
 
 Behaviour of :meth:`HttpClient.request`:
 
-* connection errors, timeouts and bodies cut off mid-transfer (``ChunkedEncodingError``) and the
-  ``retry_statuses`` (default 429/500/502/503/504) are retried up to ``max_retries`` times with
+* an address that cannot work is named in one line at once, never retried (retrying a wrong address
+  only makes the user wait): connection refused (``cannot connect to http://h:p (connection refused): is
+  Loki running there?``), an unknown host, a port that answers gRPC/HTTP2 instead of HTTP/1 (Loki's
+  ``grpc_listen_port``), ``https://`` on a plain-HTTP port and ``http://`` on an HTTPS port -- the last
+  three are told apart by :func:`probe_endpoint`, a sub-second raw-socket look at what the port says;
+* timeouts, connections reset or dropped by a server that does speak HTTP, bodies cut off mid-transfer
+  (``ChunkedEncodingError``) and the ``retry_statuses`` (default 429/500/502/503/504) are retried up to
+  ``max_retries`` times with
   exponential backoff and *full jitter* (a random delay in ``[0, min(max, base * 2**attempt)]``, so
   parallel workers do not retry in lock-step); a ``Retry-After`` header (seconds or HTTP date) is
   honoured instead of the computed delay;
@@ -15,10 +21,13 @@ Behaviour of :meth:`HttpClient.request`:
   accounts locked -- with the product, URL, status and the server's own message;
 * a TLS verification failure raises :class:`~meshlens.errors.SourceError` at once (it is configuration,
   not a transient fault) with a hint about ``--ca-cert``/``--insecure``;
+* a caller-supplied ``permanent(status, body)`` marks answers that are configuration, not load (Loki's
+  500 "multiple org IDs present"): they are returned at once, not retried;
 * any other 4xx is *returned* for the caller to classify (Loki's 400 "query too large" means "split the
   query", not "give up");
-* when retries are exhausted, :class:`~meshlens.errors.SourceError` with ``resumable=True`` is raised:
-  whatever the caller already committed is kept and a re-run with ``--resume`` continues.
+* when retries are exhausted, :class:`~meshlens.errors.SourceError` with ``resumable=True`` is raised
+  (one line, the last error summarised): whatever the caller already committed is kept and a re-run with
+  ``--resume`` continues.
 
 Thread safety: ``requests.Session`` is not documented as thread-safe, so the client keeps **one session
 per thread** (``threading.local``), each with its own connection pool. Worker threads can share one
@@ -31,8 +40,11 @@ Secrets (password, bearer token, API key, sensitive headers) are never logged, n
 from __future__ import annotations
 
 import email.utils
+import errno
 import logging
 import random
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -201,6 +213,120 @@ def _server_message(resp: requests.Response, limit: int = 500) -> str:
     return text or resp.reason or ""
 
 
+# ------------------------------------------------------------------------------------------------
+# What a failed connection means
+# ------------------------------------------------------------------------------------------------
+def _chain(exc: BaseException) -> Iterable[BaseException]:
+    """``exc`` and everything it wraps (``__cause__``/``__context__``, urllib3's ``reason``, args)."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        nxt = [e.__cause__, e.__context__, getattr(e, "reason", None), *getattr(e, "args", ())]
+        todo.extend(x for x in nxt if isinstance(x, BaseException))
+
+
+def _errno_in(exc: BaseException, codes: Iterable[int]) -> bool:
+    wanted = set(codes)
+    return any(isinstance(e, OSError) and e.errno in wanted for e in _chain(exc))
+
+
+def _is_refused(exc: BaseException) -> bool:
+    return any(isinstance(e, ConnectionRefusedError) for e in _chain(exc)) or _errno_in(exc, (errno.ECONNREFUSED,))
+
+
+def _is_unresolvable(exc: BaseException) -> bool:
+    return any(isinstance(e, socket.gaierror) or type(e).__name__ == "NameResolutionError" for e in _chain(exc))
+
+
+def _is_cert_problem(exc: BaseException) -> bool:
+    """A TLS failure about trust (CA, hostname, client certificate), as opposed to a wrong protocol."""
+    if any(isinstance(e, ssl.SSLCertVerificationError) for e in _chain(exc)):
+        return True
+    text = " ".join(str(e) for e in _chain(exc)).upper()
+    return any(k in text for k in ("CERTIFICATE", "HOSTNAME", "SELF_SIGNED", "UNKNOWN_CA", "KEY_VALUES_MISMATCH",
+                                   "PEM", "NO_CERTIFICATES"))
+
+
+def _conn_summary(exc: BaseException) -> str:
+    """A short reason for a transient failure ("ConnectionError: connection reset by peer")."""
+    why = None
+    for e in _chain(exc):
+        if isinstance(e, ConnectionResetError):
+            why = "connection reset by peer"
+        elif isinstance(e, BrokenPipeError):
+            why = "broken pipe"
+        elif type(e).__name__ == "RemoteDisconnected":
+            why = "server closed the connection without an answer"
+        elif type(e).__name__ == "IncompleteRead":
+            why = "connection closed mid-body"
+        if why:
+            break
+    if why is None:
+        if isinstance(exc, requests.exceptions.ConnectTimeout):
+            why = "connect timed out"
+        elif isinstance(exc, requests.Timeout):
+            why = "read timed out"
+        elif isinstance(exc, requests.exceptions.ChunkedEncodingError):
+            why = "connection closed mid-body"
+        else:
+            why = _short(exc, 160)
+    return f"{exc.__class__.__name__}: {why}"
+
+
+def _looks_http2(data: bytes) -> bool:
+    """An HTTP/2 frame header for a SETTINGS frame on stream 0: what a gRPC server sends first."""
+    return len(data) >= 9 and data[3] == 0x04 and data[5:9] == b"\x00\x00\x00\x00" and (data[4] & ~0x01) == 0
+
+
+def probe_endpoint(host: str, port: int, *, timeout_s: float = 1.0) -> str | None:
+    """What protocol a port speaks, read from its first bytes: ``"http2"``, ``"tls"``, ``"http"`` or None.
+
+    Used only after a connection failed in a way that could mean "wrong port" (reset before any answer,
+    TLS handshake not even started), so the user is told which address to use instead of watching
+    retries. A gRPC server (HTTP/2) sends its SETTINGS frame as soon as a client connects; an HTTP/1
+    server answers a request line with ``HTTP/1.x``; a TLS server answers a ClientHello.
+    """
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as sk:
+            sk.settimeout(min(0.3, timeout_s))
+            try:
+                first = sk.recv(64)
+            except TimeoutError:
+                first = b""
+            if _looks_http2(first):
+                return "http2"
+            if not first:
+                sk.settimeout(timeout_s)
+                sk.sendall(f"HEAD / HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode())
+                first = sk.recv(64)
+            if _looks_http2(first):
+                return "http2"
+            if first.startswith(b"HTTP/1.") or first.startswith(b"HTTP/2"):
+                body = first + sk.recv(512)
+                if b"HTTPS server" in body or b"HTTPS port" in body:
+                    return "tls"  # Go and nginx answer plain HTTP on a TLS port with a 400 saying so
+                return "http"
+            if first[:1] == b"\x15":  # a TLS alert record
+                return "tls"
+    except OSError:
+        pass
+    try:  # nothing readable: does it complete a TLS handshake?
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        with socket.create_connection((host, port), timeout=timeout_s) as raw, \
+                ctx.wrap_socket(raw, server_hostname=host):
+            return "tls"
+    except (OSError, ssl.SSLError, ValueError):
+        return None
+
+
+
 class HttpClient:
     """Retrying HTTP client for one backend (see the module docstring for the rules).
 
@@ -233,6 +359,7 @@ class HttpClient:
         self._sessions: list[requests.Session] = []
         self._lock = threading.Lock()
         self.retries = 0  # total retries performed (all threads), for reporting
+        self._answered = False  # the server answered HTTP at least once (a later reset is transient)
         # TLS settings go on every request, not on the session: requests lets REQUESTS_CA_BUNDLE /
         # CURL_CA_BUNDLE override a session's ``verify`` (psf/requests#3829), which would silently
         # ignore --ca-cert on machines that set those variables.
@@ -297,6 +424,55 @@ class HttpClient:
         cap = min(self.cfg.backoff_max_s, self.cfg.backoff_base_s * (2**attempt))
         return self._rng() * cap
 
+    def base(self) -> str:
+        """``scheme://host:port`` of the server (no path, no credentials): what a user types to fix it."""
+        parts = urlsplit(self.cfg.url)
+        return f"{parts.scheme}://{self._hostport()}"
+
+    def _hostport(self) -> str:
+        parts = urlsplit(self.cfg.url)
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return f"{host}:{port}"
+
+    def _probe(self) -> str | None:
+        parts = urlsplit(self.cfg.url)
+        return probe_endpoint(parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80),
+                              timeout_s=min(2.0, max(0.2, float(self.cfg.timeout_s))))
+
+    def _wrong_protocol(self, spoke: str | None) -> SourceError | None:
+        """The one-line error for "this port speaks another protocol", or None when it speaks ours."""
+        scheme = urlsplit(self.cfg.url).scheme
+        hp = self._hostport()
+        rest = self.cfg.url.split("://", 1)[1]
+        if spoke == "http2":
+            return SourceError(
+                f"{hp} is not {self.product}'s HTTP API (it answered gRPC/HTTP2): --url must name the HTTP "
+                f"port{' (3100 by default)' if self.product == 'Loki' else ''}."
+            )
+        if spoke == "http" and scheme == "https":
+            return SourceError(f"{hp} speaks plain HTTP, not HTTPS: use http://{rest}")
+        if spoke == "tls" and scheme == "http":
+            return SourceError(f"{hp} speaks HTTPS, not plain HTTP: use https://{rest}")
+        return None
+
+    def _connect_error(self, exc: requests.ConnectionError) -> SourceError | None:
+        """A failure that no retry can fix (refused, unknown host, wrong protocol), else None."""
+        if isinstance(exc, requests.Timeout):
+            return None
+        if _is_refused(exc):
+            return SourceError(
+                f"cannot connect to {self.base()} (connection refused): is {self.product} running there?"
+            )
+        if _is_unresolvable(exc):
+            host = urlsplit(self.cfg.url).hostname
+            return SourceError(f"cannot connect to {self.base()}: unknown host {host!r}; check --url.")
+        if self._answered:
+            return None  # it spoke HTTP before: a reset now is the server's trouble, worth a retry
+        return self._wrong_protocol(self._probe())
+
     def request(
         self,
         method: str,
@@ -308,11 +484,13 @@ class HttpClient:
         headers: Mapping[str, str] | None = None,
         retry_statuses: Iterable[int] = DEFAULT_RETRY_STATUSES,
         stream: bool = False,
+        permanent: Callable[[int, str], bool] | None = None,
     ) -> requests.Response:
         """Send a request with retries; see the module docstring for what is retried and raised.
 
         With ``stream=True`` the body is read by the caller, so a connection dropped mid-body then
-        surfaces in the caller (not retried here).
+        surfaces in the caller (not retried here). ``permanent(status, body)`` returning true for a
+        retryable status returns the answer at once: a configuration error does not go away on retry.
         """
         retry_on = frozenset(retry_statuses)
         url = self.url_for(path)
@@ -328,18 +506,27 @@ class HttpClient:
                     timeout=self.cfg.timeout_s, stream=stream, verify=self._verify, cert=self._cert,
                 )
             except requests.exceptions.SSLError as exc:
+                if not _is_cert_problem(exc):
+                    wrong = self._wrong_protocol(self._probe())
+                    if wrong is not None:
+                        raise wrong from None
                 raise SourceError(
                     f"TLS error talking to {self.product} at {where}: {exc.__class__.__name__}: "
-                    f"{_short(exc)}. Check --ca-cert (CA bundle), --cert/--key (client certificate) or, "
+                    f"{_short(exc, 200)}. Check --ca-cert (CA bundle), --cert/--key (client certificate) or, "
                     "only for testing, --insecure."
-                ) from exc
+                ) from None
             except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
                     requests.exceptions.InvalidSchema) as exc:
                 raise ConfigError(f"invalid {self.product} URL {where!r}: {exc}") from exc
             except _TRANSIENT_ERRORS as exc:
-                last = f"{exc.__class__.__name__}: {_short(exc)}"
+                if isinstance(exc, requests.ConnectionError):
+                    fatal = self._connect_error(exc)
+                    if fatal is not None:
+                        raise fatal from None
+                last = _conn_summary(exc)
                 last_status = None
             else:
+                self._answered = True
                 status = resp.status_code
                 if status in (401, 403):
                     msg = _server_message(resp)
@@ -350,7 +537,12 @@ class HttpClient:
                         f"{' and the tenant/permissions' if status == 403 else ''}; retrying will not help.",
                         status=status,
                     )
+                if status == 400 and not stream and _plain_http_to_tls(resp):
+                    raise self._wrong_protocol("tls") or SourceError(  # pragma: no branch
+                        f"{self._hostport()} speaks HTTPS: use https://")
                 if status not in retry_on:
+                    return resp
+                if permanent is not None and permanent(status, resp.text):
                     return resp
                 last_status = status
                 last = f"HTTP {status}: {_server_message(resp, 200)}"
@@ -369,8 +561,8 @@ class HttpClient:
                 self._on_retry(attempt + 1, last, delay)
             self._sleep(delay)
         raise SourceError(
-            f"{self.product} {method} {where} failed after {attempts} attempt(s); last error: {last}. "
-            "Everything fetched before this point is stored; re-run with --resume to continue.",
+            f"{self.product} at {self.base()} kept failing ({attempts} attempt(s), last: {last}). "
+            "What was stored before is kept; re-run with --resume to continue.",
             status=last_status,
             resumable=True,
         )
@@ -421,6 +613,15 @@ class HttpClient:
                     self._on_retry(attempt + 1, "invalid JSON body", delay)
                 self._sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _plain_http_to_tls(resp: requests.Response) -> bool:
+    """A 400 that says "you sent plain HTTP to my TLS port" (Go's and nginx's wording)."""
+    try:
+        text = resp.text[:300]
+    except Exception:  # noqa: BLE001
+        return False
+    return "HTTP request to an HTTPS server" in text or "plain HTTP request was sent to HTTPS port" in text
 
 
 def _short(exc: BaseException, limit: int = 300) -> str:
