@@ -329,11 +329,19 @@ _PARSE_PATTERNS = ("parse error", "syntax error", "only label matchers are suppo
                    "pipeline error", "unexpected")
 
 
+def _loki_permanent(status: int, body: str) -> bool:
+    """A 5xx that is Loki's configuration, not its load: retrying cannot help (see :func:`classify_error`)."""
+    return "multiple org ids present" in body.lower()
+
+
 def classify_error(status: int, body: str) -> tuple[str, str]:
-    """(kind, reason) for a non-2xx Loki answer: kind is split, entries, query, no_org, not_found, other."""
+    """(kind, reason) for a non-2xx Loki answer: kind is split, entries, query, no_org, multi_org,
+    not_found, other."""
     low = body.lower()
     if "no org id" in low:
         return "no_org", ""
+    if "multiple org ids present" in low:
+        return "multi_org", ""
     if "max entries limit" in low:
         return "entries", ""
     for pat, reason in _SPLIT_PATTERNS:
@@ -364,7 +372,8 @@ class LokiClient:
     def _get(self, path: str, params: Mapping[str, Any] | list[tuple[str, Any]],
              retry_statuses: Iterable[int] = QUERY_RETRY_STATUSES) -> Any:
         try:
-            resp, doc = self.http.request_json("GET", path, params=params, retry_statuses=retry_statuses)
+            resp, doc = self.http.request_json("GET", path, params=params, retry_statuses=retry_statuses,
+                                               permanent=_loki_permanent)
         except AuthError as exc:
             if "no org id" in str(exc).lower():
                 raise AuthError(
@@ -387,6 +396,13 @@ class LokiClient:
             raise AuthError(
                 f"Loki at {self.identity} needs a tenant ('no org id', HTTP {resp.status_code}). "
                 "Pass --org-id TENANT or set LOKI_ORG_ID.",
+                status=resp.status_code,
+            )
+        if kind == "multi_org":
+            raise SourceError(
+                f"Loki at {self.identity} does not allow queries over several tenants ({self.tenant!r}): it "
+                "answered 'multiple org IDs present'. Set multi_tenant_queries_enabled: true in Loki's "
+                "limits_config, or ingest one tenant per run.",
                 status=resp.status_code,
             )
         if kind == "entries":
@@ -421,6 +437,12 @@ class LokiClient:
         data = self._get(SERIES, [("match[]", selector), ("start", str(start_ns)), ("end", str(end_ns))],
                          retry_statuses=(429, 500, 502, 503, 504))
         return list(data or [])
+
+    def labels(self, start_ns: int, end_ns: int) -> list[str]:
+        """Label names with data in the range (Loki omits ``data`` for a tenant with none)."""
+        data = self._get("/loki/api/v1/labels", {"start": str(start_ns), "end": str(end_ns)},
+                         retry_statuses=(429, 500, 502, 503, 504))
+        return [str(v) for v in data or []]
 
     def label_values(self, name: str, selector: str | None, start_ns: int, end_ns: int) -> list[str]:
         params = {"start": str(start_ns), "end": str(end_ns)}
@@ -1086,6 +1108,48 @@ class _ProgressBar:
 
 
 # ================================================================================================
+# An empty answer, explained
+# ================================================================================================
+_MATCHER_RE = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)\s*(=~|!~|!=|=)\s*("(?:[^"\\]|\\.)*"|`[^`]*`)')
+
+
+def explain_empty(client: LokiClient, query: str, start_ns: int, end_ns: int, *, show: int = 8) -> str:
+    """Why a range gave no line, from Loki's series/labels API: what *does* exist there.
+
+    Zero records with exit 0 and no word looks like success; a typo in a label value, the wrong tenant
+    or a range before the data are the usual causes, and the labels that exist tell which.
+    """
+    tenant = f"tenant {client.tenant!r}" if client.tenant else "the default tenant"
+    head = f"no lines for {tenant}, query {query.strip()} in [{_iso(start_ns)}, {_iso(end_ns)})"
+    try:
+        selector, pipeline = split_log_query(query)
+    except QueryError:
+        return head
+    try:
+        streams = client.series(selector, start_ns, end_ns)
+        if streams:
+            why = (f"the pipeline{pipeline} kept none" if pipeline.strip()
+                   else "they hold no line inside the range")
+            return f"{head}: {len(streams)} stream(s) match {selector}, but {why}"
+        names = client.labels(start_ns, end_ns)
+        if not names:
+            return f"{head}: {tenant} has no streams at all in this range (check --org-id and the range)"
+        parts = []
+        for name in dict.fromkeys(m.group(1) for m in _MATCHER_RE.finditer(selector)):
+            if name not in names:
+                parts.append(f"no label {name!r}")
+                continue
+            values = client.label_values(name, None, start_ns, end_ns)
+            more = f", ... ({len(values)} values)" if len(values) > show else ""
+            parts.append(f"{name} = {', '.join(values[:show])}{more}")
+        shown = ", ".join(names[:show * 2]) + (", ..." if len(names) > show * 2 else "")
+        found = "; ".join(parts) if parts else f"labels: {shown}"
+        return f"{head}: no stream matches {selector}; this range has {found}"
+    except (SourceError, ConfigError) as exc:  # the explanation must not turn an empty run into a failure
+        return f"{head} (could not list what exists: {str(exc)[:200]})"
+
+
+# ================================================================================================
 # Python API: ingest
 # ================================================================================================
 def ingest_loki(
@@ -1159,6 +1223,10 @@ def ingest_loki(
             finally:
                 batches.close()  # stops worker threads if the ingest failed midway
             store.set_watermark(src.watermark_key, src.final_state())
+        if src.lines == 0 and not previous:
+            msg = explain_empty(client, query, start_ns, end_ns)
+            log.warning("meshlens: warning: %s", msg)
+            counts.warnings.append(msg)
         return counts
     finally:
         if own_http:
@@ -1455,6 +1523,6 @@ def aggregate_loki(
 
 __all__ = [
     "AggregateCounts", "LokiClient", "LokiSource", "MetricPreset", "PRESETS", "Paginator", "add_matcher",
-    "aggregate_loki", "classify_error", "exact_selector", "ingest_loki", "loki_http_config", "parse_duration",
+    "aggregate_loki", "classify_error", "explain_empty", "exact_selector", "ingest_loki", "loki_http_config", "parse_duration",
     "parse_time", "resolve_range", "source_identity", "split_log_query",
 ]

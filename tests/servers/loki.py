@@ -74,6 +74,7 @@ ERR_DEADLINE = (
     "match over regex match) to reduce the amount of data processed"
 )
 ERR_NO_ORG_ID = "no org id"
+ERR_MULTIPLE_ORGS = "multiple org IDs present"  # 500, text/plain, no newline (real Loki main-65e30f8)
 ERR_END_BEFORE_START = "end timestamp must not be before or equal to start time"
 ERR_STEP_TOO_SMALL = (
     "exceeded maximum resolution of 11,000 points per time series. Try increasing the value of the step "
@@ -968,7 +969,10 @@ class LokiServer:
     # -- tenants -----------------------------------------------------------------------------------
     def _streams_for(self, org: str) -> list[tuple[Stream, dict[str, str]]]:
         """(stream, labels as the query sees them) for a tenant or a ``a|b`` multi-tenant id."""
-        tenants = org.split("|") if "|" in org and self.multi_tenant_queries else [org]
+        if "|" in org and not self.multi_tenant_queries:
+            # the real Loki (multi_tenant_queries_enabled: false, its default) for every query API
+            raise LokiHTTPError(500, ERR_MULTIPLE_ORGS)
+        tenants = org.split("|") if "|" in org else [org]
         out = []
         with self._lock:
             for t in tenants:
@@ -1438,7 +1442,9 @@ class _Handler(BaseHTTPRequestHandler):
             resp = srv.query_instant(tenant, p)
         elif path == "/loki/api/v1/labels":
             start, end = _meta_bounds(p, now)
-            resp = {"status": "success", "data": srv.label_names(tenant, p.get("query"), start, end)}
+            names = srv.label_names(tenant, p.get("query"), start, end)
+            # the real Loki omits "data" when there is no label at all (a tenant without data)
+            resp = {"status": "success", "data": names} if names else {"status": "success"}
         elif path.startswith("/loki/api/v1/label/") and path.endswith("/values"):
             name = urllib.parse.unquote(path[len("/loki/api/v1/label/"):-len("/values")])
             start, end = _meta_bounds(p, now)
