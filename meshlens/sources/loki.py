@@ -92,6 +92,9 @@ MAX_SHARDS = 4096  # planned shards (adaptive splits may add more); bounds the c
 # so the shard is split instead of re-sending the same query.
 QUERY_RETRY_STATUSES = (429, 500, 502, 503)
 LOKI_PRODUCT = "Loki"
+# Structured metadata and parsed labels per entry instead of one result item per distinct label set
+# (Loki >= 3.0; older servers ignore the header and answer as before -- parse_streams reads both).
+CATEGORIZE = {"X-Loki-Response-Encoding-Flags": "categorize-labels"}
 
 LabelKey = tuple[tuple[str, str], ...]
 EntryKey = tuple[LabelKey, int, str]
@@ -370,10 +373,10 @@ class LokiClient:
         return self.http.cfg.identity()
 
     def _get(self, path: str, params: Mapping[str, Any] | list[tuple[str, Any]],
-             retry_statuses: Iterable[int] = QUERY_RETRY_STATUSES) -> Any:
+             retry_statuses: Iterable[int] = QUERY_RETRY_STATUSES, headers: Mapping[str, str] | None = None) -> Any:
         try:
             resp, doc = self.http.request_json("GET", path, params=params, retry_statuses=retry_statuses,
-                                               permanent=_loki_permanent)
+                                               permanent=_loki_permanent, headers=headers)
         except AuthError as exc:
             if "no org id" in str(exc).lower():
                 raise AuthError(
@@ -428,7 +431,7 @@ class LokiClient:
             params["limit"] = str(limit)
         if step_s is not None:
             params["step"] = _fmt_step(step_s)
-        data = self._get(QUERY_RANGE, params)
+        data = self._get(QUERY_RANGE, params, headers=CATEGORIZE if step_s is None else None)
         if not isinstance(data, dict) or "resultType" not in data:
             raise SourceError(f"Loki query_range at {self.identity} returned no data.resultType")
         return data
@@ -501,15 +504,24 @@ class _Entries:
 
 
 def parse_streams(data: Mapping[str, Any]) -> _Entries:
-    """Flatten a ``streams`` result (repeated label sets, 3-element values) into entry columns."""
+    """Flatten a ``streams`` result (repeated label sets, 2- or 3-element values) into entry columns.
+
+    With ``categorize-labels`` (which :class:`LokiClient` asks for) an entry's third element holds its
+    ``structuredMetadata`` and ``parsed`` labels; they are merged into the stream labels so that an
+    event's labels -- and its identity -- are exactly what Loki answers without the flag. The flag
+    matters for the wire: without it every distinct metadata value (a trace id!) is its own result item
+    with a full copy of the stream labels. Merged label sets are interned (one dict per distinct set).
+    """
     if data.get("resultType") != "streams":
         raise QueryError(
             f"Loki returned a {data.get('resultType')!r} result, not log lines; ingest needs a log query "
             "(a stream selector with an optional pipeline). Use `meshlens aggregate loki` for metric queries."
         )
     out = _Entries()
+    ts_out, lines_out, labels_out, keys_out = out.ts, out.lines, out.labels, out.lkeys
     label_keys: set[LabelKey] = set()
     repeated = False
+    interned: dict[tuple[LabelKey, tuple[tuple[str, str], ...]], tuple[dict[str, str], LabelKey]] = {}
     for item in data.get("result") or []:
         labels = {str(k): str(v) for k, v in (item.get("stream") or {}).items()}
         lkey = tuple(sorted(labels.items()))
@@ -525,10 +537,25 @@ def parse_streams(data: Mapping[str, Any]) -> _Entries:
                     f"Loki answered a malformed stream entry {str(v)[:120]!r} (expected [\"<ns timestamp>\", "
                     "\"<line>\"]); nothing of this page was stored. Re-run with --resume once the server "
                     "or proxy answers correctly.", resumable=True)
-            out.ts.append(int(v[0]))
-            out.lines.append(v[1])
-            out.labels.append(labels)
-            out.lkeys.append(lkey)
+            ts_out.append(int(v[0]))
+            lines_out.append(v[1])
+            extra = v[2] if len(v) > 2 and isinstance(v[2], dict) and v[2] else None
+            if extra is None:
+                labels_out.append(labels)
+                keys_out.append(lkey)
+                continue
+            add: list[tuple[str, str]] = []
+            for part in ("structuredMetadata", "parsed"):
+                sub = extra.get(part)
+                if isinstance(sub, dict):
+                    add.extend((str(a), str(b)) for a, b in sub.items())
+            ck = (lkey, tuple(add))
+            hit = interned.get(ck)
+            if hit is None:
+                merged = {**labels, **dict(add)}
+                hit = interned[ck] = (merged, tuple(sorted(merged.items())))
+            labels_out.append(hit[0])
+            keys_out.append(hit[1])
     return out.dedup() if repeated else out
 
 

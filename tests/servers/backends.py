@@ -37,14 +37,8 @@ class Backend:
         if self.real is not None:
             return self.real.push(tagged, tenant=tenant)
         assert self.server is not None
-        n = 0
-        for labels, entries in tagged:
-            meta = [e for e in entries if len(e) > 2]
-            if meta:
-                raise NotImplementedError("structured metadata: push to the in-process server via HTTP")
-            n += self.server.push(dict(labels), [(e[0], e[1]) for e in entries],
-                                  **({"tenant": tenant} if tenant else {}))
-        return n
+        return sum(self.server.push(dict(labels), entries, **({"tenant": tenant} if tenant else {}))
+                   for labels, entries in tagged)
 
     def selector(self, **matchers: str) -> str:
         """``{test="<tag>", k="v", ...}``: this test's streams only."""

@@ -167,3 +167,39 @@ def stop_all() -> None:
 
 
 atexit.register(stop_all)
+
+
+def generate(url: str, *, lines: int, streams: int, start_ns: int, span_ns: int, seed: int = 1,
+             tenant: str | None = None, extra_labels: Mapping[str, str] | None = None) -> int:
+    """Push the same deterministic Istio data as :func:`tests.servers.loki.generate` to a real Loki.
+
+    Streams are pushed in time order, a few thousand lines of every stream per request, so each
+    request stays under Loki's body limit and no entry is "too far behind" its stream's newest one.
+    Returns the number of distinct (stream, ts, line) entries pushed (what Loki will hold).
+    """
+    import random
+
+    from tests.servers.loki import istio_line
+
+    rng = random.Random(seed)
+    per = lines // streams
+    data: list[tuple[dict[str, str], list[tuple[int, str]]]] = []
+    for s in range(streams):
+        ns = f"ns{s % 4}"
+        app = f"svc{s}"
+        labels = {"namespace": ns, "app": app, "pod": f"{app}-7d9c6b-{s:05d}", "container": "istio-proxy",
+                  **(extra_labels or {})}
+        n = per + (1 if s < lines - per * streams else 0)
+        entries = []
+        for _ in range(n):
+            ts = start_ns + rng.randrange(span_ns)
+            entries.append((ts, istio_line(rng, ts, app, ns)))
+        entries = sorted(set(entries))
+        data.append((labels, entries))
+    srv = RealLoki(pid=-1, url=url, grpc_port=0, data=Path("."), auth=tenant is not None)
+    step = 2000
+    longest = max(len(e) for _, e in data)
+    total = 0
+    for i in range(0, longest, step):  # interleave streams in time order
+        total += srv.push([(lb, e[i:i + step]) for lb, e in data if e[i:i + step]], tenant=tenant)
+    return total
