@@ -15,7 +15,7 @@ import pytest
 
 from meshlens.errors import SourceError
 from meshlens.sources.http import HttpClient
-from meshlens.sources.loki import LOKI_PRODUCT, ingest_loki, loki_http_config
+from meshlens.sources.loki import DEFAULT_PARALLEL, LOKI_PRODUCT, ingest_loki, loki_http_config
 from tests.servers import backends
 from tests.servers.backends import Backend
 
@@ -49,8 +49,8 @@ def test_several_tenants_without_the_setting_is_one_line_no_retry(loki_auth: Bac
     msg = str(ei.value)
     assert "multi_tenant_queries_enabled" in msg and "'team-a|team-b'" in msg and "\n" not in msg
     assert retries == [] and not ei.value.resumable
-    if loki_auth.server is not None:
-        assert len(loki_auth.server.query_requests()) == 1
+    if loki_auth.server is not None:  # each worker's first request, none retried
+        assert 1 <= len(loki_auth.server.query_requests()) <= DEFAULT_PARALLEL
 
 
 def test_a_selector_without_data_warns_with_what_exists(loki: Backend, tmp_path: Path) -> None:

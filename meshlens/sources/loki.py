@@ -88,6 +88,11 @@ DEFAULT_RESUME_OVERLAP_NS = 60 * NS
 SHARDS_PER_WORKER = 4
 MIN_DONATE_NS = 2 * NS  # do not hand out shards narrower than this to idle workers
 MAX_SHARDS = 4096  # planned shards (adaptive splits may add more); bounds the checkpoint size
+MAX_STREAM_SHARDS = 1000  # more streams than this: time shards only (one /series answer, bounded plan)
+SHARD_ALIGN_NS = 3600 * NS  # Loki's split_queries_by_interval default: stream shards are whole hours
+FIRST_WRITE_BATCH = 25_000  # lines in the first stored batch (see LokiSource.batches)
+MAX_LATE_ROUNDS = 3  # times the range is listed again for streams that appeared while reading
+DEFAULT_PARALLEL = 4  # fetching waits on Loki: a few requests in flight keep it and the writer busy
 # 504 is not retried by the HTTP layer for range queries: a Loki query timeout means "too much work",
 # so the shard is split instead of re-sending the same query.
 QUERY_RETRY_STATUSES = (429, 500, 502, 503)
@@ -568,6 +573,7 @@ class _Shard:
     start: int  # cursor: every entry older than this in [start, end) is already emitted
     end: int
     skip: frozenset[EntryKey] = frozenset()  # keys already emitted at ts == start
+    query: str | None = None  # one stream's query (see stream_queries); None: the paginator's query
 
 
 @dataclass
@@ -658,17 +664,18 @@ class Paginator:
         cur, end = sh.start, sh.end
         skip: set[EntryKey] = set(sh.skip)
         timeouts = 0
+        query = sh.query or self.query
         while cur < end:
             try:
-                page, limit = self.fetch(self.query, cur, end, self.page_limit)
+                page, limit = self.fetch(query, cur, end, self.page_limit)
                 full = None
                 if len(page) >= limit and min(page.ts) == max(page.ts):
-                    full = self.fetch_one_ns(page.ts[0])
+                    full = self.fetch_one_ns(page.ts[0], sh.query)
             except _SplitSignal as sig:
                 # Also reached when one crowded nanosecond cannot be fetched: the shard then shrinks
                 # around it until it is that nanosecond alone, where only timeouts are worth retrying.
                 if end - cur > 1:
-                    yield self._split(sh.id, cur, end, skip, sig)
+                    yield self._split(sh, cur, end, skip, sig)
                     return
                 timeouts += 1
                 if sig.reason != "timeout" or timeouts > self.client.http.cfg.max_retries:
@@ -703,28 +710,34 @@ class Paginator:
                 continue
             yield _Page(sh.id, emit, cur, False)
 
-    def _split(self, shard_id: int, cur: int, end: int, skip: set[EntryKey], sig: _SplitSignal) -> _Split:
+    def _split(self, sh: _Shard, cur: int, end: int, skip: set[EntryKey], sig: _SplitSignal) -> _Split:
         mid = cur + (end - cur) // 2
         with self._lock:
             self.splits += 1
         log.info("Loki refused [%s, %s) (%s: %s); splitting in two", _iso(cur), _iso(end), sig.reason,
                  sig.message[:200])
-        return _Split(shard_id, [_Shard(self.new_id(), cur, mid, frozenset(skip)),
-                                 _Shard(self.new_id(), mid, end)])
+        return _Split(sh.id, [_Shard(self.new_id(), cur, mid, frozenset(skip), sh.query),
+                              _Shard(self.new_id(), mid, end, query=sh.query)])
 
     def _maybe_donate(self, sh: _Shard, cur: int, end: int) -> _Split | None:
         """Give the second half of this shard to an idle worker (load balancing for skewed data)."""
         if end - cur < 2 * MIN_DONATE_NS or not self.want_work():
             return None
         mid = cur + (end - cur) // 2
-        return _Split(sh.id, [_Shard(self.new_id(), mid, end)], keep_end=mid)
+        return _Split(sh.id, [_Shard(self.new_id(), mid, end, query=sh.query)], keep_end=mid)
 
     # -- one nanosecond that does not fit in a page ---------------------------------------------------
-    def fetch_one_ns(self, t: int) -> _Entries:
-        """Every entry at exactly ``t``: biggest page, else per stream, else per line prefix."""
-        page, limit = self.fetch(self.query, t, t + 1, self.max_entries)
+    def fetch_one_ns(self, t: int, stream_query: str | None = None) -> _Entries:
+        """Every entry at exactly ``t``: biggest page, else per stream, else per line prefix.
+
+        ``stream_query``: the shard is one stream already (its selector excludes every other stream),
+        so a crowded nanosecond goes straight to the per-prefix partition of that query.
+        """
+        page, limit = self.fetch(stream_query or self.query, t, t + 1, self.max_entries)
         if len(page) < limit:
             return page
+        if stream_query is not None:
+            return self._prefix_partition(stream_query, t, "").dedup()
         log.info("more than %d lines at %s; fetching that nanosecond per stream", limit, t)
         if self.selector is None:
             raise QueryError(f"cannot split query {self.query!r} by stream: it does not start with a selector")
@@ -780,6 +793,24 @@ class Paginator:
         for a, b in ranges:
             out.extend(self._char_range(q, t, prefix, a, b, None))
         return out
+
+
+def stream_queries(streams: Sequence[Mapping[str, str]], selector: str, pipeline: str) -> list[str]:
+    """One query per stream that matches that stream and no other.
+
+    ``{app="a"}`` also matches ``{app="a", pod="p"}`` (a selector matches every superset), so each
+    stream's selector also says ``name=""`` for every label name it lacks that another stream has. The
+    original selector's matchers are kept first, so each query still has them (Loki requires a
+    non-empty matcher) and means exactly "this stream's lines of the user's query".
+    """
+    names = sorted({k for st in streams for k in st})
+    base = selector.strip()[1:-1].strip()
+    out = []
+    for st in streams:
+        parts = [f"{k}={logql_quote(v)}" for k, v in sorted(st.items())]
+        parts += [f'{k}=""' for k in names if k not in st]
+        out.append("{" + ", ".join(([base] if base else []) + parts) + "}" + pipeline)
+    return out
 
 
 # ================================================================================================
@@ -942,6 +973,7 @@ class LokiSource:
         progress: bool = True,
         write_batch: int = DEFAULT_WRITE_BATCH,
         flush_every_s: float = 5.0,
+        by_stream: bool | None = None,
     ) -> None:
         if parallel < 1:
             raise ConfigError(f"--parallel must be >= 1, got {parallel}")
@@ -959,6 +991,12 @@ class LokiSource:
         self.progress = progress
         self.write_batch = max(1, write_batch)
         self.flush_every_s = flush_every_s
+        # None: shard by stream when it can be done exactly (a plain selector, one tenant, not too many
+        # streams); see _make_shards
+        self.by_stream = by_stream
+        self.streams: int | None = None  # streams the plan sharded by (None: time shards only)
+        self._known_streams: list[dict[str, str]] = []
+        self._intervals: list[tuple[int, int]] = []
         self.stop = threading.Event()
         self.paginator = Paginator(client, self.query, batch_size=batch_size, max_entries=max_entries,
                                    stop=self.stop)
@@ -1000,30 +1038,77 @@ class LokiSource:
         self._planned = True
         return intervals
 
+    def _stream_list(self, intervals: list[tuple[int, int]]) -> list[dict[str, str]] | None:
+        """The streams to shard by, or None for time shards (see :func:`stream_queries`)."""
+        pag = self.paginator
+        tenant = self.client.tenant or ""
+        if self.by_stream is False or pag.selector is None or "|" in tenant or not intervals:
+            return None
+        try:
+            streams = self.client.series(pag.selector, intervals[0][0], intervals[-1][1])
+        except (SourceError, ConfigError) as exc:  # e.g. a series limit: time shards still work
+            if self.by_stream:
+                raise
+            log.info("cannot list the streams (%s); sharding by time only", str(exc)[:200])
+            return None
+        if not streams or (self.by_stream is None and len(streams) > MAX_STREAM_SHARDS):
+            return None
+        if any(k.startswith("__") for st in streams for k in st):
+            return None  # internal labels (__tenant_id__ ...) cannot be selected on
+        return streams
+
     def _make_shards(self, intervals: list[tuple[int, int]]) -> list[_Shard]:
+        """Shards by stream AND time, aligned to Loki's hour splits, so Loki decompresses each chunk once.
+
+        A page of a time-only shard holds ~limit/streams lines of every stream, so each page re-opens
+        (and re-decompresses) the current block of every stream -- what logcli's time shards do. A page of
+        one stream reads that stream's blocks in order. Window edges are whole hours (Loki's query
+        frontend splits at ``split_queries_by_interval``, 1h by default, so no sub-query is cut in two
+        by a shard edge). With an explicit ``shard_ns`` that width is used as given.
+        """
         total = sum(e - s for s, e in intervals)
+        streams = self._stream_list(intervals)
+        queries: list[str | None] = [None]
+        self._intervals = list(intervals)
+        if streams is not None:
+            assert self.paginator.selector is not None
+            queries = list(stream_queries(streams, self.paginator.selector, self.paginator.pipeline))
+            self.streams = len(streams)
+            self._known_streams = list(streams)
         if self.shard_ns:
             width = self.shard_ns
+        elif streams is not None:
+            # enough shards for the workers (parallel x SHARDS_PER_WORKER in all), whole hours each: many
+            # streams -> one shard per stream; few streams -> several hour-aligned windows per stream.
+            # Not one shard per hour: a sparse month would cost thousands of empty requests.
+            per_stream = max(1, -(-self.parallel * SHARDS_PER_WORKER // len(queries)))
+            width = max(1, -(-total // per_stream // SHARD_ALIGN_NS)) * SHARD_ALIGN_NS
         elif self.parallel == 1:
             width = max(total, 1)
         else:
             width = max(total // (self.parallel * SHARDS_PER_WORKER), NS)
-        if total // width > MAX_SHARDS:
-            width = -(-total // MAX_SHARDS)
+        if total // width * len(queries) > MAX_SHARDS:
+            width = -(-total * len(queries) // MAX_SHARDS)
             log.warning("shard width raised to %d ns to keep at most %d shards", width, MAX_SHARDS)
+        aligned = streams is not None and self.shard_ns is None and width % SHARD_ALIGN_NS == 0
         shards = []
-        for s, e in intervals:
-            t = s
-            while t < e:
-                u = min(e, t + width)
-                if e - u < width // 4:  # do not leave a sliver
-                    u = e
-                shards.append(_Shard(self.paginator.new_id(), t, u))
-                t = u
+        for q in queries:
+            for s, e in intervals:
+                t = s
+                while t < e:
+                    u = (t // width + 1) * width if aligned else t + width
+                    u = min(e, u)
+                    if not aligned and e - u < width // 4:  # do not leave a sliver
+                        u = e
+                    shards.append(_Shard(self.paginator.new_id(), t, u, query=q))
+                    t = u
+        # interleave streams so that parallel workers read different streams' chunks at the same time
+        shards.sort(key=lambda sh: (sh.start, sh.id))
         return shards
 
     def checkpoint(self) -> dict[str, Any]:
-        pending = sorted([c, e] for c, e in self._pending.values() if c < e)
+        # stream shards overlap in time: the union of what is unfinished is what a resume re-reads
+        pending = [list(iv) for iv in _merge_intervals([(c, e) for c, e in self._pending.values() if c < e])]
         return {"v": 1, "query": self.query, "start_ns": self._range[0], "end_ns": self._range[1],
                 "pending": pending}
 
@@ -1048,6 +1133,35 @@ class LokiSource:
         elif msg.shard_id in self._pending:
             self._pending[msg.shard_id][0] = msg.cursor
 
+    def _messages(self, shards: list[_Shard]) -> Iterator[_Page | _Split]:
+        return (_run_inline(self.paginator, shards) if self.parallel == 1
+                else _Threaded(self.paginator, shards, self.parallel,
+                               buffer_pages=-(-self.write_batch // self.batch_size)).messages())
+
+    def _late_streams(self) -> list[_Shard]:
+        """Shards for streams that appeared after the plan (a pod restarted while we read): stream
+        shards only cover the streams listed up front, so the range is listed again at the end and
+        any new stream is read over the whole range. Time shards need no such check."""
+        if self.streams is None or not self._intervals:
+            return []
+        try:
+            now = self._stream_list(self._intervals) or []
+        except (SourceError, ConfigError):
+            return []
+        known = {tuple(sorted(st.items())) for st in self._known_streams}
+        new = [st for st in now if tuple(sorted(st.items())) not in known]
+        if not new:
+            return []
+        self._known_streams += new
+        assert self.paginator.selector is not None
+        everyone = list(self._known_streams)
+        queries = stream_queries(everyone, self.paginator.selector, self.paginator.pipeline)[-len(new):]
+        log.info("%d stream(s) appeared while reading; reading them too", len(new))
+        shards = [_Shard(self.paginator.new_id(), s, e, query=q) for q in queries for s, e in self._intervals]
+        for sh in shards:
+            self._pending[sh.id] = [sh.start, sh.end]
+        return shards
+
     def batches(self) -> Iterator[RawBatch]:
         """Yield batches in the caller's thread; each carries the checkpoint valid once it is stored."""
         if not self._planned:
@@ -1055,37 +1169,48 @@ class LokiSource:
         shards = [s for s in self._shards if s.start < s.end]
         if not shards:
             return
+        # progress in seconds of the range: stream shards cover the range once per stream
+        per = max(1, self.streams or 1)
         total_ns = self._remaining_ns()
-        bar = _ProgressBar(total_ns, enabled=self.progress, desc=f"loki {self.client.identity}")
+        bar = _ProgressBar(total_ns // per, enabled=self.progress, desc=f"loki {self.client.identity}")
         source = self.source_id
         pos_prefix = self.query + "@"
-        self.stop.clear()
-        messages = (_run_inline(self.paginator, shards) if self.parallel == 1
-                    else _Threaded(self.paginator, shards, self.parallel,
-                                   buffer_pages=-(-self.write_batch // self.batch_size)).messages())
         acc = _Entries()
         last_yield = time.monotonic()
+        # Ramp up: the first stored batch is small so that parsing and storing start while the rest is
+        # still being fetched (a first batch of write_batch lines would leave the writer idle until it
+        # is complete); each next one doubles, up to write_batch, where the per-batch cost is amortised.
+        target = min(self.write_batch, FIRST_WRITE_BATCH)
 
         def flush() -> RawBatch:
-            nonlocal acc, last_yield
+            nonlocal acc, last_yield, target
             e, acc = acc, _Entries()
             last_yield = time.monotonic()
+            target = min(self.write_batch, target * 2)
             return RawBatch(source=source, lines=e.lines, ts_ns=e.ts, labels=e.labels,  # type: ignore[arg-type]
                             positions=[f"{pos_prefix}{t}" for t in e.ts], checkpoint=self.checkpoint())
 
+        messages: Iterator[_Page | _Split] | None = None
         try:
-            for msg in messages:
-                self._apply(msg)
-                if isinstance(msg, _Page) and len(msg.entries):
-                    acc.extend(msg.entries)
-                    self.lines += len(msg.entries)
-                bar.update(total_ns - self._remaining_ns(), self.lines)
-                # Several pages per batch: each stored batch has a fixed cost (parse setup, transaction),
-                # so writing 5000-line pages one by one would halve throughput. Flush on size or age so
-                # checkpoints stay frequent when Loki is slow.
-                if len(acc) >= self.write_batch or (
-                        len(acc) and time.monotonic() - last_yield >= self.flush_every_s):
-                    yield flush()
+            for _round in range(MAX_LATE_ROUNDS + 1):
+                self.stop.clear()
+                messages = self._messages(shards)
+                for msg in messages:
+                    self._apply(msg)
+                    if isinstance(msg, _Page) and len(msg.entries):
+                        acc.extend(msg.entries)
+                        self.lines += len(msg.entries)
+                    bar.update(max(0, total_ns - self._remaining_ns()) // per, self.lines)
+                    # Several pages per batch: each stored batch has a fixed cost (parse setup,
+                    # transaction), so writing 5000-line pages one by one would halve throughput. Flush on
+                    # size or age so checkpoints stay frequent when Loki is slow.
+                    if len(acc) >= target or (
+                            len(acc) and time.monotonic() - last_yield >= self.flush_every_s):
+                        yield flush()
+                shards = self._late_streams()
+                if not shards:
+                    break
+                total_ns += sum(sh.end - sh.start for sh in shards)
             if len(acc):
                 yield flush()
         finally:
@@ -1162,11 +1287,18 @@ def explain_empty(client: LokiClient, query: str, start_ns: int, end_ns: int, *,
         if not names:
             return f"{head}: {tenant} has no streams at all in this range (check --org-id and the range)"
         parts = []
-        for name in dict.fromkeys(m.group(1) for m in _MATCHER_RE.finditer(selector)):
+        matchers = list(_MATCHER_RE.finditer(selector))
+        for name in dict.fromkeys(m.group(1) for m in matchers):
             if name not in names:
                 parts.append(f"no label {name!r}")
                 continue
-            values = client.label_values(name, None, start_ns, end_ns)
+            # the values among the streams that the *other* matchers select: what this one could say
+            others = [m.group(0) for m in matchers if m.group(1) != name]
+            scope = "{" + ", ".join(others) + "}" if others else None
+            try:
+                values = client.label_values(name, scope, start_ns, end_ns)
+            except QueryError:  # e.g. only empty-compatible matchers left
+                values = client.label_values(name, None, start_ns, end_ns)
             more = f", ... ({len(values)} values)" if len(values) > show else ""
             parts.append(f"{name} = {', '.join(values[:show])}{more}")
         shown = ", ".join(names[:show * 2]) + (", ..." if len(names) > show * 2 else "")
@@ -1187,7 +1319,7 @@ def ingest_loki(
     since: str | int | None = None,
     start: str | int | datetime | None = None,
     end: str | int | datetime | None = None,
-    parallel: int = 1,
+    parallel: int = DEFAULT_PARALLEL,
     batch_size: int = DEFAULT_BATCH_SIZE,
     write_batch: int = DEFAULT_WRITE_BATCH,
     max_entries: int = LOKI_DEFAULT_MAX_ENTRIES,
@@ -1209,7 +1341,8 @@ def ingest_loki(
         query: LogQL log query, e.g. ``'{namespace="shop", container="istio-proxy"}'``.
         url: Loki base URL (default ``$LOKI_ADDR``).
         since / start / end: the range (``since="2h"`` or ``start=..., end=...``; end defaults to now).
-        parallel: worker threads fetching time shards concurrently (one writer regardless).
+        parallel: worker threads fetching shards concurrently (one writer regardless); shards are one
+            stream x whole hours (Loki then decompresses each chunk once), see ``LokiSource._make_shards``.
         batch_size: page size (``limit``); lowered automatically to the server's maximum.
         write_batch: lines per stored batch (pages are coalesced; each batch is one transaction with
             its checkpoint).
