@@ -18,10 +18,15 @@ identical in all three, ``unorderedHeadBlock.Append``), and for a full page whos
   partitioned by line prefix with ``|~ "^prefix[class]"`` filters until every part fits in a page. The
   cursor then moves to ``T + 1``. No loop, no failure, nothing lost.
 
-**Parallel shards, one writer.** The range is cut into time shards (``parallel * 4`` by default, like
-logcli's ``--parallel-duration``); worker threads page through shards and hand pages to the generator,
-which runs in the caller's thread, so exactly one thread writes to DuckDB. An idle worker takes the
-second half of a busy shard, so skewed data still uses every worker.
+**Parallel shards by stream and hour, one writer.** The selector's streams are listed (``/series``) and
+each gets its own query (:func:`stream_queries`) over whole-hour windows (Loki's query frontend splits at
+1h), so Loki reads each stream's chunks in order and decompresses each block once -- time-only shards
+(what logcli's ``--parallel-duration`` does) make every page re-open the current block of every stream.
+Time shards (``parallel * 4``) remain for multi-tenant ids, very many streams or when ``/series``
+refuses; streams that appear while reading are picked up by listing the range again at the end. Worker
+threads (4 by default) page through shards and hand pages to the generator, which runs in the caller's
+thread, so exactly one thread writes to DuckDB while the workers keep fetching. An idle worker takes
+the second half of a busy shard, so skewed data still uses every worker.
 
 **Adaptive to Loki's limits.** "query time range exceeds the limit", "maximum number of series", "query
 too large", "would read too many bytes", "max number of chunks" (400) and query timeouts (504) split the
