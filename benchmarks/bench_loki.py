@@ -1,7 +1,25 @@
-"""Loki source throughput and memory: sequential vs parallel, as ratios measured in the same run.
+"""Loki source speed: against the REAL Grafana Loki vs logcli (default), and against the test server.
 
-    .venv/bin/python benchmarks/bench_loki.py [--lines 1000000] [--streams 40] [--latency-ms 200]
-                                              [--parallel 8] [--batch-size 5000]
+    .venv/bin/python benchmarks/bench_loki.py [--case real] [--sizes 100000,1000000] [--runs 3]
+    .venv/bin/python benchmarks/bench_loki.py --case inproc [--lines 1000000] [--streams 40] ...
+
+**Real case** (``--case real``, the default; needs ``../shared/tools/loki``): starts the real Loki
+(tests/servers/real_loki.py, a port in 3111-3119), pushes ``--sizes`` Istio TEXT lines over 40 streams
+into one hour, then for each size runs, ``--runs`` times and interleaved so that the shared machine's
+noise hits all alike:
+
+* ``meshlens``: ``meshlens ingest loki`` with its DEFAULT options (the user types no tuning flag) into a
+  new store -- the whole path: start-up, pull, parse, store, snapshot published (queryable);
+* ``logcli``: ``logcli query --parallel-max-workers=4 --parallel-duration=15m --merge-parts -o jsonl``
+  into a file (its parallel export; it only pulls);
+* ``logcli+file``: that export, then ``meshlens ingest file`` of the jsonl (the user's alternative).
+
+Each row: wall seconds, client CPU seconds (the command's own, children included), Loki's CPU seconds
+during the run (/proc/PID/stat), peak RSS. "wait" = wall - client CPU - server CPU (negative when the
+two overlap on the 2 cores; large when the machine is busy with other work). Ratios (logcli wall /
+meshlens wall; target >= 1.5x, goal 2x) are per run and median. Exact counts are checked every run.
+
+**In-process case** (``--case inproc``, the older benchmark kept as the second case):
 
 ``--parallel`` defaults to 8: fetching is latency-bound (each query waits on Loki), so more concurrent
 shards than cores is the normal setting, as with logcli's ``--parallel-max-workers``. With 4 the ratio
@@ -49,6 +67,9 @@ def child(args: argparse.Namespace) -> None:
 
     start, end = T0_S * NS, (T0_S + args.span_s) * NS
     query = '{container="istio-proxy"}'
+    if args.range:  # the real case: its own range and selector, the source's default settings
+        start, end = (int(x) for x in args.range.split(","))
+        query = args.query
     if args.mode == "store":
         store_only(args)
         return
@@ -120,8 +141,126 @@ def _proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _run_timed(cmd: list[str], stdout: Any, server_pid: int) -> dict[str, float]:
+    """Run ``cmd``; wall, its CPU (rusage of the child and its children), Loki's CPU, peak RSS."""
+    before = _proc_cpu_s(server_pid)
+    # /usr/bin/time reports the command's own peak RSS: the child's rusage would include the pages of
+    # this (large, data-generating) parent it was forked from
+    timer = ["/usr/bin/time", "-f", "MAXRSS_KB %M"] if Path("/usr/bin/time").exists() else []
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(timer + cmd, stdout=stdout, stderr=subprocess.PIPE, cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{cmd[0]} failed: {err[-600:]}")
+    rss = [int(line.split()[1]) for line in err.splitlines() if line.startswith("MAXRSS_KB ")]
+    return {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "server_cpu": _proc_cpu_s(server_pid) - before,
+            "rss_mb": (rss[-1] if rss else usage.ru_maxrss) / 1024}
+
+
+def real_main(a: argparse.Namespace) -> None:
+    """The real Loki vs logcli (see the module docstring)."""
+    sys.path.insert(0, str(REPO))
+    from meshlens.sources.loki import DEFAULT_PARALLEL
+    from tests.servers import real_loki
+
+    reason = real_loki.available()
+    if reason:
+        raise SystemExit(reason)
+    meshlens = str(Path(sys.executable).with_name("meshlens"))
+    sizes = [int(x) for x in a.sizes.split(",")]
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; starting the real Loki ...", flush=True)
+    srv = real_loki.start()
+    try:
+        hour = 3600 * NS
+        base = (time.time_ns() // hour - 2 - len(sizes)) * hour
+        ranges = {}
+        for k, n in enumerate(sizes):
+            t0 = time.perf_counter()
+            start = base + k * hour
+            held = real_loki.generate(srv.url, lines=n, streams=40, start_ns=start, span_ns=hour, seed=k + 1,
+                                      extra_labels={"bench": str(n)})
+            ranges[n] = (start, start + hour, held)
+            print(f"pushed {held:,} lines for bench={n} ({time.perf_counter() - t0:.0f}s)", flush=True)
+        print(f"\n{'size':>9} {'run':>3} {'path':<12}{'wall s':>8}{'client CPU':>11}{'server CPU':>11}"
+              f"{'wait':>7}{'peak MB':>9}")
+        ratios: dict[int, list[float]] = {n: [] for n in sizes}
+        pull_ratios: dict[int, list[float]] = {n: [] for n in sizes}
+        file_ratios: dict[int, list[float]] = {n: [] for n in sizes}
+        for n in sizes:
+            start, end, held = ranges[n]
+            frm, to = _rfc3339(start), _rfc3339(end)
+            query = f'{{bench="{n}"}}'
+            for run in range(1, a.runs + 1):
+                with tempfile.TemporaryDirectory() as d:
+                    rows = {}
+                    # interleave: the order changes per run so neither side always goes first
+                    order = ["meshlens", "logcli"] if run % 2 else ["logcli", "meshlens"]
+                    for path in order:
+                        if path == "meshlens":
+                            out = Path(d) / "ml.json"
+                            with out.open("w") as fh:
+                                r = _run_timed([meshlens, "ingest", "loki", "--url", srv.url, "-q", query,
+                                                "--from", frm, "--to", to, "--db", f"{d}/ml.duckdb", "--json",
+                                                "--no-progress"], fh, srv.pid)
+                            got = json.loads(out.read_text().strip().splitlines()[-1])["records_read"]
+                        else:
+                            jl = Path(d) / "export.jsonl"
+                            with jl.open("w") as fh:
+                                r = _run_timed([srv.logcli, "query", f"--addr={srv.url}", "--quiet",
+                                                f"--from={frm}", f"--to={to}", "--parallel-max-workers=4",
+                                                "--parallel-duration=15m", f"--part-path-prefix={d}/part",
+                                                "--merge-parts", "-o", "jsonl", query], fh, srv.pid)
+                            got = sum(1 for _ in jl.open())
+                        if got != held:
+                            raise SystemExit(f"{path} read {got} lines, Loki holds {held}")
+                        rows[path] = r
+                    # the pull alone (HTTP + JSON + batches, no parse/store), default settings: what
+                    # logcli's export does, for "where the time goes"
+                    pull = Path(d) / "pull.json"
+                    with pull.open("w") as fh:
+                        rows["ml-pull"] = _run_timed(
+                            [sys.executable, __file__, "--child", "--url", srv.url, "--mode", "fetch",
+                             "--parallel", str(DEFAULT_PARALLEL), "--batch-size", "5000",
+                             "--range", f"{start},{end}", "--query", query], fh, srv.pid)
+                    if json.loads(pull.read_text().strip().splitlines()[-1])["lines"] != held:
+                        raise SystemExit("the pull-only run did not read every line")
+                    out = Path(d) / "file.json"
+                    with out.open("w") as fh:
+                        f = _run_timed([meshlens, "ingest", "file", str(Path(d) / "export.jsonl"), "--db",
+                                        f"{d}/file.duckdb", "--json"], fh, srv.pid)
+                    lc = rows["logcli"]
+                    rows["logcli+file"] = {k: lc[k] + f[k] if k != "rss_mb" else max(lc[k], f[k]) for k in lc}
+                for path in ("meshlens", "ml-pull", "logcli", "logcli+file"):
+                    r = rows[path]
+                    wait = r["wall"] - r["cpu"] - r["server_cpu"]
+                    print(f"{n:>9,} {run:>3} {path:<12}{r['wall']:>8.1f}{r['cpu']:>11.1f}{r['server_cpu']:>11.1f}"
+                          f"{wait:>7.1f}{r['rss_mb']:>9.0f}", flush=True)
+                ratios[n].append(rows["logcli"]["wall"] / rows["meshlens"]["wall"])
+                file_ratios[n].append(rows["logcli+file"]["wall"] / rows["meshlens"]["wall"])
+                pull_ratios[n].append(rows["logcli"]["wall"] / rows["ml-pull"]["wall"])
+        print()
+        for n in sizes:
+            rs = sorted(ratios[n])
+            print(f"{n:>9,} lines: logcli parallel export / meshlens whole path = "
+                  f"{', '.join(f'{x:.2f}' for x in ratios[n])}x (median {rs[len(rs) // 2]:.2f}x; target >= 1.5x, "
+                  f"goal 2x); logcli+file / meshlens = median {sorted(file_ratios[n])[len(rs) // 2]:.2f}x; "
+                  f"pull only: logcli / meshlens pull = median {sorted(pull_ratios[n])[len(rs) // 2]:.2f}x")
+    finally:
+        srv.stop()
+
+
+def _rfc3339(ns: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ns // NS))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--case", choices=["real", "inproc"], default="real")
+    ap.add_argument("--sizes", default="100000,1000000", help="real case: lines per measured range")
+    ap.add_argument("--runs", type=int, default=3, help="real case: runs per size")
     ap.add_argument("--lines", type=int, default=1_000_000)
     ap.add_argument("--streams", type=int, default=40)
     ap.add_argument("--span-s", type=int, default=3600)
@@ -132,9 +271,14 @@ def main() -> None:
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--url", help=argparse.SUPPRESS)
     ap.add_argument("--mode", help=argparse.SUPPRESS)
+    ap.add_argument("--range", help=argparse.SUPPRESS)
+    ap.add_argument("--query", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         child(a)
+        return
+    if a.case == "real":
+        real_main(a)
         return
 
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; starting the Loki test server with "

@@ -52,6 +52,10 @@ class IngestCounts:
     run_id: str = ""
     filtered: int = 0
     filtered_by_rule: dict[str, int] = field(default_factory=dict)
+    # rows this run added to ``rejects``; ``rejects`` counts every unparseable record read, including
+    # ones an earlier run already stored (a resumed or repeated range re-reads them)
+    rejects_new: int = 0
+    warnings: list[str] = field(default_factory=list)  # things the user should know (e.g. "no lines: ...")
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -65,6 +69,8 @@ class IngestCounts:
         self.stored += other.stored
         self.duplicates += other.duplicates
         self.rejects += other.rejects
+        self.rejects_new += other.rejects_new
+        self.warnings += other.warnings
         self._add_filtered(other.filtered_by_rule)
 
     def _add_filtered(self, by_rule: dict[str, int]) -> None:
@@ -161,7 +167,7 @@ def ingest_batches(
                     raise StoreError(
                         f"internal error: {n_ev} parsed events of a batch from {batch.source} were split into "
                         f"{fr.kept} kept + {fr.filtered} filtered; nothing of this batch was stored. Please report it.")
-                res = store.insert_batch(fr.view, "_ml_rejects", cp)
+                res = store.insert_batch(fr.view, "_ml_rejects", cp, run=(counts.run_id, n, fr.filtered))
             finally:
                 _filters.drop_results(store.con)
                 parser.drop_results()
@@ -170,6 +176,7 @@ def ingest_batches(
             counts.stored += res.stored
             counts.duplicates += res.duplicates
             counts.rejects += res.rejects
+            counts.rejects_new += res.rejects_new
             bar.update(n)
             bar.set_postfix(stored=counts.stored, rejects=counts.rejects, refresh=False)
             store.maybe_publish_snapshot(snapshot_every_s)

@@ -19,6 +19,7 @@ The store knows nothing of log formats: it receives Arrow tables whose columns a
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -37,7 +38,11 @@ import pyarrow as pa
 from meshlens import schema
 from meshlens.errors import SchemaVersionError, StoreError
 
+log = logging.getLogger("meshlens.store")
+
 SNAPSHOT_SUFFIX = ".snapshot"
+INTERRUPTED_MESSAGE = ("interrupted: the process died before finishing this run (killed, out of memory, power "
+                       "loss); the counts are what it had stored. Re-run with --resume to continue.")
 LOCK_RETRY_S = 30.0
 # Readers (reports, notebook kernels, analyses) cap DuckDB's cache (default 80% of RAM) so several can
 # run beside an ingest; DuckDB spills to disk beyond it. Override with MESHLENS_READ_MEMORY_LIMIT.
@@ -57,6 +62,11 @@ class InsertResult:
     stored: int
     duplicates: int
     rejects: int
+    rejects_new: int = -1  # rows added to ``rejects`` (a re-read reject is counted in ``rejects`` only)
+
+    def __post_init__(self) -> None:
+        if self.rejects_new < 0:
+            self.rejects_new = self.rejects
 
 
 def _sql_str(value: str) -> str:
@@ -117,6 +127,7 @@ class Store:
         self.path = path
         self.read_only = read_only
         self._last_publish = time.monotonic()
+        self._active_runs: set[str] = set()  # runs this Store started and has not finished
 
     # -- lifecycle -------------------------------------------------------------------------------
     def close(self) -> None:
@@ -151,6 +162,7 @@ class Store:
         events: pa.Table | str,
         rejects: pa.Table | str | None = None,
         checkpoint: tuple[str, dict[str, Any]] | None = None,
+        run: tuple[str, int, int] | None = None,
     ) -> InsertResult:
         """Insert parsed events and rejects, and advance a watermark, in ONE transaction.
 
@@ -158,6 +170,9 @@ class Store:
         is idempotent. If anything fails the transaction rolls back and nothing of the batch is kept.
         ``events``/``rejects`` are Arrow tables, or names of (temp) tables on this store's connection
         (what :meth:`meshlens.formats.detect.Parser.parse_into` leaves), which avoids copying.
+        ``run`` = ``(run_id, records read, records filtered)`` of this batch: the ``ingest_runs`` row is
+        advanced in the same transaction, so a run killed with ``kill -9`` leaves a row whose counts
+        are exactly what it stored (:meth:`start_run` of the next run marks it ``interrupted``).
         """
         self._require_rw()
         con = self.con
@@ -193,7 +208,7 @@ class Store:
                 stored = int(row[0][0]) if row else 0
                 if not isinstance(events, str):
                     con.unregister("_ml_staged_events")
-            n_rejects = 0
+            n_rejects = rejects_new = 0
             if rejects is not None:
                 rej_name = rejects if isinstance(rejects, str) else "_ml_staged_rejects"
                 if isinstance(rejects, str):
@@ -204,20 +219,28 @@ class Store:
                         con.register("_ml_staged_rejects", rejects)
                 if n_rejects:
                     cols = ", ".join(f'"{c.name}"' for c in schema.REJECT_COLUMNS)
-                    con.execute(
+                    row = con.execute(
                         f"INSERT INTO rejects ({cols}) SELECT {cols} FROM {rej_name} s "
                         "WHERE s.reject_id NOT IN (SELECT reject_id FROM rejects)"
-                    )
+                    ).fetchall()
+                    rejects_new = int(row[0][0]) if row else 0
                     if not isinstance(rejects, str):
                         con.unregister("_ml_staged_rejects")
             if checkpoint is not None:
                 self._set_watermark(*checkpoint)
+            if run is not None:
+                run_id, n_read, n_filtered = run
+                con.execute(
+                    "UPDATE ingest_runs SET records_read = records_read + ?, events_stored = events_stored + ?, "
+                    "duplicates = duplicates + ?, rejects = rejects + ?, filtered = filtered + ? WHERE run_id = ?",
+                    [n_read, stored, n_events - stored, n_rejects, n_filtered, run_id],
+                )
             con.execute("COMMIT")
         except BaseException:
             with suppress(duckdb.Error):
                 con.execute("ROLLBACK")
             raise
-        return InsertResult(stored=stored, duplicates=n_events - stored, rejects=n_rejects)
+        return InsertResult(stored=stored, duplicates=n_events - stored, rejects=n_rejects, rejects_new=rejects_new)
 
     def _set_watermark(self, key: str, state: dict[str, Any]) -> None:
         self.con.execute(
@@ -264,8 +287,26 @@ class Store:
         return table.num_rows
 
     def start_run(self, source: str) -> str:
+        """Record a new ``running`` run; first mark runs left ``running`` by a dead process ``interrupted``.
+
+        Only one process can have the store open read-write (DuckDB's file lock), so a ``running`` row
+        that this :class:`Store` did not start belongs to a process that died without finishing it
+        (``kill -9``, OOM, power loss). Its counts are what it stored (see ``run`` of
+        :meth:`insert_batch`); ``finished_at`` stays NULL because nobody knows when it died.
+        """
         self._require_rw()
+        active = sorted(self._active_runs)
+        placeholders = ", ".join("?" for _ in active)
+        interrupted = self.con.execute(
+            "UPDATE ingest_runs SET status = 'interrupted', message = ? WHERE status = 'running'"
+            + (f" AND run_id NOT IN ({placeholders})" if active else ""),
+            [INTERRUPTED_MESSAGE, *active],
+        ).fetchall()
+        if interrupted and int(interrupted[0][0]):
+            log.warning("%d earlier ingest run(s) were interrupted (the process died); marked 'interrupted' "
+                        "with the counts they had stored", int(interrupted[0][0]))
         run_id = uuid.uuid4().hex
+        self._active_runs.add(run_id)
         self.con.execute(
             "INSERT INTO ingest_runs (run_id, source, started_at, finished_at, status, records_read, "
             "events_stored, duplicates, rejects, message, filtered) "
@@ -278,6 +319,7 @@ class Store:
         message: str | None = None, filtered: int = 0, filtered_by_rule: dict[str, int] | None = None,
     ) -> None:
         self._require_rw()
+        self._active_runs.discard(run_id)
         self.con.execute(
             "UPDATE ingest_runs SET finished_at = now(), status = ?, records_read = ?, events_stored = ?, "
             "duplicates = ?, rejects = ?, message = ?, filtered = ?, filtered_by_rule = ? WHERE run_id = ?",

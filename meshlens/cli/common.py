@@ -73,7 +73,12 @@ def echo_ingest_counts(counts: Any, as_json: bool) -> None:
     typer.echo(f"records read:       {counts.read}")
     typer.echo(f"events stored:      {counts.stored}")
     typer.echo(f"duplicates skipped: {counts.duplicates}")
-    typer.echo(f"rejects:            {counts.rejects}")
+    new = getattr(counts, "rejects_new", counts.rejects)
+    if new == counts.rejects:
+        typer.echo(f"rejects:            {counts.rejects}")
+    else:  # a re-read range: say how many of the unparseable lines are new rows in `rejects`
+        typer.echo(f"rejects:            {counts.rejects} (lines read that did not parse; {new} new in the "
+                   f"rejects table, {counts.rejects - new} already there)")
     if getattr(counts, "filtered", 0):
         typer.echo(f"filtered:           {counts.filtered}")
 

@@ -578,6 +578,7 @@ class HttpClient:
         headers: Mapping[str, str] | None = None,
         retry_statuses: Iterable[int] = DEFAULT_RETRY_STATUSES,
         decode: Callable[[bytes], Any] | None = None,
+        permanent: Callable[[int, str], bool] | None = None,
     ) -> tuple[requests.Response, Any]:
         """Like :meth:`request`, then decode a 2xx body as JSON, retrying a truncated/garbled body.
 
@@ -590,7 +591,7 @@ class HttpClient:
         for attempt in range(self.cfg.max_retries + 1):
             resp = self.request(
                 method, path, params=params, json=json, data=data, headers=headers,
-                retry_statuses=retry_statuses,
+                retry_statuses=retry_statuses, permanent=permanent,
             )
             if not 200 <= resp.status_code < 300:
                 return resp, None

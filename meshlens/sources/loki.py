@@ -18,10 +18,15 @@ identical in all three, ``unorderedHeadBlock.Append``), and for a full page whos
   partitioned by line prefix with ``|~ "^prefix[class]"`` filters until every part fits in a page. The
   cursor then moves to ``T + 1``. No loop, no failure, nothing lost.
 
-**Parallel shards, one writer.** The range is cut into time shards (``parallel * 4`` by default, like
-logcli's ``--parallel-duration``); worker threads page through shards and hand pages to the generator,
-which runs in the caller's thread, so exactly one thread writes to DuckDB. An idle worker takes the
-second half of a busy shard, so skewed data still uses every worker.
+**Parallel shards by stream and hour, one writer.** The selector's streams are listed (``/series``) and
+each gets its own query (:func:`stream_queries`) over whole-hour windows (Loki's query frontend splits at
+1h), so Loki reads each stream's chunks in order and decompresses each block once -- time-only shards
+(what logcli's ``--parallel-duration`` does) make every page re-open the current block of every stream.
+Time shards (``parallel * 4``) remain for multi-tenant ids, very many streams or when ``/series``
+refuses; streams that appear while reading are picked up by listing the range again at the end. Worker
+threads (4 by default) page through shards and hand pages to the generator, which runs in the caller's
+thread, so exactly one thread writes to DuckDB while the workers keep fetching. An idle worker takes
+the second half of a busy shard, so skewed data still uses every worker.
 
 **Adaptive to Loki's limits.** "query time range exceeds the limit", "maximum number of series", "query
 too large", "would read too many bytes", "max number of chunks" (400) and query timeouts (504) split the
@@ -89,10 +94,18 @@ DEFAULT_RESUME_OVERLAP_NS = 60 * NS
 SHARDS_PER_WORKER = 4
 MIN_DONATE_NS = 2 * NS  # do not hand out shards narrower than this to idle workers
 MAX_SHARDS = 4096  # planned shards (adaptive splits may add more); bounds the checkpoint size
+MAX_STREAM_SHARDS = 1000  # more streams than this: time shards only (one /series answer, bounded plan)
+SHARD_ALIGN_NS = 3600 * NS  # Loki's split_queries_by_interval default: stream shards are whole hours
+FIRST_WRITE_BATCH = 25_000  # lines in the first stored batch (see LokiSource.batches)
+MAX_LATE_ROUNDS = 3  # times the range is listed again for streams that appeared while reading
+DEFAULT_PARALLEL = 4  # fetching waits on Loki: a few requests in flight keep it and the writer busy
 # 504 is not retried by the HTTP layer for range queries: a Loki query timeout means "too much work",
 # so the shard is split instead of re-sending the same query.
 QUERY_RETRY_STATUSES = (429, 500, 502, 503)
 LOKI_PRODUCT = "Loki"
+# Structured metadata and parsed labels per entry instead of one result item per distinct label set
+# (Loki >= 3.0; older servers ignore the header and answer as before -- parse_streams reads both).
+CATEGORIZE = {"X-Loki-Response-Encoding-Flags": "categorize-labels"}
 
 LabelKey = tuple[tuple[str, str], ...]
 EntryKey = tuple[LabelKey, int, str]
@@ -330,11 +343,19 @@ _PARSE_PATTERNS = ("parse error", "syntax error", "only label matchers are suppo
                    "pipeline error", "unexpected")
 
 
+def _loki_permanent(status: int, body: str) -> bool:
+    """A 5xx that is Loki's configuration, not its load: retrying cannot help (see :func:`classify_error`)."""
+    return "multiple org ids present" in body.lower()
+
+
 def classify_error(status: int, body: str) -> tuple[str, str]:
-    """(kind, reason) for a non-2xx Loki answer: kind is split, entries, query, no_org, not_found, other."""
+    """(kind, reason) for a non-2xx Loki answer: kind is split, entries, query, no_org, multi_org,
+    not_found, other."""
     low = body.lower()
     if "no org id" in low:
         return "no_org", ""
+    if "multiple org ids present" in low:
+        return "multi_org", ""
     if "max entries limit" in low:
         return "entries", ""
     for pat, reason in _SPLIT_PATTERNS:
@@ -363,9 +384,10 @@ class LokiClient:
         return self.http.cfg.identity()
 
     def _get(self, path: str, params: Mapping[str, Any] | list[tuple[str, Any]],
-             retry_statuses: Iterable[int] = QUERY_RETRY_STATUSES) -> Any:
+             retry_statuses: Iterable[int] = QUERY_RETRY_STATUSES, headers: Mapping[str, str] | None = None) -> Any:
         try:
-            resp, doc = self.http.request_json("GET", path, params=params, retry_statuses=retry_statuses)
+            resp, doc = self.http.request_json("GET", path, params=params, retry_statuses=retry_statuses,
+                                               permanent=_loki_permanent, headers=headers)
         except AuthError as exc:
             if "no org id" in str(exc).lower():
                 raise AuthError(
@@ -388,6 +410,13 @@ class LokiClient:
             raise AuthError(
                 f"Loki at {self.identity} needs a tenant ('no org id', HTTP {resp.status_code}). "
                 "Pass --org-id TENANT or set LOKI_ORG_ID.",
+                status=resp.status_code,
+            )
+        if kind == "multi_org":
+            raise SourceError(
+                f"Loki at {self.identity} does not allow queries over several tenants ({self.tenant!r}): it "
+                "answered 'multiple org IDs present'. Set multi_tenant_queries_enabled: true in Loki's "
+                "limits_config, or ingest one tenant per run.",
                 status=resp.status_code,
             )
         if kind == "entries":
@@ -413,7 +442,7 @@ class LokiClient:
             params["limit"] = str(limit)
         if step_s is not None:
             params["step"] = _fmt_step(step_s)
-        data = self._get(QUERY_RANGE, params)
+        data = self._get(QUERY_RANGE, params, headers=CATEGORIZE if step_s is None else None)
         if not isinstance(data, dict) or "resultType" not in data:
             raise SourceError(f"Loki query_range at {self.identity} returned no data.resultType")
         return data
@@ -422,6 +451,12 @@ class LokiClient:
         data = self._get(SERIES, [("match[]", selector), ("start", str(start_ns)), ("end", str(end_ns))],
                          retry_statuses=(429, 500, 502, 503, 504))
         return list(data or [])
+
+    def labels(self, start_ns: int, end_ns: int) -> list[str]:
+        """Label names with data in the range (Loki omits ``data`` for a tenant with none)."""
+        data = self._get("/loki/api/v1/labels", {"start": str(start_ns), "end": str(end_ns)},
+                         retry_statuses=(429, 500, 502, 503, 504))
+        return [str(v) for v in data or []]
 
     def label_values(self, name: str, selector: str | None, start_ns: int, end_ns: int) -> list[str]:
         params = {"start": str(start_ns), "end": str(end_ns)}
@@ -480,15 +515,24 @@ class _Entries:
 
 
 def parse_streams(data: Mapping[str, Any]) -> _Entries:
-    """Flatten a ``streams`` result (repeated label sets, 3-element values) into entry columns."""
+    """Flatten a ``streams`` result (repeated label sets, 2- or 3-element values) into entry columns.
+
+    With ``categorize-labels`` (which :class:`LokiClient` asks for) an entry's third element holds its
+    ``structuredMetadata`` and ``parsed`` labels; they are merged into the stream labels so that an
+    event's labels -- and its identity -- are exactly what Loki answers without the flag. The flag
+    matters for the wire: without it every distinct metadata value (a trace id!) is its own result item
+    with a full copy of the stream labels. Merged label sets are interned (one dict per distinct set).
+    """
     if data.get("resultType") != "streams":
         raise QueryError(
             f"Loki returned a {data.get('resultType')!r} result, not log lines; ingest needs a log query "
             "(a stream selector with an optional pipeline). Use `meshlens aggregate loki` for metric queries."
         )
     out = _Entries()
+    ts_out, lines_out, labels_out, keys_out = out.ts, out.lines, out.labels, out.lkeys
     label_keys: set[LabelKey] = set()
     repeated = False
+    interned: dict[tuple[LabelKey, tuple[tuple[str, str], ...]], tuple[dict[str, str], LabelKey]] = {}
     for item in data.get("result") or []:
         labels = {str(k): str(v) for k, v in (item.get("stream") or {}).items()}
         lkey = tuple(sorted(labels.items()))
@@ -504,10 +548,25 @@ def parse_streams(data: Mapping[str, Any]) -> _Entries:
                     f"Loki answered a malformed stream entry {str(v)[:120]!r} (expected [\"<ns timestamp>\", "
                     "\"<line>\"]); nothing of this page was stored. Re-run with --resume once the server "
                     "or proxy answers correctly.", resumable=True)
-            out.ts.append(int(v[0]))
-            out.lines.append(v[1])
-            out.labels.append(labels)
-            out.lkeys.append(lkey)
+            ts_out.append(int(v[0]))
+            lines_out.append(v[1])
+            extra = v[2] if len(v) > 2 and isinstance(v[2], dict) and v[2] else None
+            if extra is None:
+                labels_out.append(labels)
+                keys_out.append(lkey)
+                continue
+            add: list[tuple[str, str]] = []
+            for part in ("structuredMetadata", "parsed"):
+                sub = extra.get(part)
+                if isinstance(sub, dict):
+                    add.extend((str(a), str(b)) for a, b in sub.items())
+            ck = (lkey, tuple(add))
+            hit = interned.get(ck)
+            if hit is None:
+                merged = {**labels, **dict(add)}
+                hit = interned[ck] = (merged, tuple(sorted(merged.items())))
+            labels_out.append(hit[0])
+            keys_out.append(hit[1])
     return out.dedup() if repeated else out
 
 
@@ -520,6 +579,7 @@ class _Shard:
     start: int  # cursor: every entry older than this in [start, end) is already emitted
     end: int
     skip: frozenset[EntryKey] = frozenset()  # keys already emitted at ts == start
+    query: str | None = None  # one stream's query (see stream_queries); None: the paginator's query
 
 
 @dataclass
@@ -610,17 +670,18 @@ class Paginator:
         cur, end = sh.start, sh.end
         skip: set[EntryKey] = set(sh.skip)
         timeouts = 0
+        query = sh.query or self.query
         while cur < end:
             try:
-                page, limit = self.fetch(self.query, cur, end, self.page_limit)
+                page, limit = self.fetch(query, cur, end, self.page_limit)
                 full = None
                 if len(page) >= limit and min(page.ts) == max(page.ts):
-                    full = self.fetch_one_ns(page.ts[0])
+                    full = self.fetch_one_ns(page.ts[0], sh.query)
             except _SplitSignal as sig:
                 # Also reached when one crowded nanosecond cannot be fetched: the shard then shrinks
                 # around it until it is that nanosecond alone, where only timeouts are worth retrying.
                 if end - cur > 1:
-                    yield self._split(sh.id, cur, end, skip, sig)
+                    yield self._split(sh, cur, end, skip, sig)
                     return
                 timeouts += 1
                 if sig.reason != "timeout" or timeouts > self.client.http.cfg.max_retries:
@@ -655,28 +716,34 @@ class Paginator:
                 continue
             yield _Page(sh.id, emit, cur, False)
 
-    def _split(self, shard_id: int, cur: int, end: int, skip: set[EntryKey], sig: _SplitSignal) -> _Split:
+    def _split(self, sh: _Shard, cur: int, end: int, skip: set[EntryKey], sig: _SplitSignal) -> _Split:
         mid = cur + (end - cur) // 2
         with self._lock:
             self.splits += 1
         log.info("Loki refused [%s, %s) (%s: %s); splitting in two", _iso(cur), _iso(end), sig.reason,
                  sig.message[:200])
-        return _Split(shard_id, [_Shard(self.new_id(), cur, mid, frozenset(skip)),
-                                 _Shard(self.new_id(), mid, end)])
+        return _Split(sh.id, [_Shard(self.new_id(), cur, mid, frozenset(skip), sh.query),
+                              _Shard(self.new_id(), mid, end, query=sh.query)])
 
     def _maybe_donate(self, sh: _Shard, cur: int, end: int) -> _Split | None:
         """Give the second half of this shard to an idle worker (load balancing for skewed data)."""
         if end - cur < 2 * MIN_DONATE_NS or not self.want_work():
             return None
         mid = cur + (end - cur) // 2
-        return _Split(sh.id, [_Shard(self.new_id(), mid, end)], keep_end=mid)
+        return _Split(sh.id, [_Shard(self.new_id(), mid, end, query=sh.query)], keep_end=mid)
 
     # -- one nanosecond that does not fit in a page ---------------------------------------------------
-    def fetch_one_ns(self, t: int) -> _Entries:
-        """Every entry at exactly ``t``: biggest page, else per stream, else per line prefix."""
-        page, limit = self.fetch(self.query, t, t + 1, self.max_entries)
+    def fetch_one_ns(self, t: int, stream_query: str | None = None) -> _Entries:
+        """Every entry at exactly ``t``: biggest page, else per stream, else per line prefix.
+
+        ``stream_query``: the shard is one stream already (its selector excludes every other stream),
+        so a crowded nanosecond goes straight to the per-prefix partition of that query.
+        """
+        page, limit = self.fetch(stream_query or self.query, t, t + 1, self.max_entries)
         if len(page) < limit:
             return page
+        if stream_query is not None:
+            return self._prefix_partition(stream_query, t, "").dedup()
         log.info("more than %d lines at %s; fetching that nanosecond per stream", limit, t)
         if self.selector is None:
             raise QueryError(f"cannot split query {self.query!r} by stream: it does not start with a selector")
@@ -732,6 +799,24 @@ class Paginator:
         for a, b in ranges:
             out.extend(self._char_range(q, t, prefix, a, b, None))
         return out
+
+
+def stream_queries(streams: Sequence[Mapping[str, str]], selector: str, pipeline: str) -> list[str]:
+    """One query per stream that matches that stream and no other.
+
+    ``{app="a"}`` also matches ``{app="a", pod="p"}`` (a selector matches every superset), so each
+    stream's selector also says ``name=""`` for every label name it lacks that another stream has. The
+    original selector's matchers are kept first, so each query still has them (Loki requires a
+    non-empty matcher) and means exactly "this stream's lines of the user's query".
+    """
+    names = sorted({k for st in streams for k in st})
+    base = selector.strip()[1:-1].strip()
+    out = []
+    for st in streams:
+        parts = [f"{k}={logql_quote(v)}" for k, v in sorted(st.items())]
+        parts += [f'{k}=""' for k in names if k not in st]
+        out.append("{" + ", ".join(([base] if base else []) + parts) + "}" + pipeline)
+    return out
 
 
 # ================================================================================================
@@ -886,7 +971,7 @@ class LokiSource:
         start_ns: int,
         end_ns: int,
         *,
-        parallel: int = 1,
+        parallel: int = DEFAULT_PARALLEL,
         batch_size: int = DEFAULT_BATCH_SIZE,
         max_entries: int = LOKI_DEFAULT_MAX_ENTRIES,
         shard_ns: int | None = None,
@@ -894,6 +979,7 @@ class LokiSource:
         progress: bool = True,
         write_batch: int = DEFAULT_WRITE_BATCH,
         flush_every_s: float = 5.0,
+        by_stream: bool | None = None,
     ) -> None:
         if parallel < 1:
             raise ConfigError(f"--parallel must be >= 1, got {parallel}")
@@ -911,6 +997,12 @@ class LokiSource:
         self.progress = progress
         self.write_batch = max(1, write_batch)
         self.flush_every_s = flush_every_s
+        # None: shard by stream when it can be done exactly (a plain selector, one tenant, not too many
+        # streams); see _make_shards
+        self.by_stream = by_stream
+        self.streams: int | None = None  # streams the plan sharded by (None: time shards only)
+        self._known_streams: list[dict[str, str]] = []
+        self._intervals: list[tuple[int, int]] = []
         self.stop = threading.Event()
         self.paginator = Paginator(client, self.query, batch_size=batch_size, max_entries=max_entries,
                                    stop=self.stop)
@@ -919,10 +1011,21 @@ class LokiSource:
         self._shards: list[_Shard] = []
         self.lines = 0
         self._planned = False
+        self._resumed = False
         self.owned_http: HttpClient | None = None  # closed by close(): set by open_loki_source
 
     # The source draws its own bar (time covered, lines/s), so the pipeline draws none.
     progress_bar = False
+
+    @property
+    def warnings(self) -> list[str]:
+        """Read once the run is over: a fresh range that yielded no line gets a warning naming the
+        tenant, the selector, the range and what does exist there (Loki's series API)."""
+        if self.lines or self._resumed or not self._planned:
+            return []
+        msg = explain_empty(self.client, self.query, self.start_ns, self.end_ns)
+        log.warning("meshlens: warning: %s", msg)
+        return [msg]
 
     def close(self) -> None:
         """Stop fetch workers and close the HTTP client this source created."""
@@ -948,6 +1051,7 @@ class LokiSource:
         the previous run's end -- without a gap, even if the requested start is later.
         """
         intervals: list[tuple[int, int]]
+        self._resumed = previous is not None
         if previous and previous.get("v") == 1:
             p_start, p_end = int(previous["start_ns"]), int(previous["end_ns"])
             intervals = [(int(c), int(e)) for c, e in previous.get("pending", []) if int(c) < int(e)]
@@ -963,30 +1067,77 @@ class LokiSource:
         self._planned = True
         return intervals
 
+    def _stream_list(self, intervals: list[tuple[int, int]]) -> list[dict[str, str]] | None:
+        """The streams to shard by, or None for time shards (see :func:`stream_queries`)."""
+        pag = self.paginator
+        tenant = self.client.tenant or ""
+        if self.by_stream is False or pag.selector is None or "|" in tenant or not intervals:
+            return None
+        try:
+            streams = self.client.series(pag.selector, intervals[0][0], intervals[-1][1])
+        except (SourceError, ConfigError) as exc:  # e.g. a series limit: time shards still work
+            if self.by_stream:
+                raise
+            log.info("cannot list the streams (%s); sharding by time only", str(exc)[:200])
+            return None
+        if not streams or (self.by_stream is None and len(streams) > MAX_STREAM_SHARDS):
+            return None
+        if any(k.startswith("__") for st in streams for k in st):
+            return None  # internal labels (__tenant_id__ ...) cannot be selected on
+        return streams
+
     def _make_shards(self, intervals: list[tuple[int, int]]) -> list[_Shard]:
+        """Shards by stream AND time, aligned to Loki's hour splits, so Loki decompresses each chunk once.
+
+        A page of a time-only shard holds ~limit/streams lines of every stream, so each page re-opens
+        (and re-decompresses) the current block of every stream -- what logcli's time shards do. A page of
+        one stream reads that stream's blocks in order. Window edges are whole hours (Loki's query
+        frontend splits at ``split_queries_by_interval``, 1h by default, so no sub-query is cut in two
+        by a shard edge). With an explicit ``shard_ns`` that width is used as given.
+        """
         total = sum(e - s for s, e in intervals)
+        streams = self._stream_list(intervals)
+        queries: list[str | None] = [None]
+        self._intervals = list(intervals)
+        if streams is not None:
+            assert self.paginator.selector is not None
+            queries = list(stream_queries(streams, self.paginator.selector, self.paginator.pipeline))
+            self.streams = len(streams)
+            self._known_streams = list(streams)
         if self.shard_ns:
             width = self.shard_ns
+        elif streams is not None:
+            # enough shards for the workers (parallel x SHARDS_PER_WORKER in all), whole hours each: many
+            # streams -> one shard per stream; few streams -> several hour-aligned windows per stream.
+            # Not one shard per hour: a sparse month would cost thousands of empty requests.
+            per_stream = max(1, -(-self.parallel * SHARDS_PER_WORKER // len(queries)))
+            width = max(1, -(-total // per_stream // SHARD_ALIGN_NS)) * SHARD_ALIGN_NS
         elif self.parallel == 1:
             width = max(total, 1)
         else:
             width = max(total // (self.parallel * SHARDS_PER_WORKER), NS)
-        if total // width > MAX_SHARDS:
-            width = -(-total // MAX_SHARDS)
+        if total // width * len(queries) > MAX_SHARDS:
+            width = -(-total * len(queries) // MAX_SHARDS)
             log.warning("shard width raised to %d ns to keep at most %d shards", width, MAX_SHARDS)
+        aligned = streams is not None and self.shard_ns is None and width % SHARD_ALIGN_NS == 0
         shards = []
-        for s, e in intervals:
-            t = s
-            while t < e:
-                u = min(e, t + width)
-                if e - u < width // 4:  # do not leave a sliver
-                    u = e
-                shards.append(_Shard(self.paginator.new_id(), t, u))
-                t = u
+        for q in queries:
+            for s, e in intervals:
+                t = s
+                while t < e:
+                    u = (t // width + 1) * width if aligned else t + width
+                    u = min(e, u)
+                    if not aligned and e - u < width // 4:  # do not leave a sliver
+                        u = e
+                    shards.append(_Shard(self.paginator.new_id(), t, u, query=q))
+                    t = u
+        # interleave streams so that parallel workers read different streams' chunks at the same time
+        shards.sort(key=lambda sh: (sh.start, sh.id))
         return shards
 
     def checkpoint(self) -> dict[str, Any]:
-        pending = sorted([c, e] for c, e in self._pending.values() if c < e)
+        # stream shards overlap in time: the union of what is unfinished is what a resume re-reads
+        pending = [list(iv) for iv in _merge_intervals([(c, e) for c, e in self._pending.values() if c < e])]
         return {"v": 1, "query": self.query, "start_ns": self._range[0], "end_ns": self._range[1],
                 "pending": pending}
 
@@ -1011,6 +1162,35 @@ class LokiSource:
         elif msg.shard_id in self._pending:
             self._pending[msg.shard_id][0] = msg.cursor
 
+    def _messages(self, shards: list[_Shard]) -> Iterator[_Page | _Split]:
+        return (_run_inline(self.paginator, shards) if self.parallel == 1
+                else _Threaded(self.paginator, shards, self.parallel,
+                               buffer_pages=-(-self.write_batch // self.batch_size)).messages())
+
+    def _late_streams(self) -> list[_Shard]:
+        """Shards for streams that appeared after the plan (a pod restarted while we read): stream
+        shards only cover the streams listed up front, so the range is listed again at the end and
+        any new stream is read over the whole range. Time shards need no such check."""
+        if self.streams is None or not self._intervals:
+            return []
+        try:
+            now = self._stream_list(self._intervals) or []
+        except (SourceError, ConfigError):
+            return []
+        known = {tuple(sorted(st.items())) for st in self._known_streams}
+        new = [st for st in now if tuple(sorted(st.items())) not in known]
+        if not new:
+            return []
+        self._known_streams += new
+        assert self.paginator.selector is not None
+        everyone = list(self._known_streams)
+        queries = stream_queries(everyone, self.paginator.selector, self.paginator.pipeline)[-len(new):]
+        log.info("%d stream(s) appeared while reading; reading them too", len(new))
+        shards = [_Shard(self.paginator.new_id(), s, e, query=q) for q in queries for s, e in self._intervals]
+        for sh in shards:
+            self._pending[sh.id] = [sh.start, sh.end]
+        return shards
+
     def batches(self) -> Iterator[RawBatch]:
         """Yield batches in the caller's thread; each carries the checkpoint valid once it is stored."""
         if not self._planned:
@@ -1018,37 +1198,48 @@ class LokiSource:
         shards = [s for s in self._shards if s.start < s.end]
         if not shards:
             return
+        # progress in seconds of the range: stream shards cover the range once per stream
+        per = max(1, self.streams or 1)
         total_ns = self._remaining_ns()
-        bar = _ProgressBar(total_ns, enabled=self.progress, desc=f"loki {self.client.identity}")
+        bar = _ProgressBar(total_ns // per, enabled=self.progress, desc=f"loki {self.client.identity}")
         source = self.source_id
         pos_prefix = self.query + "@"
-        self.stop.clear()
-        messages = (_run_inline(self.paginator, shards) if self.parallel == 1
-                    else _Threaded(self.paginator, shards, self.parallel,
-                                   buffer_pages=-(-self.write_batch // self.batch_size)).messages())
         acc = _Entries()
         last_yield = time.monotonic()
+        # Ramp up: the first stored batch is small so that parsing and storing start while the rest is
+        # still being fetched (a first batch of write_batch lines would leave the writer idle until it
+        # is complete); each next one doubles, up to write_batch, where the per-batch cost is amortised.
+        target = min(self.write_batch, FIRST_WRITE_BATCH)
 
         def flush() -> RawBatch:
-            nonlocal acc, last_yield
+            nonlocal acc, last_yield, target
             e, acc = acc, _Entries()
             last_yield = time.monotonic()
+            target = min(self.write_batch, target * 2)
             return RawBatch(source=source, lines=e.lines, ts_ns=e.ts, labels=e.labels,  # type: ignore[arg-type]
                             positions=[f"{pos_prefix}{t}" for t in e.ts], checkpoint=self.checkpoint())
 
+        messages: Iterator[_Page | _Split] | None = None
         try:
-            for msg in messages:
-                self._apply(msg)
-                if isinstance(msg, _Page) and len(msg.entries):
-                    acc.extend(msg.entries)
-                    self.lines += len(msg.entries)
-                bar.update(total_ns - self._remaining_ns(), self.lines)
-                # Several pages per batch: each stored batch has a fixed cost (parse setup, transaction),
-                # so writing 5000-line pages one by one would halve throughput. Flush on size or age so
-                # checkpoints stay frequent when Loki is slow.
-                if len(acc) >= self.write_batch or (
-                        len(acc) and time.monotonic() - last_yield >= self.flush_every_s):
-                    yield flush()
+            for _round in range(MAX_LATE_ROUNDS + 1):
+                self.stop.clear()
+                messages = self._messages(shards)
+                for msg in messages:
+                    self._apply(msg)
+                    if isinstance(msg, _Page) and len(msg.entries):
+                        acc.extend(msg.entries)
+                        self.lines += len(msg.entries)
+                    bar.update(max(0, total_ns - self._remaining_ns()) // per, self.lines)
+                    # Several pages per batch: each stored batch has a fixed cost (parse setup,
+                    # transaction), so writing 5000-line pages one by one would halve throughput. Flush on
+                    # size or age so checkpoints stay frequent when Loki is slow.
+                    if len(acc) >= target or (
+                            len(acc) and time.monotonic() - last_yield >= self.flush_every_s):
+                        yield flush()
+                shards = self._late_streams()
+                if not shards:
+                    break
+                total_ns += sum(sh.end - sh.start for sh in shards)
             if len(acc):
                 yield flush()
         finally:
@@ -1098,6 +1289,55 @@ class _ProgressBar:
 
 
 # ================================================================================================
+# An empty answer, explained
+# ================================================================================================
+_MATCHER_RE = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)\s*(=~|!~|!=|=)\s*("(?:[^"\\]|\\.)*"|`[^`]*`)')
+
+
+def explain_empty(client: LokiClient, query: str, start_ns: int, end_ns: int, *, show: int = 8) -> str:
+    """Why a range gave no line, from Loki's series/labels API: what *does* exist there.
+
+    Zero records with exit 0 and no word looks like success; a typo in a label value, the wrong tenant
+    or a range before the data are the usual causes, and the labels that exist tell which.
+    """
+    tenant = f"tenant {client.tenant!r}" if client.tenant else "the default tenant"
+    head = f"no lines for {tenant}, query {query.strip()} in [{_iso(start_ns)}, {_iso(end_ns)})"
+    try:
+        selector, pipeline = split_log_query(query)
+    except QueryError:
+        return head
+    try:
+        streams = client.series(selector, start_ns, end_ns)
+        if streams:
+            why = (f"the pipeline{pipeline} kept none" if pipeline.strip()
+                   else "they hold no line inside the range")
+            return f"{head}: {len(streams)} stream(s) match {selector}, but {why}"
+        names = client.labels(start_ns, end_ns)
+        if not names:
+            return f"{head}: {tenant} has no streams at all in this range (check --org-id and the range)"
+        parts = []
+        matchers = list(_MATCHER_RE.finditer(selector))
+        for name in dict.fromkeys(m.group(1) for m in matchers):
+            if name not in names:
+                parts.append(f"no label {name!r}")
+                continue
+            # the values among the streams that the *other* matchers select: what this one could say
+            others = [m.group(0) for m in matchers if m.group(1) != name]
+            scope = "{" + ", ".join(others) + "}" if others else None
+            try:
+                values = client.label_values(name, scope, start_ns, end_ns)
+            except QueryError:  # e.g. only empty-compatible matchers left
+                values = client.label_values(name, None, start_ns, end_ns)
+            more = f", ... ({len(values)} values)" if len(values) > show else ""
+            parts.append(f"{name} = {', '.join(values[:show])}{more}")
+        shown = ", ".join(names[:show * 2]) + (", ..." if len(names) > show * 2 else "")
+        found = "; ".join(parts) if parts else f"labels: {shown}"
+        return f"{head}: no stream matches {selector}; this range has {found}"
+    except (SourceError, ConfigError) as exc:  # the explanation must not turn an empty run into a failure
+        return f"{head} (could not list what exists: {str(exc)[:200]})"
+
+
+# ================================================================================================
 # Python API: ingest
 # ================================================================================================
 def ingest_loki(
@@ -1108,7 +1348,7 @@ def ingest_loki(
     since: str | int | None = None,
     start: str | int | datetime | None = None,
     end: str | int | datetime | None = None,
-    parallel: int = 1,
+    parallel: int = DEFAULT_PARALLEL,
     batch_size: int = DEFAULT_BATCH_SIZE,
     write_batch: int = DEFAULT_WRITE_BATCH,
     max_entries: int = LOKI_DEFAULT_MAX_ENTRIES,
@@ -1130,7 +1370,8 @@ def ingest_loki(
         query: LogQL log query, e.g. ``'{namespace="shop", container="istio-proxy"}'``.
         url: Loki base URL (default ``$LOKI_ADDR``).
         since / start / end: the range (``since="2h"`` or ``start=..., end=...``; end defaults to now).
-        parallel: worker threads fetching time shards concurrently (one writer regardless).
+        parallel: worker threads fetching shards concurrently (one writer regardless); shards are one
+            stream x whole hours (Loki then decompresses each chunk once), see ``LokiSource._make_shards``.
         batch_size: page size (``limit``); lowered automatically to the server's maximum.
         write_batch: lines per stored batch (pages are coalesced; each batch is one transaction with
             its checkpoint).
@@ -1160,7 +1401,7 @@ def open_loki_source(
     since: str | int | None = None,
     start: str | int | datetime | None = None,
     end: str | int | datetime | None = None,
-    parallel: int = 1,
+    parallel: int = DEFAULT_PARALLEL,
     batch_size: int = DEFAULT_BATCH_SIZE,
     write_batch: int = DEFAULT_WRITE_BATCH,
     max_entries: int = LOKI_DEFAULT_MAX_ENTRIES,
@@ -1477,6 +1718,6 @@ def aggregate_loki(
 
 __all__ = [
     "AggregateCounts", "LokiClient", "LokiSource", "MetricPreset", "PRESETS", "Paginator", "add_matcher",
-    "aggregate_loki", "classify_error", "exact_selector", "ingest_loki", "loki_http_config", "parse_duration",
+    "aggregate_loki", "classify_error", "explain_empty", "exact_selector", "ingest_loki", "loki_http_config", "parse_duration",
     "parse_time", "resolve_range", "source_identity", "split_log_query",
 ]

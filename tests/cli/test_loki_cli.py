@@ -94,3 +94,29 @@ def test_a_plain_secret_argument_is_refused_before_anything_runs(app: typer.Type
         assert f"{opt}: secrets are not accepted as plain arguments" in r.output and "env:VAR" in r.output
         assert "hunter2" not in r.output
     assert not db.exists()
+
+
+def test_a_second_run_prints_reread_rejects_apart_from_new_ones(app: typer.Typer, tmp_path: Path) -> None:
+    db = tmp_path / "m.duckdb"
+    with LokiServer() as srv:
+        srv.push({"app": "x"}, [(T0 + i, f"not an access log line {i}") for i in range(3)])
+        args = ["ingest", "loki", "-q", '{app="x"}', "--url", srv.url, "--db", str(db), *RANGE]
+        assert CliRunner().invoke(app, args).output.splitlines()[-1] == "rejects:            3"
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 0, r.output
+        assert r.output.splitlines()[-1] == ("rejects:            3 (lines read that did not parse; 0 new in the "
+                                             "rejects table, 3 already there)")
+
+
+def test_connection_refused_is_one_line_exit_1(app: typer.Typer, tmp_path: Path) -> None:
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    r = CliRunner().invoke(app, ["ingest", "loki", "-q", '{app="x"}', "--url", f"http://127.0.0.1:{port}",
+                                 "--db", str(tmp_path / "m.duckdb"), *RANGE])
+    assert r.exit_code == 1
+    assert r.output.strip() == (f"meshlens: error: cannot connect to http://127.0.0.1:{port} (connection refused): "
+                                "is Loki running there?")

@@ -74,6 +74,7 @@ ERR_DEADLINE = (
     "match over regex match) to reduce the amount of data processed"
 )
 ERR_NO_ORG_ID = "no org id"
+ERR_MULTIPLE_ORGS = "multiple org IDs present"  # 500, text/plain, no newline (real Loki main-65e30f8)
 ERR_END_BEFORE_START = "end timestamp must not be before or equal to start time"
 ERR_STEP_TOO_SMALL = (
     "exceeded maximum resolution of 11,000 points per time series. Try increasing the value of the step "
@@ -755,7 +756,7 @@ def _labels_str(labels: dict[str, str]) -> str:
 class Stream:
     """One stream: entries sorted by ts; ties keep write order (``unordered.go`` preserves it)."""
 
-    __slots__ = ("labels", "key", "ts", "lines", "_seen", "nbytes", "_frags")
+    __slots__ = ("labels", "key", "ts", "lines", "_seen", "nbytes", "_frags", "meta")
 
     def __init__(self, labels: dict[str, str]) -> None:
         self.labels = dict(sorted(labels.items()))
@@ -765,6 +766,7 @@ class Stream:
         self._seen: set[tuple[int, str]] = set()
         self.nbytes = 0
         self._frags: list[str] | None = None
+        self.meta: dict[int, dict[str, str]] | None = None  # structured metadata by entry index (rare)
 
     def frags(self) -> list[str]:
         """Each entry pre-encoded as its JSON ``["<ts>","<line>"]``: the server then answers at the speed
@@ -774,18 +776,25 @@ class Stream:
             frags = self._frags = [json.dumps([str(t), ln], ensure_ascii=False) for t, ln in zip(self.ts, self.lines, strict=True)]
         return frags
 
-    def append(self, ts: int, line: str) -> bool:
+    def append(self, ts: int, line: str, meta: dict[str, str] | None = None) -> bool:
         if (ts, line) in self._seen:
             return False  # identical timestamp and content: Loki drops it
         self._frags = None
         self._seen.add((ts, line))
         if not self.ts or ts >= self.ts[-1]:
+            i = len(self.ts)
             self.ts.append(ts)
             self.lines.append(line)
         else:
             i = bisect.bisect_right(self.ts, ts)
             self.ts.insert(i, ts)
             self.lines.insert(i, line)
+            if self.meta:
+                self.meta = {(j + 1 if j >= i else j): m for j, m in self.meta.items()}
+        if meta:
+            if self.meta is None:
+                self.meta = {}
+            self.meta[i] = dict(meta)
         self.nbytes += len(line)
         return True
 
@@ -907,15 +916,17 @@ class LokiServer:
         return f"{scheme}://127.0.0.1:{self._httpd.server_address[1]}"
 
     # -- data --------------------------------------------------------------------------------------
-    def push(self, labels: dict[str, str], entries: Iterable[tuple[int, str]], tenant: str = DEFAULT_TENANT) -> int:
-        """Store entries like ``/push`` does; returns how many were kept (duplicates dropped)."""
+    def push(self, labels: dict[str, str], entries: Iterable[tuple[int, str] | tuple[int, str, dict[str, str]]],
+             tenant: str = DEFAULT_TENANT) -> int:
+        """Store entries like ``/push`` does (``(ts, line[, structured metadata])``); returns how many were
+        kept (duplicates dropped)."""
         with self._lock:
             streams = self._tenants.setdefault(tenant, {})
             key = _labels_str(dict(labels))
             st = streams.get(key)
             if st is None:
                 st = streams[key] = Stream(labels)
-            return sum(1 for ts, line in entries if st.append(int(ts), line))
+            return sum(1 for e in entries if st.append(int(e[0]), e[1], e[2] if len(e) > 2 else None))  # type: ignore[misc]
 
     def load(self, labels: dict[str, str], entries: list[tuple[int, str]], tenant: str = DEFAULT_TENANT) -> int:
         """Bulk variant of :meth:`push` (one sort), for large benchmark data sets."""
@@ -968,7 +979,10 @@ class LokiServer:
     # -- tenants -----------------------------------------------------------------------------------
     def _streams_for(self, org: str) -> list[tuple[Stream, dict[str, str]]]:
         """(stream, labels as the query sees them) for a tenant or a ``a|b`` multi-tenant id."""
-        tenants = org.split("|") if "|" in org and self.multi_tenant_queries else [org]
+        if "|" in org and not self.multi_tenant_queries:
+            # the real Loki (multi_tenant_queries_enabled: false, its default) for every query API
+            raise LokiHTTPError(500, ERR_MULTIPLE_ORGS)
+        tenants = org.split("|") if "|" in org else [org]
         out = []
         with self._lock:
             for t in tenants:
@@ -994,7 +1008,10 @@ class LokiServer:
         if total > self.max_querier_bytes:
             raise _bad(ERR_TOO_LARGE.format(_human_bytes(total), _human_bytes(self.max_querier_bytes)))
 
-    def query_range(self, org: str, params: dict[str, str]) -> dict[str, Any]:
+    def query_range(self, org: str, params: dict[str, str], categorize: bool = False) -> dict[str, Any]:
+        """``categorize``: the ``X-Loki-Response-Encoding-Flags: categorize-labels`` header (then entries carry
+        ``{"structuredMetadata": ..., "parsed": ...}`` and streams only their own labels; without it both
+        are merged into the stream labels, one result item per distinct label set, like the real Loki)."""
         now = time.time_ns()
         q = params.get("query", "")
         end = parse_loki_time(params.get("end"), now)
@@ -1018,7 +1035,11 @@ class LokiServer:
                 raise _bad(ERR_MAX_ENTRIES.format(limit, self.max_entries_limit))
             selected = [(st, lb) for st, lb in self._streams_for(org) if all(m.matches(lb) for m in expr.matchers)]
             self._check_bytes(selected, start, end)
-            return _success("streams", self._select_logs(expr, selected, start, end, limit, direction == "FORWARD"))
+            res = _success("streams", self._select_logs(expr, selected, start, end, limit, direction == "FORWARD",
+                                                        categorize))
+            if categorize:
+                res["data"]["encodingFlags"] = ["categorize-labels"]
+            return res
         selected = [(st, lb) for st, lb in self._streams_for(org)
                     if all(m.matches(lb) for m in _matchers_of(expr))]
         self._check_bytes(selected, start - _range_of(expr), end)
@@ -1034,7 +1055,7 @@ class LokiServer:
         return _success("vector", [{"metric": s["metric"], "value": s["values"][0]} for s in matrix])
 
     def _select_logs(self, expr: LogExpr, selected: list[tuple[Stream, dict[str, str]]], start: int, end: int,
-                     limit: int, forward: bool) -> list[dict[str, Any]]:
+                     limit: int, forward: bool, categorize: bool = False) -> list[dict[str, Any]]:
         ranks = list(range(len(selected)))
         if self.shuffle_ties:
             with self._lock:
@@ -1055,13 +1076,21 @@ class LokiServer:
         for _ts, _rank, i_signed, k in heapq.merge(*(gen(k) for k in range(len(selected)))):
             st, base = selected[k]
             i = abs(i_signed)
-            if expr.stages:
+            meta = st.meta.get(i) if st.meta else None
+            if expr.stages or meta:
                 line = st.lines[i]
-                labels = run_pipeline(expr.stages, line, base)
+                with_meta = {**base, **meta} if meta else base
+                labels = run_pipeline(expr.stages, line, with_meta) if expr.stages else with_meta
                 if labels is None:
                     continue
-                key = _labels_str(labels)
-                frag = json.dumps([str(st.ts[i]), line], ensure_ascii=False)
+                if categorize:
+                    parsed = {k: v for k, v in labels.items() if k not in with_meta or with_meta[k] != v}
+                    cats = {**({"structuredMetadata": meta} if meta else {}), **({"parsed": parsed} if parsed else {})}
+                    labels, key = base, st.key + str(k)
+                    frag = json.dumps([str(st.ts[i]), line, *([cats] if cats else [])], ensure_ascii=False)
+                else:
+                    key = _labels_str(labels)
+                    frag = json.dumps([str(st.ts[i]), line], ensure_ascii=False)
             else:
                 labels, key, frag = base, st.key + str(k), frags[k][i]
             slot = out.get(key)
@@ -1433,12 +1462,15 @@ class _Handler(BaseHTTPRequestHandler):
         now = time.time_ns()
         drop = bool(fault and fault.drop_mid_body)
         if path == "/loki/api/v1/query_range" and method in ("GET", "POST"):
-            resp = srv.query_range(tenant, p)
+            flags = self.headers.get("X-Loki-Response-Encoding-Flags", "")
+            resp = srv.query_range(tenant, p, categorize="categorize-labels" in flags)
         elif path == "/loki/api/v1/query":
             resp = srv.query_instant(tenant, p)
         elif path == "/loki/api/v1/labels":
             start, end = _meta_bounds(p, now)
-            resp = {"status": "success", "data": srv.label_names(tenant, p.get("query"), start, end)}
+            names = srv.label_names(tenant, p.get("query"), start, end)
+            # the real Loki omits "data" when there is no label at all (a tenant without data)
+            resp = {"status": "success", "data": names} if names else {"status": "success"}
         elif path.startswith("/loki/api/v1/label/") and path.endswith("/values"):
             name = urllib.parse.unquote(path[len("/loki/api/v1/label/"):-len("/values")])
             start, end = _meta_bounds(p, now)
@@ -1469,7 +1501,9 @@ class _Handler(BaseHTTPRequestHandler):
             for v in s.get("values", []):
                 if not isinstance(v, list) or len(v) < 2 or not isinstance(v[0], str) or not isinstance(v[1], str):
                     raise _bad("loghttp.PushRequest.Streams: Value is not a string")
-                entries.append((int(v[0]), v[1]))
+                meta = v[2] if len(v) > 2 and isinstance(v[2], dict) else None
+                entries.append((int(v[0]), v[1], {str(a): str(b) for a, b in meta.items()}) if meta
+                               else (int(v[0]), v[1]))
             self.loki.push(labels, entries, tenant)
 
 
