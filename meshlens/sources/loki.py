@@ -971,7 +971,7 @@ class LokiSource:
         start_ns: int,
         end_ns: int,
         *,
-        parallel: int = DEFAULT_PARALLEL,
+        parallel: int = 1,
         batch_size: int = DEFAULT_BATCH_SIZE,
         max_entries: int = LOKI_DEFAULT_MAX_ENTRIES,
         shard_ns: int | None = None,
