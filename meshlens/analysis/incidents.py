@@ -35,7 +35,8 @@ episode at *one* symptom service, :mod:`~meshlens.analysis.changes` ranks config
    not change significantly there, or for less than :data:`MIN_DURATION_S`, or by less than
    :data:`MIN_EXCESS_RATE`, the group is not an incident (background, or part of an incident whose span
    holds it). Findings of one episode at two entry services (same onset, same culprit or change) are one
-   incident (``symptoms`` lists them).
+   incident (``symptoms`` lists them); a finding or a group at the same symptom that starts within
+   :data:`CONTIGUOUS_S` of an incident's end (with the same culprit, for a finding) continues it.
 5. **Severity** = the symptom's excess bad (failed or slow) requests during the episode, estimated from
    its bad rate before vs during: how many user requests the incident spoiled. Most severe first.
 6. **Second pass.** A series reports one latency episode per window (failure counts two): when an
@@ -47,6 +48,9 @@ Limits: an incident too weak at every entry service for the anomaly detector (a 
 requests behind a rarely used page) is not found -- ``analyze root-cause`` on the entry service with a
 narrow window is more sensitive. Two incidents overlapping in time at the same symptom are reported as
 one (the root-cause analysis explains one episode per call; its candidates usually list both causes).
+When a later group's onset bounds an episode's analysis while the episode goes on, the incident's end is
+that group's last anomaly and its severity counts the first part only (on the bundled samples the
+latency incident reads 06:31-07:00 of a 06:30-07:20 episode).
 """
 
 from __future__ import annotations
