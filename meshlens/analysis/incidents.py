@@ -35,7 +35,8 @@ episode at *one* symptom service, :mod:`~meshlens.analysis.changes` ranks config
    not change significantly there, or for less than :data:`MIN_DURATION_S`, or by less than
    :data:`MIN_EXCESS_RATE`, the group is not an incident (background, or part of an incident whose span
    holds it). Findings of one episode at two entry services (same onset, same culprit or change) are one
-   incident (``symptoms`` lists them).
+   incident (``symptoms`` lists them); a finding or a group at the same symptom that starts within
+   :data:`CONTIGUOUS_S` of an incident's end (with the same culprit, for a finding) continues it.
 5. **Severity** = the symptom's excess bad (failed or slow) requests during the episode, estimated from
    its bad rate before vs during: how many user requests the incident spoiled. Most severe first.
 6. **Second pass.** A series reports one latency episode per window (failure counts two): when an
@@ -47,6 +48,9 @@ Limits: an incident too weak at every entry service for the anomaly detector (a 
 requests behind a rarely used page) is not found -- ``analyze root-cause`` on the entry service with a
 narrow window is more sensitive. Two incidents overlapping in time at the same symptom are reported as
 one (the root-cause analysis explains one episode per call; its candidates usually list both causes).
+When a later group's onset bounds an episode's analysis while the episode goes on, the incident's end is
+that group's last anomaly and its severity counts the first part only (on the bundled samples the
+latency incident reads 06:31-07:00 of a 06:30-07:20 episode).
 """
 
 from __future__ import annotations
@@ -84,6 +88,10 @@ SAME_ONSET_S = 5 * 60
 MAX_ONSET_DRIFT_S = 20 * 60
 """The root-cause onset must lie this close to the group's anomalies: otherwise the symptom's
 significant episode in the sub-window is something else, not this group."""
+
+CONTIGUOUS_S = 10 * 60
+"""A finding at the same symptom with the same culprit that starts this soon after another ends
+continues it."""
 
 SECOND_PASS_MIN_S = 45 * 60
 """After the first pass, stretches of at least this length outside the incidents found are searched
@@ -422,15 +430,14 @@ def _pass(store: Store, window: Window, lo: int, hi: int, entries: list[str], ed
             # on at that bound, the next group is part of it: absorb it and look again up to the one after
             later = [j for j in range(k + 1, len(mine)) if mine[j].onset_ns > g.onset_ns + SAME_ONSET_S * NS]
             taken: list[int] = []
-            for _attempt in range(4):
+            for _attempt in range(8):
                 nxt = mine[later[0]].onset_ns if later else None
                 sub = _sub_window(g, prev_end, nxt, Window(lo, hi))
                 onset = _episode(store, g, sub)
-                if onset is None or nxt is None or not (onset.ongoing or onset.end_ns >= sub.hi_ns - MARGIN_S * NS):
+                if onset is None or nxt is None or not onset.ongoing:
                     break
-                # still going on at the bound: the groups up to a little past it are part of this episode
-                taken += [j for j in later if mine[j].onset_ns <= nxt + LINK_S * NS]
-                later = [j for j in later if mine[j].onset_ns > nxt + LINK_S * NS]
+                # still going on at the bound: the group there is part of this episode; try the next one
+                taken.append(later.pop(0))
             res = _analyze_group(store, g, sub, window, lookback) if onset is not None else None
             if res is None:
                 rejected.append(g)
@@ -441,10 +448,17 @@ def _pass(store: Store, window: Window, lo: int, hi: int, entries: list[str], ed
             res.update(rows=rows, services=services, anoms=anoms, covered=g.covered)
             found.append(res)
             prev_end = res["end_ns"] or hi
-    for g in rejected:
+    for g in sorted(rejected, key=lambda x: x.onset_ns):
         # a group inside an incident's span at the same symptom is part of it (a later symptom of the same
-        # episode: latency building up during a surge...), anything else is background
+        # episode: latency building up during a surge...); one starting right after an incident's end
+        # (its analysis was bounded by this group's onset) continues it; anything else is background
         home = _home(g, found, hi)
+        if home is None:
+            home = next((f for f in found if f["symptom"] == g.symptom and f["end_ns"] is not None
+                         and 0 <= g.onset_ns - f["end_ns"] <= CONTIGUOUS_S * NS), None)
+            if home is not None:
+                later = [f["onset_ns"] for f in found if f["symptom"] == g.symptom and f["onset_ns"] > g.onset_ns]
+                home["end_ns"] = max(home["end_ns"], min([g.end_ns, *later]))
         if home is not None:
             home["rows"] = home["rows"] + [i for i in g.rows if i not in home["rows"]]
         else:
@@ -459,7 +473,13 @@ def _culprit(f: dict[str, Any]) -> str | None:
 
 def _same_episode(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Two findings are one incident when their onsets coincide and they are at the same symptom, or
-    blame the same service or the same change (one failure seen at two entry services)."""
+    blame the same service or the same change (one failure seen at two entry services) -- or when one
+    continues the other: same symptom, same culprit, starting within :data:`CONTIGUOUS_S` of its end (an
+    analysis bounded by a later group's onset cuts an episode in two)."""
+    first, second = sorted((a, b), key=lambda f: f["onset_ns"])
+    if (first["symptom"] == second["symptom"] and _culprit(first) is not None and _culprit(first) == _culprit(second)
+            and first["end_ns"] is not None and second["onset_ns"] - first["end_ns"] <= CONTIGUOUS_S * NS):
+        return True
     if abs(a["onset_ns"] - b["onset_ns"]) > SAME_ONSET_S * NS:
         return False
     if a["symptom"] == b["symptom"]:
@@ -481,6 +501,11 @@ def _merge(found: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         if f["symptom"] not in twin["symptoms"]:
             twin["symptoms"].append(f["symptom"])
+        if f["onset_ns"] < twin["onset_ns"]:  # a continuation: the incident starts at the earlier part
+            twin["onset_ns"] = f["onset_ns"]
+            twin["change"] = twin["change"] or f["change"]
+        if twin["end_ns"] is not None and (f["end_ns"] is None or f["end_ns"] > twin["end_ns"]):
+            twin["end_ns"] = f["end_ns"]
         if not f.get("covered"):
             twin["services"] = list(dict.fromkeys(twin["services"] + f["services"]))
         twin.setdefault("extra", []).append(f)

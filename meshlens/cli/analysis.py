@@ -199,7 +199,8 @@ def incidents_cmd(
             if rc:
                 typer.echo(f"   root cause: {rc['kind']} {rc['target']} (score {rc['score']:.2f})")
             if ch:
-                typer.echo(f"   change: {ch['target']} by {ch['actor']} at {ch['ts']} (score {ch['score']:.2f})")
+                typer.echo(f"   change: {ch['target']} by {ch['actor']} at {str(ch['ts'])[:19]}Z "
+                           f"(score {ch['score']:.2f})")
             typer.echo(f"   services: {', '.join(item['services'])}")
         typer.echo(f"\nbackground anomalies (never reached users): {len(report.background)}")
         for a in report.background[:5]:
