@@ -44,6 +44,44 @@ handles per-bucket and per-candidate aggregates):
    explains. An edge gets the share of its callee in proportion to how much its calls slowed down.
 6. **Score** = ``phi_fail * failure share + phi_slow * latency share``, where ``phi`` are the shares of
    the symptom's excess bad requests that failed vs were only slow. Candidates are ranked by score.
+7. **Local evidence: where time and errors are born** (:func:`local_evidence`). Step 5 says where the
+   symptom's added time is *seen*; real faults need where it is *born*, per route and per edge, on short
+   contaminated baselines. Over all proxy records of the window (whole requests sampled uniformly above
+   400k records) three kinds of component series are built:
+
+   * ``self`` per service and request: its inbound (server-side) durations minus its outbound
+     (client-side) calls -- grows when the service itself is slow (CPU, code, a slow pod). An entry
+     service with no caller records has one too, so it can be the root cause;
+   * ``gap`` per edge and call: the client record's duration minus the server record's (paired by
+     request, callee, operation and order) -- time spent between the two sidecars or in the caller's
+     client: the network, or a CPU-starved caller;
+   * ``born`` per service and request: its inbound failed while none of its outbound calls of that
+     request failed -- an error born at that service mid-chain (it answered 500 without the call it
+     needed).
+
+   Each component is compared before vs after the onset with a rank test (Mann-Whitney; *exact* when a
+   side is small -- 9 slow calls after 27 fast ones is p ~ 1e-8, which the normal approximation cannot
+   express), its effect measured by Cliff's delta (``2 P(after > before) - 1``, scale-free, robust to
+   the incident contaminating a short baseline) and a practical size (upper quartile or mean up by
+   2 ms and 25 %). A changed component needs z >= 3 at the onset. A changed gap ``C -> T`` is placed
+   by its shape: the share of ``T``'s incoming gaps that changed (every caller sees the callee's
+   network) against the share of ``C``'s outgoing gaps that changed (a starved caller is slow towards
+   every callee). A candidate's local score is the noisy-OR of its components' deltas, each weighted
+   by how sure it is (``min(1, z / 10)``) and by its placement. When the symptom shows an episode with
+   a latency part, the latency share of step 5 is replaced by this score (step 5's evidence is kept).
+   When the symptom shows *no* episode (a minority route: 2-25 % of requests 18-85x slower moves the
+   symptom's mean too little), the onset is searched on the components themselves: each one's best
+   split (rank scan, at least 8 values and a tenth of the window on each side) must reach z >= 4.5
+   (about a 0.05 family-wise level over the scan), and the largest sure effect gives the onset.
+8. **No signal.** When neither the symptom nor any component changed, the report says "no signal in
+   the access logs" (:data:`NO_SIGNAL`) instead of naming a guess: a fault that only changes return
+   values is invisible to proxies.
+
+gRPC: a failing ``grpc-status`` (UNKNOWN, DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE, ...) counts as a
+failure even under HTTP 200 (:data:`meshlens.analysis.common.GRPC_FAILED`).
+
+Measured on real faults (``benchmarks/eval_nezha.py``, the Online Boutique half of Nezha, FSE'23, its
+traces rendered as the sidecar records Envoy would write): see the README's analysis section.
 
 Stores ingested with success sampling: rates and means use ``sample_weight``; the change-point tests
 count the records actually stored (successes are thinned uniformly, so the observed failure share
@@ -62,6 +100,13 @@ Limits (say them when presenting results):
 * With success sampling, a latency-only incident touching a small share of requests can fall below
   detection (slow successes are sampled too): measured, 10 % sampling missed 2 of 24 simulated
   incidents, both partial slow-node ones.
+* Local evidence needs both sidecar records of a call (client and server) for gaps, and request ids to
+  pair them; calls missing from the logs count in their caller's self time (a caller whose calls to a
+  delayed service are not logged is blamed instead). A rare route needs about 8 calls after the onset
+  and a dozen before it to be judged at all (fewer is not evidence), and a slowdown of a few percent is
+  below the practical size. Co-located faults (one node starving several pods) blame each pod's service.
+* A fault that changes only what is returned (wrong values, handled exceptions) leaves the records
+  unchanged: "no signal" is the honest answer there, and it is what the analysis says.
 """
 
 from __future__ import annotations
