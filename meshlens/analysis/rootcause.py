@@ -1028,7 +1028,7 @@ def _path_services(sess: Session, req: str, rf: str, use_failures: bool, edges: 
 # Local evidence: where the time (or the failure) is born, per service and edge
 # ------------------------------------------------------------------------------------------------
 
-LOCAL_MAX_ROWS = 400_000
+LOCAL_MAX_ROWS = 150_000
 """Records the local analysis reads at most: above it whole requests are sampled uniformly (by request
 id hash), so the call trees stay complete and rare routes keep their share of the sample."""
 
@@ -1049,16 +1049,28 @@ and components, so the bar is higher: about a 0.05 family-wise level over ~10^4 
 
 
 def _local_records(sess: Session) -> pd.DataFrame:
-    """Per proxy record of the window: time, request key, side, caller, callee, operation, duration,
-    failed; whole requests sampled down to :data:`LOCAL_MAX_ROWS` records."""
+    """Per proxy record of the window: time, request key, side, caller, callee, operation (a hash of method
+    and path: only used to pair a call's two records), duration, failed; whole requests sampled down to
+    :data:`LOCAL_MAX_ROWS` records."""
     params = {"lo": sess.window.lo_ns, "hi": sess.window.hi_ns}
-    n = int(sess.store.con.execute(f"SELECT count(*) FROM events WHERE {TRAFFIC_SQL}", params).fetchone()[0])
+    n = int(sess.store.con.execute("SELECT count(*) FROM events WHERE record_kind = 'access_log' AND "
+                                   "ts_ns >= $lo AND ts_ns < $hi", params).fetchone()[0])
     m = max(1, int(np.ceil(n / LOCAL_MAX_ROWS)))
     return sess.store.query(
         f"""SELECT ts_ns, {RID_SQL} AS rid, coalesce(direction = 'outbound', FALSE) AS cli, src_workload AS caller,
-                   dst_service AS callee, {OP_SQL} AS op, coalesce(duration_ms, 0) AS d, {FAILED_SQL} AS failed,
-                   dst_namespace AS callee_ns, src_namespace AS caller_ns
-            FROM events WHERE {TRAFFIC_SQL} AND ($m = 1 OR {RID_SQL} % $m = 0)""", {**params, "m": m})
+                   dst_service AS callee, hash(method, split_part(coalesce(path, ''), '?', 1)) AS op,
+                   coalesce(duration_ms, 0) AS d, {FAILED_SQL} AS failed
+            FROM events WHERE {TRAFFIC_SQL} AND {RID_SQL} % $m = 0""", {**params, "m": m})
+
+
+def _namespaces(sess: Session) -> dict[str, Any]:
+    """Namespace of each service of the window (callers' and callees')."""
+    df = sess.store.query(
+        f"""SELECT dst_service AS s, any_value(dst_namespace) AS ns FROM events WHERE {TRAFFIC_SQL} GROUP BY 1
+            UNION ALL SELECT src_workload, any_value(src_namespace) FROM events
+            WHERE {TRAFFIC_SQL} AND src_workload IS NOT NULL GROUP BY 1""",
+        {"lo": sess.window.lo_ns, "hi": sess.window.hi_ns})
+    return dict(zip(df["s"], df["ns"], strict=True))
 
 
 def _components(df: pd.DataFrame) -> dict[tuple[str, ...], pd.DataFrame]:
@@ -1325,8 +1337,7 @@ def local_evidence(sess: Session, onset_ns: int | None = None, end_ns: int | Non
     if not changes:
         return None
     cands = _blame(changes, comps)
-    ns = dict(zip(df["caller"], df["caller_ns"], strict=False))
-    ns.update(dict(zip(df["callee"], df["callee_ns"], strict=False)))
+    ns = _namespaces(sess)
     cands.insert(2, "namespace", [ns.get(str(t).split("->")[-1]) for t in cands["target"]])
     return LocalEvidence(onset_ns, changes, cands)
 
