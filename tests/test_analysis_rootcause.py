@@ -286,3 +286,19 @@ def test_errors_born_mid_chain() -> None:
 def test_no_change_no_blame() -> None:
     onset, ranked = _blame_of(_records(np.random.default_rng(8), 300, 2.0))
     assert onset is None or not ranked
+
+
+def test_grpc_failures_under_http_200_count_as_failed() -> None:
+    """gRPC answers errors in trailers: HTTP 200 with grpc-status 14 (UNAVAILABLE) is a failure; 5
+    (NOT_FOUND) is an answer, like a 404."""
+    import duckdb
+
+    from meshlens.analysis.common import FAILED_SQL
+
+    con = duckdb.connect()
+    con.execute("CREATE TABLE events (status INTEGER, grpc_status INTEGER, authz_decision VARCHAR, "
+                "response_flags VARCHAR)")
+    con.execute("INSERT INTO events VALUES (200, 14, NULL, NULL), (200, 5, NULL, NULL), (200, 0, NULL, NULL), "
+                "(200, NULL, NULL, NULL), (503, NULL, NULL, 'UH')")
+    assert [r[0] for r in con.execute(f"SELECT {FAILED_SQL} FROM events").fetchall()] == \
+        [True, False, False, False, True]
