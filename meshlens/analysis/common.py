@@ -35,14 +35,21 @@ FAILURE_FLAGS: tuple[str, ...] = envoy.FAILURE_FLAGS
 """Envoy response flags that mean the proxy failed the request (declared in :data:`meshlens.formats.envoy.FLAGS`;
 DC -- the downstream hung up -- is not one: the client's own record carries the failure)."""
 
+GRPC_FAILED: tuple[int, ...] = (2, 4, 7, 8, 12, 13, 14, 15, 16)
+"""gRPC status codes that are failures even when the HTTP status is 200 (gRPC answers errors in the
+trailers): UNKNOWN, DEADLINE_EXCEEDED, PERMISSION_DENIED, RESOURCE_EXHAUSTED, UNIMPLEMENTED, INTERNAL,
+UNAVAILABLE, DATA_LOSS, UNAUTHENTICATED -- the server-side and authorization classes, as for HTTP (a
+NOT_FOUND or INVALID_ARGUMENT is an answer, like a 404)."""
+
 FAILED_SQL = (
     "coalesce(coalesce(status, 0) >= 500 OR status IN (401, 403, 407, 429) "
     "OR authz_decision = 'deny' "
+    "OR coalesce(grpc_status, 0) IN (" + ", ".join(map(str, GRPC_FAILED)) + ") "
     "OR (response_flags IS NOT NULL AND len(list_intersect(string_split(response_flags, ','), "
     + envoy.flags_list_sql(FAILURE_FLAGS) + ")) > 0), FALSE)"
 )
 """SQL: the record describes a failed request -- 5xx, an authorization refusal (401/403/407 or an authz
-deny), a rate limit (429), or an Envoy failure flag (no route, no cluster, upstream connect failure,
+deny), a rate limit (429), a failing ``grpc-status`` (:data:`GRPC_FAILED`, also under HTTP 200), or an Envoy failure flag (no route, no cluster, upstream connect failure,
 reset, timeout...). Application 4xx such as a 404 "not found" from the application are answers, not
 failures: they do not propagate to callers, so they are not counted here (a 404 **NR** is, via its flag)."""
 

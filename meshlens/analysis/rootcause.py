@@ -44,6 +44,44 @@ handles per-bucket and per-candidate aggregates):
    explains. An edge gets the share of its callee in proportion to how much its calls slowed down.
 6. **Score** = ``phi_fail * failure share + phi_slow * latency share``, where ``phi`` are the shares of
    the symptom's excess bad requests that failed vs were only slow. Candidates are ranked by score.
+7. **Local evidence: where time and errors are born** (:func:`local_evidence`). Step 5 says where the
+   symptom's added time is *seen*; real faults need where it is *born*, per route and per edge, on short
+   contaminated baselines. Over all proxy records of the window (whole requests sampled uniformly above
+   400k records) three kinds of component series are built:
+
+   * ``self`` per service and request: its inbound (server-side) durations minus its outbound
+     (client-side) calls -- grows when the service itself is slow (CPU, code, a slow pod). An entry
+     service with no caller records has one too, so it can be the root cause;
+   * ``gap`` per edge and call: the client record's duration minus the server record's (paired by
+     request, callee, operation and order) -- time spent between the two sidecars or in the caller's
+     client: the network, or a CPU-starved caller;
+   * ``born`` per service and request: its inbound failed while none of its outbound calls of that
+     request failed -- an error born at that service mid-chain (it answered 500 without the call it
+     needed).
+
+   Each component is compared before vs after the onset with a rank test (Mann-Whitney; *exact* when a
+   side is small -- 9 slow calls after 27 fast ones is p ~ 1e-8, which the normal approximation cannot
+   express), its effect measured by Cliff's delta (``2 P(after > before) - 1``, scale-free, robust to
+   the incident contaminating a short baseline) and a practical size (upper quartile or mean up by
+   2 ms and 25 %). A changed component needs z >= 3 at the onset. A changed gap ``C -> T`` is placed
+   by its shape: the share of ``T``'s incoming gaps that changed (every caller sees the callee's
+   network) against the share of ``C``'s outgoing gaps that changed (a starved caller is slow towards
+   every callee). A candidate's local score is the noisy-OR of its components' deltas, each weighted
+   by how sure it is (``min(1, z / 10)``) and by its placement. When the symptom shows an episode with
+   a latency part, the latency share of step 5 is replaced by this score (step 5's evidence is kept).
+   When the symptom shows *no* episode (a minority route: 2-25 % of requests 18-85x slower moves the
+   symptom's mean too little), the onset is searched on the components themselves: each one's best
+   split (rank scan, at least 8 values and a tenth of the window on each side) must reach z >= 4.5
+   (about a 0.05 family-wise level over the scan), and the largest sure effect gives the onset.
+8. **No signal.** When neither the symptom nor any component changed, the report says "no signal in
+   the access logs" (:data:`NO_SIGNAL`) instead of naming a guess: a fault that only changes return
+   values is invisible to proxies.
+
+gRPC: a failing ``grpc-status`` (UNKNOWN, DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE, ...) counts as a
+failure even under HTTP 200 (:data:`meshlens.analysis.common.GRPC_FAILED`).
+
+Measured on real faults (``benchmarks/eval_nezha.py``, the Online Boutique half of Nezha, FSE'23, its
+traces rendered as the sidecar records Envoy would write): see the README's analysis section.
 
 Stores ingested with success sampling: rates and means use ``sample_weight``; the change-point tests
 count the records actually stored (successes are thinned uniformly, so the observed failure share
@@ -62,6 +100,13 @@ Limits (say them when presenting results):
 * With success sampling, a latency-only incident touching a small share of requests can fall below
   detection (slow successes are sampled too): measured, 10 % sampling missed 2 of 24 simulated
   incidents, both partial slow-node ones.
+* Local evidence needs both sidecar records of a call (client and server) for gaps, and request ids to
+  pair them; calls missing from the logs count in their caller's self time (a caller whose calls to a
+  delayed service are not logged is blamed instead). A rare route needs about 8 calls after the onset
+  and a dozen before it to be judged at all (fewer is not evidence), and a slowdown of a few percent is
+  below the practical size. Co-located faults (one node starving several pods) blame each pod's service.
+* A fault that changes only what is returned (wrong values, handled exceptions) leaves the records
+  unchanged: "no signal" is the honest answer there, and it is what the analysis says.
 """
 
 from __future__ import annotations
@@ -120,7 +165,7 @@ OP_SQL = ("coalesce(method, '') || ' ' || regexp_replace(split_part(coalesce(pat
 """Operation key: method plus the path with id-like segments (anything holding a digit) replaced by ``*``."""
 
 CANDIDATE_COLUMNS = ["rank", "kind", "target", "namespace", "score", "failure_share", "latency_share",
-                     "evidence", "examples"]
+                     "evidence", "examples", "sig"]
 
 
 @dataclass
@@ -172,14 +217,36 @@ class RootCauseReport:
     failing_paths: pd.DataFrame = field(default_factory=pd.DataFrame)
     signature: dict[str, float] = field(default_factory=dict)
     path_services: pd.DataFrame = field(default_factory=pd.DataFrame)
+    local: Any = None
 
-    def to_json(self) -> list[dict[str, Any]]:
-        """The ``--json`` array: best first; ``rank, kind, target, namespace, score, evidence`` and more."""
-        out = records(self.candidates.drop(columns=["examples"], errors="ignore"))
-        onset = self.onset.as_dict() if self.onset else None
-        for item in out:
-            item["onset"] = onset["onset"] if onset else None
+    def to_json(self, *, say_no_incident: bool = False) -> list[dict[str, Any]]:
+        """The ``--json`` array: best first; ``rank, kind, target, namespace, score, evidence`` and more.
+
+        Fields for scripts (added, never renamed): ``incident`` (true), ``episode`` (the onset: ``onset,
+        end, signal, ongoing`` and the symptom's before/after ``requests_*, failed_*, slow_*, bad_*,
+        mean_ms_*``), ``signature`` (the most common failure of the candidate's deepest failing hops:
+        ``status, flags, details, policy, count``; null for latency-only candidates) and
+        ``example_request_ids``. ``say_no_incident``: when nothing was found, one item with ``incident``
+        false, ``rank`` 0, ``kind`` "none" and the ``message`` instead of an empty array."""
+        if self.onset is None or self.candidates.empty:
+            if not say_no_incident:
+                return []
+            return [{"incident": self.onset is not None, "rank": 0, "kind": "none", "target": None,
+                     "namespace": None, "score": 0.0, "evidence": [self.message], "message": self.message,
+                     "symptom": self.service, "onset": self.onset.as_dict()["onset"] if self.onset else None,
+                     "episode": self.onset.as_dict() if self.onset else None, "signature": None,
+                     "example_request_ids": []}]
+        out = records(self.candidates.drop(columns=["examples", "sig"], errors="ignore"))
+        onset = self.onset.as_dict()
+        sigs = self.candidates["sig"].tolist() if "sig" in self.candidates else [None] * len(out)
+        examples = self.candidates["examples"].tolist() if "examples" in self.candidates else [[]] * len(out)
+        for item, sig, ex in zip(out, sigs, examples, strict=True):
+            item["onset"] = onset["onset"]
             item["symptom"] = self.service
+            item["incident"] = True
+            item["episode"] = onset
+            item["signature"] = sig if isinstance(sig, dict) else None
+            item["example_request_ids"] = [str(x) for x in ex] if isinstance(ex, list) else []
         return out
 
     # -- for notebooks and reports --------------------------------------------------------------
@@ -189,7 +256,7 @@ class RootCauseReport:
 
     def table(self) -> pd.DataFrame:
         """The candidates with their evidence as one text column (for tables and chart tooltips)."""
-        df = self.candidates.drop(columns=["examples"], errors="ignore").copy()
+        df = self.candidates.drop(columns=["examples", "sig"], errors="ignore").copy()
         df["evidence"] = ["; ".join(e) for e in df["evidence"]]
         return df
 
@@ -645,6 +712,23 @@ def _signature(leaves: pd.DataFrame, limit: int = 3) -> list[str]:
     return out
 
 
+def _signature_fields(leaves: pd.DataFrame) -> dict[str, Any] | None:
+    """The most common failure among deepest failing hops, as fields: ``status, flags, details, policy,
+    count`` (the server's details when it reported the failure, else the client's)."""
+    if leaves.empty:
+        return None
+    from collections import Counter
+
+    def val(x: Any) -> Any:
+        return None if x is None or (not isinstance(x, str) and pd.isna(x)) else x
+
+    details = leaves["srv_details"].where(leaves["srv_details"].notna(), leaves["details"])
+    keys = [(None if val(st) is None else int(st), val(fl), val(de), val(po)) for st, fl, de, po in
+            zip(leaves["status"], leaves["flags"], details, leaves["policy"], strict=True)]
+    (status, flags, det, policy), count = Counter(keys).most_common(1)[0]
+    return {"status": status, "flags": flags, "details": det, "policy": policy, "count": int(count)}
+
+
 @dataclass
 class _FailureContext:
     """What the failure candidates of one episode are built from (see :func:`_failure_candidates`)."""
@@ -686,6 +770,7 @@ class _FailureContext:
             factor, shift = self.change_of("edge", (e.caller, e.callee))
             rows.append({"kind": "edge", "target": f"{e.caller}->{e.callee}", "namespace": self.ns_of.get(e.callee),
                          "failure_share": EDGE_FACTOR * e.share * factor, "examples": self.examples(sub),
+                         "sig": _signature_fields(sub),
                          "f_evidence": [f"deepest failing hop of {int(e.inc)} failing {self.service} requests "
                                         f"after the onset (vs {int(e.base)} in the baseline); explains "
                                         f"{pct(e.share)} of the excess failures", self.head,
@@ -716,6 +801,7 @@ class _FailureContext:
             placed = "" if weight >= 0.99 else f", {pct(weight)} of them placed at {svc}"
             rows.append({"kind": "service", "target": svc, "namespace": self.ns_of.get(svc),
                          "failure_share": r.share * weight * factor, "examples": self.examples(sub),
+                         "sig": _signature_fields(sub),
                          "f_evidence": [f"deepest failing hops {'into' if role == 'callee' else 'from'} {svc} "
                                         f"({path_txt}) explain {pct(r.share)} of the excess failures{placed}",
                                         self.head, *("signature: " + s for s in _signature(sub)), *shift,
@@ -732,7 +818,7 @@ def _failure_candidates(ctx: Session, onset: Onset, req: str, rh: str) -> tuple[
     n_inc, n_base = float(c.get("inc", {}).get("n", 0)), float(c.get("base", {}).get("n", 0))
     f_inc, f_base = float(c.get("inc", {}).get("f", 0)), float(c.get("base", {}).get("f", 0))
     excess = f_inc / max(n_inc, 1) - (f_base / n_base if n_base else 0.0)
-    cols = ["kind", "target", "namespace", "failure_share", "f_evidence", "examples"]
+    cols = ["kind", "target", "namespace", "failure_share", "f_evidence", "examples", "sig"]
     if leaves.empty or excess <= 0:
         return pd.DataFrame(columns=cols), leaves
     inc_leaves = leaves[leaves["period"] == "inc"]
@@ -827,10 +913,12 @@ def _latency_candidates(ctx: Session, req: str, edges: pd.DataFrame) -> pd.DataF
     return pd.DataFrame(rows, columns=cols) if rows else pd.DataFrame(columns=cols)
 
 
-def _combine(onset: Onset, fail: pd.DataFrame, lat: pd.DataFrame, top: int) -> pd.DataFrame:
+def _combine(onset: Onset, fail: pd.DataFrame, lat: pd.DataFrame, top: int,
+             phi_f: float | None = None) -> pd.DataFrame:
     d_fail = max(onset.failed_incident - onset.failed_baseline, 0.0)
     d_slow = max(onset.slow_incident - onset.slow_baseline, 0.0)
-    phi_f = d_fail / (d_fail + d_slow) if (d_fail + d_slow) > 0 else 1.0
+    if phi_f is None:
+        phi_f = d_fail / (d_fail + d_slow) if (d_fail + d_slow) > 0 else 1.0
     keys = ["kind", "target", "namespace"]
     df = pd.merge(fail, lat, on=keys, how="outer") if not fail.empty or not lat.empty else pd.DataFrame()
     if df.empty:
@@ -852,6 +940,7 @@ def _combine(onset: Onset, fail: pd.DataFrame, lat: pd.DataFrame, top: int) -> p
 
     df["evidence"] = df.apply(evidence, axis=1) if not df.empty else []
     df["examples"] = [x if isinstance(x, list) else [] for x in df.get("examples", [[]] * len(df))]
+    df["sig"] = [x if isinstance(x, dict) else None for x in df.get("sig", [None] * len(df))]
     df["kind_order"] = (df["kind"] == "edge").astype(int)
     df = df.sort_values(["score", "kind_order", "target"], ascending=[False, True, True]).head(top)
     df["rank"] = np.arange(1, len(df) + 1)
@@ -936,22 +1025,380 @@ def _path_services(sess: Session, req: str, rf: str, use_failures: bool, edges: 
     return df[keep].sort_values(["failing_share", "added_ms"], ascending=False).reset_index(drop=True)
 
 
+# ------------------------------------------------------------------------------------------------
+# Local evidence: where the time (or the failure) is born, per service and edge
+# ------------------------------------------------------------------------------------------------
+
+LOCAL_MAX_ROWS = 150_000
+"""Records the local analysis reads at most: above it whole requests are sampled uniformly (by request
+id hash), so the call trees stay complete and rare routes keep their share of the sample."""
+
+LOCAL_MIN_SIDE = 8
+"""Fewest values on each side of the onset for a component to be tested (short real baselines hold 20-40
+requests of a busy route, a handful of a rare one)."""
+
+LOCAL_Z = 3.0
+"""Rank-test z (one-sided, p ~ 0.001 at the given onset) a component needs to count as changed."""
+
+LOCAL_FULL_Z = 10.0
+"""Rank z at which a component's evidence counts fully; below it its effect is weighted by ``z / 10``:
+a large effect seen on a dozen requests is less sure than the same effect on hundreds."""
+
+LOCAL_SCAN_Z = 4.5
+"""z the strongest component needs when the onset is searched for (the scan maximises over split points
+and components, so the bar is higher: about a 0.05 family-wise level over ~10^4 tests)."""
+
+
+def _local_records(sess: Session) -> pd.DataFrame:
+    """Per proxy record of the window: time, request key, side, caller, callee, operation (a hash of method
+    and path: only used to pair a call's two records), duration, failed; whole requests sampled down to
+    :data:`LOCAL_MAX_ROWS` records."""
+    params = {"lo": sess.window.lo_ns, "hi": sess.window.hi_ns}
+    n = int(sess.store.con.execute("SELECT count(*) FROM events WHERE record_kind = 'access_log' AND "
+                                   "ts_ns >= $lo AND ts_ns < $hi", params).fetchone()[0])
+    m = max(1, int(np.ceil(n / LOCAL_MAX_ROWS)))
+    return sess.store.query(
+        f"""SELECT ts_ns, {RID_SQL} AS rid, coalesce(direction = 'outbound', FALSE) AS cli, src_workload AS caller,
+                   dst_service AS callee, hash(method, split_part(coalesce(path, ''), '?', 1)) AS op,
+                   coalesce(duration_ms, 0) AS d, {FAILED_SQL} AS failed
+            FROM events WHERE {TRAFFIC_SQL} AND {RID_SQL} % $m = 0""", {**params, "m": m})
+
+
+def _namespaces(sess: Session) -> dict[str, Any]:
+    """Namespace of each service of the window (callers' and callees')."""
+    df = sess.store.query(
+        f"""SELECT dst_service AS s, any_value(dst_namespace) AS ns FROM events WHERE {TRAFFIC_SQL} GROUP BY 1
+            UNION ALL SELECT src_workload, any_value(src_namespace) FROM events
+            WHERE {TRAFFIC_SQL} AND src_workload IS NOT NULL GROUP BY 1""",
+        {"lo": sess.window.lo_ns, "hi": sess.window.hi_ns})
+    return dict(zip(df["s"], df["ns"], strict=True))
+
+
+def _components(df: pd.DataFrame) -> dict[tuple[str, ...], pd.DataFrame]:
+    """Time series (``ts, v``) of the quantities that place a delay or a failure:
+
+    * ``("self", S)``: per request and service, S's own time -- its inbound (server-side) durations minus
+      its outbound (client-side) calls. Grows when S itself is slow (CPU, code, a slow pod); an entry
+      service with no caller records has one too.
+    * ``("gap", C, T)``: per call, client-side minus server-side duration (the client and server records
+      of one call, paired by request, callee, operation and order): time between the two sidecars and
+      in the caller's client -- the network, or a starved caller.
+    * ``("born", S)``: per request and service, 1 when S's inbound record failed and none of its outbound
+      calls of that request failed: an error born at S (it answered 500 without a failing call under it).
+    """
+    out: dict[tuple[str, ...], pd.DataFrame] = {}
+    srv = df[~df["cli"] & df["callee"].notna()]
+    cli = df[df["cli"] & df["caller"].notna()]
+    si = srv.groupby(["rid", "callee"]).agg(ts=("ts_ns", "min"), d_in=("d", "sum"), f_in=("failed", "any"))
+    so = cli.groupby(["rid", "caller"]).agg(d_out=("d", "sum"), f_out=("failed", "any"))
+    so.index = so.index.set_names(["rid", "callee"])
+    st = si.join(so, how="left")
+    st["self"] = st["d_in"] - st["d_out"].fillna(0)
+    st["born"] = st["f_in"] & ~st["f_out"].fillna(False).astype(bool)
+    st = st.reset_index()
+    for svc, g in st.groupby("callee"):
+        out[("self", str(svc))] = pd.DataFrame({"ts": g["ts"].to_numpy(), "v": g["self"].to_numpy(float)})
+        if g["born"].any():
+            out[("born", str(svc))] = pd.DataFrame({"ts": g["ts"].to_numpy(), "v": g["born"].to_numpy(float)})
+    key = ["rid", "callee", "op"]
+    c = cli.sort_values("ts_ns").assign(k=lambda x: x.groupby(key).cumcount())
+    s = srv.sort_values("ts_ns").assign(k=lambda x: x.groupby(key).cumcount())
+    pair = c.merge(s[[*key, "k", "d"]], on=[*key, "k"], suffixes=("", "_srv"))
+    pair["gap"] = pair["d"] - pair["d_srv"]
+    for (caller, callee), g in pair.groupby(["caller", "callee"]):
+        if caller != callee:
+            out[("gap", str(caller), str(callee))] = pd.DataFrame({"ts": g["ts_ns"].to_numpy(),
+                                                                   "v": g["gap"].to_numpy(float)})
+    return {k: v.sort_values("ts", ignore_index=True) for k, v in out.items()}
+
+
+def _ranks(v: np.ndarray) -> tuple[np.ndarray, float]:
+    """Mid-ranks of ``v`` and the tie correction of the rank variance."""
+    order = v.argsort(kind="mergesort")
+    _, first, counts = np.unique(v[order], return_index=True, return_counts=True)
+    r = np.empty(len(v))
+    r[order] = np.repeat(first + (counts + 1) / 2.0, counts)
+    n = len(v)
+    tie = float((counts ** 3 - counts).sum()) / (n * (n - 1)) if n > 1 else 0.0
+    return r, tie
+
+
+def _rank_scan(v: np.ndarray, splits: np.ndarray) -> np.ndarray:
+    """Mann-Whitney z of "the values after index k are larger than before" for each split ``k``."""
+    n = len(v)
+    r, tie = _ranks(v)
+    after = r.sum() - np.concatenate([[0.0], np.cumsum(r)])[splits]
+    na = n - splits
+    nb = splits
+    u = after - na * (na + 1) / 2
+    var = na * nb / 12.0 * ((n + 1) - tie)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(var > 0, (u - na * nb / 2) / np.sqrt(var), 0.0)
+
+
+@dataclass
+class _Change:
+    """One component's change at the onset: rank z, Cliff's delta, before/after summaries."""
+
+    key: tuple[str, ...]
+    z: float
+    delta: float
+    n_before: int
+    n_after: int
+    before: float
+    after: float
+
+    def text(self) -> str:
+        kind = self.key[0]
+        if kind == "self":
+            what = f"{self.key[1]}'s self time per request (its inbound minus its outbound calls)"
+        elif kind == "gap":
+            what = f"client-minus-server time of calls {self.key[1]}->{self.key[2]}"
+        else:
+            what = f"requests failing at {self.key[1]} without a failing call under them"
+        unit = "" if kind == "born" else " ms"
+        fmt = (lambda x: pct(x)) if kind == "born" else (lambda x: f"{x:.1f}")
+        return (f"{what}: {fmt(self.before)}{unit} -> {fmt(self.after)}{unit} "
+                f"({'rate' if kind == 'born' else 'p75'}; {self.n_before} before, {self.n_after} after the onset; "
+                f"P(after > before) {0.5 + self.delta / 2:.2f}, rank z {self.z:.1f})")
+
+
+def _change_at(key: tuple[str, ...], s: pd.DataFrame, t0: int, t1: int) -> _Change | None:
+    ts, v = s["ts"].to_numpy(), s["v"].to_numpy()
+    b, a = v[ts < t0], v[(ts >= t0) & (ts < t1)]
+    if key[0] == "born":
+        if len(a) < LOCAL_MIN_SIDE or len(b) < 1 or a.sum() < 3:
+            return None
+        pb, pa = (b.sum() + 0.5) / (len(b) + 1), a.mean()
+        if pa <= pb:
+            return None
+        z = float(np.sqrt(binom_llr(np.array([a.sum()]), np.array([len(a)]), np.array([b.sum()]),
+                                    np.array([len(b)]))[0] * 2))
+        return _Change(key, z, float(pa - b.mean()), len(b), len(a), float(b.mean()), float(pa))
+    if len(a) < LOCAL_MIN_SIDE or len(b) < LOCAL_MIN_SIDE:
+        return None
+    both = np.concatenate([b, a])
+    z = _split_z(both, len(b), float(_rank_scan(both, np.array([len(b)]))[0]))
+    r, _ = _ranks(both)
+    auc = (r[len(b):].sum() - len(a) * (len(a) + 1) / 2) / (len(a) * len(b))
+    qb, qa = float(np.quantile(b, 0.75)), float(np.quantile(a, 0.75))
+    mb, ma = float(np.mean(b)), float(np.mean(a))
+    # practical size: the upper half (or the mean: a new tail) must move by 2 ms and 25 %
+    big = (qa - qb >= max(2.0, 0.25 * abs(qb))) or (ma - mb >= max(2.0, 0.25 * abs(mb)))
+    if not big:
+        return None
+    return _Change(key, z, float(2 * auc - 1), len(b), len(a), qb, qa)
+
+
+def _mw_exact_z(u: float, na: int, nb: int) -> float:
+    """z equivalent of the exact one-sided Mann-Whitney p-value ``P(U >= u)`` (no ties), for small
+    samples where the normal approximation understates strong evidence: 9 slow calls after 27 fast ones
+    is p ~ 1e-8, not the z 4.4 the approximation allows at most. The null distribution of U is the
+    coefficient list of the Gaussian binomial ``[na + nb choose na]_q``."""
+    size = na * nb + na + nb + 1
+    poly = np.zeros(size)
+    poly[0] = 1.0
+    for i in range(1, na + 1):
+        # multiply by (1 - q^(nb + i)), then divide by (1 - q^i): a running sum per residue class mod i
+        shifted = np.zeros(size)
+        shifted[nb + i:] = poly[:size - nb - i]
+        prod = poly - shifted
+        pad = (-size) % i
+        poly = np.cumsum(np.concatenate([prod, np.zeros(pad)]).reshape(-1, i), axis=0).ravel()[:size]
+    poly = np.maximum(poly, 0.0)
+    total = poly.sum()
+    tail = poly[int(np.ceil(u - 1e-9)):].sum() / total if total > 0 else 1.0
+    from statistics import NormalDist
+    return float(-NormalDist().inv_cdf(max(tail, 1e-300))) if tail < 0.5 else 0.0
+
+
+def _split_z(v: np.ndarray, k: int, z_approx: float) -> float:
+    """The rank z of a split, exact when the smaller side is small (see :func:`_mw_exact_z`)."""
+    na, nb = len(v) - k, k
+    if min(na, nb) > 40 or na * nb > 20_000:
+        return z_approx
+    r, _ = _ranks(v)
+    u = r[k:].sum() - na * (na + 1) / 2
+    # U's null distribution is symmetric in the two sizes: build the smaller polynomial
+    return max(z_approx, _mw_exact_z(u, min(na, nb), max(na, nb)))
+
+
+def _scan_onset(comps: dict[tuple[str, ...], pd.DataFrame], lo_ns: int, hi_ns: int) -> tuple[int | None, float]:
+    """The onset of the clearest change of any locus component: each component's best split (rank scan
+    over up to 200 split points, at least :data:`LOCAL_MIN_SIDE` values and 10 % of the window on each
+    side) must reach :data:`LOCAL_SCAN_Z`; among those, the largest sure effect (Cliff's delta times
+    ``min(1, z / LOCAL_FULL_Z)``) wins -- a busy route's slight drift reaches a high z too, but not a
+    large effect. Returns (onset, its z)."""
+    best: tuple[float, float, int] | None = None
+    margin = int(0.1 * (hi_ns - lo_ns))
+    for key, s in comps.items():
+        if key[0] == "born":
+            continue
+        ts, v = s["ts"].to_numpy(), s["v"].to_numpy()
+        ok = np.nonzero((ts >= lo_ns + margin) & (ts < hi_ns - margin))[0]
+        ok = ok[(ok >= LOCAL_MIN_SIDE) & (ok <= len(v) - LOCAL_MIN_SIDE)]
+        if not len(ok):
+            continue
+        splits = ok[np.unique(np.linspace(0, len(ok) - 1, min(200, len(ok))).astype(int))]
+        z = _rank_scan(v, splits)
+        # the exact tail matters only for short sides: try the approximate best and the latest splits
+        cand = {int(np.argmax(z)), *range(max(0, len(splits) - 3), len(splits))}
+        for i in cand:
+            k = int(splits[i])
+            zi = _split_z(v, k, float(z[i]))
+            if zi < LOCAL_SCAN_Z:
+                continue
+            r, _ = _ranks(v)
+            na, nb = len(v) - k, k
+            delta = 2 * (r[k:].sum() - na * (na + 1) / 2) / (na * nb) - 1
+            strength = delta * min(1.0, zi / LOCAL_FULL_Z)
+            if best is None or strength > best[0]:
+                best = (strength, zi, int(ts[k]))
+    if best is None:
+        return None, 0.0
+    return best[2], best[1]
+
+
+@dataclass
+class LocalEvidence:
+    """What the local analysis found at one onset: the changed components and the per-service blame."""
+
+    onset_ns: int
+    changes: list[_Change]
+    candidates: pd.DataFrame
+
+    @property
+    def strongest(self) -> _Change | None:
+        return max(self.changes, key=lambda c: c.z) if self.changes else None
+
+
+def _blame(changes: list[_Change], comps: dict[tuple[str, ...], pd.DataFrame]) -> pd.DataFrame:
+    """Per service and edge: a score in [0, 1] from its changed components (noisy-OR of their Cliff's
+    deltas, times the share of each component placed at it).
+
+    A changed gap ``C -> T`` is placed by its shape: the share of ``T``'s tested incoming gaps that
+    changed (the callee's network: every caller sees it) against the share of ``C``'s outgoing gaps that
+    changed (the caller: it is slow towards every callee)."""
+    gaps_in: dict[str, int] = {}
+    gaps_out: dict[str, int] = {}
+    for key in comps:
+        if key[0] == "gap":
+            gaps_out[key[1]] = gaps_out.get(key[1], 0) + 1
+            gaps_in[key[2]] = gaps_in.get(key[2], 0) + 1
+    sig_in: dict[str, int] = {}
+    sig_out: dict[str, int] = {}
+    for c in changes:
+        if c.key[0] == "gap":
+            sig_out[c.key[1]] = sig_out.get(c.key[1], 0) + 1
+            sig_in[c.key[2]] = sig_in.get(c.key[2], 0) + 1
+    parts: dict[tuple[str, str], list[tuple[float, str]]] = {}
+
+    def add(kind: str, target: str, w: float, c: _Change, why: str = "") -> None:
+        if w > 0:
+            sure = min(1.0, c.z / LOCAL_FULL_Z)
+            parts.setdefault((kind, target), []).append((max(c.delta, 0.0) * sure * w, c.text() + why))
+
+    for c in changes:
+        if c.key[0] in ("self", "born"):
+            add("service", c.key[1], 1.0, c)
+        else:
+            caller, callee = c.key[1], c.key[2]
+            f_in = sig_in.get(callee, 0) / max(gaps_in.get(callee, 1), 1)
+            f_out = sig_out.get(caller, 0) / max(gaps_out.get(caller, 1), 1)
+            w_callee = f_in / (f_in + f_out) if f_in + f_out > 0 else 0.5
+            add("service", callee, w_callee, c, f"; placed {pct(w_callee)} at {callee} ({sig_in.get(callee, 0)} of "
+                f"{gaps_in.get(callee, 0)} callers slower towards it)")
+            add("service", caller, 1 - w_callee, c, f"; placed {pct(1 - w_callee)} at {caller} ({sig_out.get(caller, 0)}"
+                f" of {gaps_out.get(caller, 0)} of its callees slower from it)")
+            add("edge", f"{caller}->{callee}", EDGE_FACTOR, c)
+    rows = []
+    for (kind, target), items in parts.items():
+        score = 1 - float(np.prod([1 - min(x, 1.0) for x, _ in items]))
+        ev = [t for _, t in sorted(items, key=lambda it: -it[0])]
+        rows.append({"kind": kind, "target": target, "latency_share": score, "l_evidence": ev})
+    cols = ["kind", "target", "latency_share", "l_evidence"]
+    return pd.DataFrame(rows, columns=cols).sort_values("latency_share", ascending=False, ignore_index=True) \
+        if rows else pd.DataFrame(columns=cols)
+
+
+def local_evidence(sess: Session, onset_ns: int | None = None, end_ns: int | None = None) -> LocalEvidence | None:
+    """Changed components and per-service blame at ``onset_ns`` (searched for when None: the strongest
+    change of any component, which must pass :data:`LOCAL_SCAN_Z`). None when nothing changed."""
+    df = _local_records(sess)
+    if df.empty:
+        return None
+    comps = _components(df)
+    end = end_ns or sess.window.hi_ns
+    if onset_ns is None:
+        onset_ns, z = _scan_onset(comps, sess.window.lo_ns, sess.window.hi_ns)
+        if onset_ns is None or z < LOCAL_SCAN_Z:
+            return None
+        end = sess.window.hi_ns
+    changes = [c for k, s in comps.items() if (c := _change_at(k, s, onset_ns, end)) is not None and c.z >= LOCAL_Z]
+    if not changes:
+        return None
+    cands = _blame(changes, comps)
+    ns = _namespaces(sess)
+    cands.insert(2, "namespace", [ns.get(str(t).split("->")[-1]) for t in cands["target"]])
+    return LocalEvidence(onset_ns, changes, cands)
+
+
+NO_SIGNAL = "no signal in the access logs"
+"""The message prefix of a run that found nothing to explain (no change at the symptom, and no service's own
+time, call gap or born errors changed): the fault, if any, is not visible in proxy records."""
+
+
+def _local_onset(sess: Session, local: LocalEvidence) -> Onset:
+    """An :class:`Onset` for an episode found by the local analysis only (the symptom's own statistics did
+    not change enough: a minority route, a rare edge)."""
+    _mark_slow(sess, local.onset_ns, sess.window.hi_ns)
+    stats = _period_stats(sess, local.onset_ns, sess.window.hi_ns)
+    base, inc = stats.get("base", {}), stats.get("inc", {})
+    top = local.strongest
+    return Onset(
+        service=sess.service, onset_ns=local.onset_ns, end_ns=sess.window.hi_ns, bucket_s=bucket_seconds(sess.window),
+        llr=round(float(top.z) ** 2 / 2, 1) if top else 0.0, signal="latency (local)",
+        requests_baseline=int(base.get("n", 0)), requests_incident=int(inc.get("n", 0)),
+        bad_baseline=base.get("bad", 0.0), bad_incident=inc.get("bad", 0.0),
+        failed_baseline=base.get("failed", 0.0), failed_incident=inc.get("failed", 0.0),
+        slow_baseline=base.get("slow", 0.0), slow_incident=inc.get("slow", 0.0),
+        mean_ms_baseline=base.get("mean_ms", float("nan")), mean_ms_incident=inc.get("mean_ms", float("nan")),
+        ongoing=True)
+
+
 def analyze_session(sess: Session, *, top: int = 10) -> RootCauseReport:
     """:func:`analyze` on an open :func:`session`."""
     onset, timeline = _onset(sess)
     if onset is None:
-        return RootCauseReport(sess.service, sess.window, None, pd.DataFrame(columns=CANDIDATE_COLUMNS),
-                               timeline, message=f"no change in {sess.service}'s failures or latency from "
-                               f"{sess.window.describe()}: nothing to explain")
+        local = local_evidence(sess)
+        if local is None or local.candidates.empty:
+            return RootCauseReport(sess.service, sess.window, None, pd.DataFrame(columns=CANDIDATE_COLUMNS),
+                                   timeline, message=f"{NO_SIGNAL}: no change in {sess.service}'s failures or "
+                                   f"latency from {sess.window.describe()}, and no service's own time, call gaps "
+                                   f"or errors changed: nothing to explain")
+        onset = _local_onset(sess, local)
+        cands = _combine(onset, pd.DataFrame(columns=["kind", "target", "namespace", "failure_share",
+                                                      "f_evidence", "examples", "sig"]),
+                         local.candidates, top, phi_f=0.0)
+        msg = (f"{onset.describe()}; the symptom's own statistics barely moved: the change is local "
+               f"({local.strongest.text() if local.strongest else ''})")
+        return RootCauseReport(sess.service, sess.window, onset, cands, timeline, msg,
+                               signature=_signature_classes(pd.DataFrame(), 1.0), local=local)
     req, rf = _requests_table(sess, onset)
     d_fail = max(onset.failed_incident - onset.failed_baseline, 0.0)
     d_slow = max(onset.slow_incident - onset.slow_baseline, 0.0)
     phi_slow = d_slow / (d_fail + d_slow) if (d_fail + d_slow) > 0 else 0.0
+    local = None
     try:
         fail, leaves = _failure_candidates(sess, onset, req, rf)
         # latency attribution reads every hop of the symptom's requests: only when slowness matters
         edges = _edge_times(sess, req) if phi_slow >= LATENCY_WEIGHT_MIN else pd.DataFrame()
         lat = _latency_candidates(sess, req, edges)
+        if phi_slow >= LATENCY_WEIGHT_MIN:
+            # where the added time is born (own time vs call gaps), not only where it is seen
+            local = local_evidence(sess, onset.onset_ns, onset.end_ns)
+            if local is not None and not local.candidates.empty:
+                lat = _local_latency(lat, local.candidates)
         d_sym = onset.mean_ms_incident - onset.mean_ms_baseline
         path = _path_services(sess, req, rf, phi_slow <= 0.8, edges, d_sym if phi_slow >= 0.2 else None)
     finally:
@@ -963,7 +1410,34 @@ def analyze_session(sess: Session, *, top: int = 10) -> RootCauseReport:
     if cands.empty:
         msg += "; no service or edge explains it (the failures start at the symptom itself or are not traced)"
     return RootCauseReport(sess.service, sess.window, onset, cands, timeline, msg, _failing_paths(leaves),
-                           signature=_signature_classes(leaves, phi_slow), path_services=path)
+                           signature=_signature_classes(leaves, phi_slow), path_services=path, local=local)
+
+
+def _local_latency(share: pd.DataFrame, local: pd.DataFrame) -> pd.DataFrame:
+    """Latency candidates scored by the local blame (where the time is born: own time, call gaps), with
+    the symptom-level evidence (how much of the symptom's added time flows through it) kept first."""
+    cols = ["kind", "target", "namespace", "latency_share", "l_evidence"]
+    if share.empty:
+        return local[cols]
+    old = {(k, t): ev for k, t, ev in zip(share["kind"], share["target"], share["l_evidence"], strict=True)}
+    out = local[cols].copy()
+    out["l_evidence"] = [(old.get((k, t)) or []) + list(ev) for k, t, ev in
+                         zip(out["kind"], out["target"], out["l_evidence"], strict=True)]
+    # the edges carrying a service's added time to the symptom, in the old proportions
+    svc_local = dict(zip(out.loc[out["kind"] == "service", "target"], out.loc[out["kind"] == "service",
+                                                                              "latency_share"], strict=True))
+    svc_old = dict(zip(share.loc[share["kind"] == "service", "target"], share.loc[share["kind"] == "service",
+                                                                                 "latency_share"], strict=True))
+    have = set(zip(out["kind"], out["target"], strict=True))
+    extra = []
+    for r in share[share["kind"] == "edge"].itertuples(index=False):
+        callee = str(r.target).split("->")[-1]
+        if ("edge", r.target) in have or callee not in svc_local or not svc_old.get(callee):
+            continue
+        extra.append({"kind": "edge", "target": r.target, "namespace": r.namespace,
+                      "latency_share": float(r.latency_share) / float(svc_old[callee]) * float(svc_local[callee]),
+                      "l_evidence": r.l_evidence})
+    return pd.concat([out, pd.DataFrame(extra, columns=cols)], ignore_index=True) if extra else out
 
 
 def analyze(store: Store, service: str, start: Any = None, end: Any = None, *, top: int = 10) -> RootCauseReport:

@@ -7,7 +7,9 @@ readable table by default and, with ``--json``, a JSON array best first -- the m
 * ``analyze anomalies``: ``rank, kind, scope, target, namespace, metric, direction, onset, end, baseline,
   observed, peak, score, evidence``;
 * ``analyze root-cause``: ``rank, kind (service|edge), target (service, or client->server),
-  namespace, score, evidence`` plus ``failure_share, latency_share, onset, symptom``;
+  namespace, score, evidence`` plus ``failure_share, latency_share, onset, symptom`` and, for scripts,
+  ``incident, episode`` (onset, end, before/after rates), ``signature`` (status, flags, details, policy)
+  and ``example_request_ids``; a run that finds nothing prints one item with ``incident`` false;
 * ``analyze changes``: ``rank, target (Kind/namespace/name), actor, ts, score (>= 0.5: likely cause),
   evidence`` plus ``kind, namespace, name, verb, likely, dt_s`` and the features ``f_*``;
 * ``analyze incidents``: ``rank, onset, end (null while ongoing), services, symptom, root_cause (the top
@@ -123,7 +125,7 @@ def root_cause_cmd(
         with _store(db) as store:
             report = analyze(store, service, lo, hi, top=top)
         if as_json:
-            _emit_json(report.to_json())
+            _emit_json(report.to_json(say_no_incident=True))
             return
         typer.echo(report.message)
         for r in report.candidates.itertuples(index=False):

@@ -28,7 +28,13 @@ from meshlens.simulate.model import (
     Scenario,
 )
 from meshlens.simulate.runner import AUDIT_FILE, simulate
-from meshlens.simulate.scenarios import EVAL_CASES, default_scenario, scenarios_for_evaluation
+from meshlens.simulate.scenarios import (
+    EVAL_CASES,
+    REAL_FAULT_CASES,
+    default_scenario,
+    scenarios_for_evaluation,
+    scenarios_for_real_faults,
+)
 from meshlens.simulate.topology import NAMED_TOPOLOGIES, get_topology, random_topology
 
 __all__ = [
@@ -45,5 +51,7 @@ __all__ = [
     "get_topology",
     "random_topology",
     "scenarios_for_evaluation",
+    "scenarios_for_real_faults",
+    "REAL_FAULT_CASES",
     "simulate",
 ]

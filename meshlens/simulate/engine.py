@@ -251,7 +251,17 @@ class Engine:
                     return 429, "RL", "local_rate_limited", BODY_RL
         return None
 
-    def _app_effect(self, target: str, pod: Pod, t: int) -> tuple[float, tuple[int, int] | None]:
+    def _starved(self, client: str, t: int) -> int:
+        """Time (us) a CPU-starved client adds to its own client-side view of a call: it is slow to
+        read the response, so its sidecar's outbound record grows while the callee's inbound one does
+        not."""
+        for inc in self.by_target.get(client, ()):
+            if inc.active(t) and inc.kind == "latency" and inc.variant == "starved_caller":
+                return int(inc.severity * 1000.0 * 0.5 * math.exp(self.rng.gauss(0.0, 0.5)))
+        return 0
+
+    def _app_effect(self, target: str, pod: Pod, t: int, op: Op | None = None
+                    ) -> tuple[float, tuple[int, int] | None]:
         """(added processing time in us, (status, bytes) of an application error or None)."""
         rng = self.rng
         extra = 0.0
@@ -261,8 +271,11 @@ class Engine:
                 continue
             if inc.kind == "latency":
                 if (inc.variant == "slow_release" and pod.rs == inc.bad_rs) or inc.variant == "slow_config" or \
-                        (inc.variant == "slow_node" and pod.name in inc.bad_pods):
+                        (inc.variant == "slow_node" and pod.name in inc.bad_pods) or inc.variant == "starved_caller":
                     extra += inc.severity * 1000.0 * math.exp(rng.gauss(0.0, 0.5))
+                    inc.stats["slow_hops"] = inc.stats.get("slow_hops", 0) + 1
+                elif inc.variant == "minority_route" and op is not None and op.name == inc.slow_op:
+                    extra += op.self_ms * 1000.0 * (inc.severity - 1) * math.exp(rng.gauss(0.0, 0.3))
                     inc.stats["slow_hops"] = inc.stats.get("slow_hops", 0) + 1
             elif inc.kind == "bad_rollout" and inc.variant == "errors" and pod.rs == inc.bad_rs:
                 if rng.random() < inc.severity:
@@ -397,7 +410,7 @@ class Engine:
         status, tx, app_us, failed = self.serve(target, pod, op, app_start, rid, params, xff, load)
         srv_dur = app_us + in_overhead + self._ri(40, 200)
         ust_srv = app_us + self._ri(20, 120)
-        cl_total = srv_dur + 2 * net + self._ri(60, 250)
+        cl_total = srv_dur + 2 * net + self._ri(60, 250) + self._starved(client, t0)
         if timeout_ms and cl_total > timeout_ms * 1000:
             to = timeout_ms * 1000
             server_record(0, "DC", "downstream_remote_disconnect", 0, max(0, to - net), None, True)
@@ -414,7 +427,7 @@ class Engine:
         """Run ``op`` in ``pod`` from ``t``: returns (status, response bytes, app time us, failed)."""
         rng = self.rng
         svc = self.topo.services[name]
-        extra, err = self._app_effect(name, pod, t)
+        extra, err = self._app_effect(name, pod, t, op)
         self_us = op.self_ms * 1000.0 * math.exp(rng.gauss(0.0, 0.45)) + extra
         if rng.random() < 0.002:
             self_us *= rng.uniform(8, 30)  # the long tail: GC pause, cold cache

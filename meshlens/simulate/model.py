@@ -34,11 +34,19 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "route_broken": ("no_route", "no_cluster"),
     "bad_rollout": ("errors", "crashloop"),
     "tls_failure": ("verify_failed", "expired"),
-    "latency": ("slow_release", "slow_config", "slow_node"),
+    "latency": ("slow_release", "slow_config", "slow_node", "starved_caller", "minority_route"),
     "rate_limit": ("low_limit", "surge"),
     "connection_failure": ("node_down",),
     "app_errors": ("dependency_down",),
 }
+
+EXPLICIT_ONLY: frozenset[tuple[str, str]] = frozenset({("latency", "starved_caller"),
+                                                      ("latency", "minority_route")})
+"""Variants never picked at random for an unset ``variant`` (they came later: picking them would change
+what existing seeds simulate). ``starved_caller``: the target is CPU-starved -- its own processing and
+its client-side call durations grow, its callees' server-side durations do not. ``minority_route``: one
+operation of the target, reached by a small share of the users' requests, becomes ``severity`` times
+slower (default 30)."""
 
 ACTORS = ("alice", "bob", "argocd", "helm")
 

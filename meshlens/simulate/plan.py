@@ -20,7 +20,7 @@ from meshlens.errors import ConfigError
 from meshlens.simulate import objects as O  # noqa: N812
 from meshlens.simulate.audit import Change
 from meshlens.simulate.cluster import Cluster, Pod
-from meshlens.simulate.model import VARIANTS, IncidentSpec, NoisySpec, Scenario
+from meshlens.simulate.model import EXPLICIT_ONLY, VARIANTS, IncidentSpec, NoisySpec, Scenario
 from meshlens.simulate.topology import Service, Topology
 
 S = 1_000_000  # microseconds per second
@@ -28,6 +28,7 @@ S = 1_000_000  # microseconds per second
 _VARIANT_CHANGE = {
     ("tls_failure", "verify_failed"): True, ("tls_failure", "expired"): False,
     ("latency", "slow_release"): True, ("latency", "slow_config"): True, ("latency", "slow_node"): False,
+    ("latency", "starved_caller"): False, ("latency", "minority_route"): False,
     ("rate_limit", "low_limit"): True, ("rate_limit", "surge"): False,
 }
 
@@ -55,6 +56,7 @@ class Incident:
     route_name: str | None = None
     bad_rs: str | None = None
     bad_pods: set[str] = field(default_factory=set)
+    slow_op: str | None = None
     surge: float = 1.0
     limit: float = 1.0
     cause: Change | None = None
@@ -129,7 +131,7 @@ class Planner:
         kind = spec.kind
         variant = spec.variant
         if variant is None:
-            options = list(VARIANTS[kind])
+            options = [v for v in VARIANTS[kind] if (kind, v) not in EXPLICIT_ONLY]
             if spec.with_change is not None:
                 options = [v for v in options if _VARIANT_CHANGE.get((kind, v), spec.with_change)
                            == spec.with_change] or options
@@ -172,6 +174,8 @@ class Planner:
             inc.root_cause_edge = inc.affected_edges[0] if len(callers) == 1 else None
         if kind == "route_broken":
             inc.route_name = O.virtual_service(svc, variant)[1]
+        if kind == "latency" and variant == "minority_route":
+            inc.slow_op = rng.choice([op.name for op in svc.ops])
         if kind == "rate_limit":
             if variant == "surge":
                 inc.surge = spec.severity or 3.0
@@ -192,6 +196,7 @@ class Planner:
             ("tls_failure", "expired"): 1.0, ("latency", "slow_release"): 250.0,
             ("latency", "slow_config"): 200.0, ("latency", "slow_node"): 400.0,
             ("connection_failure", "node_down"): 0.6, ("app_errors", "dependency_down"): 0.6,
+            ("latency", "starved_caller"): 150.0, ("latency", "minority_route"): 30.0,
         }.get((kind, variant), 1.0)
 
     def _pick_target(self, idx: int, kind: str, variant: str, spec: IncidentSpec,
@@ -219,6 +224,8 @@ class Planner:
                     kids = [c for op in topo.services[t].ops for c in op.calls if c.critical]
                     if not kids:
                         continue
+                if variant == "starved_caller" and not any(op.calls for op in topo.services[t].ops):
+                    continue  # a starved *caller*: it must call something
                 path = topo.critical_path(entry, t) if critical else self._any_path(entry, t)
                 if t == entry:
                     path = [entry]
@@ -232,7 +239,11 @@ class Planner:
                 elif kind == "tls_failure" and variant == "expired":
                     # only the target's own (critical) calls fail: that is what reaches the users
                     s = sum(w for (a, _b), w in edge_share.items() if a == t)
-                if spec.target is None and s < 0.12:
+                if variant == "minority_route":
+                    # a route a minority of the users' requests take (2-30 %)
+                    if spec.target is None and not 0.02 <= s <= 0.3:
+                        continue
+                elif spec.target is None and s < 0.12:
                     continue
                 best.append((s, t, entry, path))
         if not best:

@@ -163,3 +163,142 @@ def test_bad_input_is_refused(errors_db: Path) -> None:
             rootcause.analyze(store, "checkout", T0, T0 + 600)
         with pytest.raises(ConfigError, match="empty time range"):
             rootcause.analyze(store, "frontend", T0 + 600, T0)
+
+
+# -- local evidence: where a delay or an error is born ---------------------------------------------
+
+
+def test_json_fields_for_scripts(errors_db: Path, quiet_db: Path) -> None:
+    """The onset, before/after rates, the failure signature and example request ids are fields; a run
+    with nothing to explain says so in a field when asked (the CLI does)."""
+    with open_ro(errors_db) as store:
+        items = rootcause.analyze(store, "frontend", T0, T0 + 40 * 60, top=3).to_json()
+    top = items[0]
+    assert top["incident"] is True and top["episode"]["onset"] == top["onset"]
+    ep = top["episode"]
+    assert ep["failed_incident"] > ep["failed_baseline"] and ep["requests_incident"] > 0
+    assert top["signature"]["status"] == 500 and top["signature"]["details"] == "via_upstream"
+    assert top["signature"]["count"] > 0 and top["example_request_ids"]
+    assert all(isinstance(x, str) for x in top["example_request_ids"])
+    with open_ro(quiet_db) as store:
+        report = rootcause.analyze(store, "frontend", T0, T0 + 40 * 60)
+    none = report.to_json(say_no_incident=True)
+    assert len(none) == 1 and none[0]["incident"] is False and none[0]["target"] is None
+    assert rootcause.NO_SIGNAL in none[0]["message"]
+
+
+def test_exact_rank_test_for_short_samples() -> None:
+    """9 slow calls after 27 fast ones: exact p = 1 / C(36, 9), far beyond the normal approximation."""
+    from math import comb
+    from statistics import NormalDist
+
+    z = rootcause._mw_exact_z(9 * 27, 9, 27)
+    assert z == pytest.approx(-NormalDist().inv_cdf(1 / comb(36, 9)), rel=1e-6)
+    assert rootcause._mw_exact_z(0, 9, 27) == 0.0
+    rng = np.random.default_rng(3)
+    v = np.concatenate([rng.normal(0, 1, 30), rng.normal(0.8, 1, 30)])
+    approx = float(rootcause._rank_scan(v, np.array([30]))[0])
+    r, _ = rootcause._ranks(v)
+    exact = rootcause._mw_exact_z(r[30:].sum() - 30 * 31 / 2, 30, 30)
+    assert exact == pytest.approx(approx, abs=0.25)  # same test where the approximation is good
+
+
+def _records(rng: np.random.Generator, n: int, onset_frac: float, *, caller_starved: bool = False,
+             callee_delay: str | None = None, slow_route: str | None = None, born: str | None = None
+             ) -> pd.DataFrame:
+    """Synthetic sidecar records of ``n`` entry requests into ``fe`` (calls ``a`` and ``b``; ``a`` calls
+    ``db``; one request in 12 also calls ``pay``), with one fault after ``onset_frac`` of the window."""
+    rows = []
+    for i in range(n):
+        ts = i * 10**9
+        bad = i >= onset_frac * n
+        rid = i
+        t = ts
+        out = 0.0
+        calls = [("a", "/a"), ("b", "/b")] + ([("pay", "/pay")] if i % 12 == 0 else [])
+        for callee, op in calls:
+            srv = float(rng.gamma(4, 2))
+            if callee == "a":
+                sub = float(rng.gamma(4, 1))
+                rows.append((t, rid, True, "a", "db", "GET /db", sub + 1, False))
+                rows.append((t, rid, False, None, "db", "GET /db", sub, False))
+                srv += sub + 1
+            if slow_route == callee and bad:
+                srv *= 30
+            gap = 1.0 + float(rng.exponential(0.5))
+            if callee_delay == callee and bad:
+                gap += 80
+            if caller_starved and bad:
+                gap += 40 + float(rng.exponential(10))
+            f_srv = born == callee and bad and rng.random() < 0.5
+            rows.append((t, rid, True, "fe", callee, f"GET {op}", srv + gap, f_srv))
+            rows.append((t, rid, False, None, callee, f"GET {op}", srv, f_srv))
+            out += srv + gap
+        own = float(rng.gamma(4, 3)) + (30 if caller_starved and bad else 0)
+        rows.append((ts, rid, False, None, "fe", "GET /", own + out, False))
+    return pd.DataFrame(rows, columns=["ts_ns", "rid", "cli", "caller", "callee", "op", "d", "failed"])
+
+
+def _blame_of(df: pd.DataFrame) -> tuple[int | None, list[str]]:
+    comps = rootcause._components(df)
+    lo, hi = int(df["ts_ns"].min()), int(df["ts_ns"].max()) + 1
+    onset, _ = rootcause._scan_onset(comps, lo, hi)
+    if onset is None:
+        return None, []
+    changes = [c for k, s in comps.items() if (c := rootcause._change_at(k, s, onset, hi)) is not None
+               and c.z >= rootcause.LOCAL_Z]
+    b = rootcause._blame(changes, comps)
+    return onset, b[b["kind"] == "service"]["target"].tolist()
+
+
+def test_a_starved_caller_is_blamed_not_its_callees() -> None:
+    """fe's calls take longer while a's and b's own (server-side) durations stay flat, and fe's own time
+    grows: the delay is in the caller -- an entry service with no caller records."""
+    onset, ranked = _blame_of(_records(np.random.default_rng(4), 300, 0.6, caller_starved=True))
+    assert onset is not None and abs(onset / NS - 180) < 10
+    assert ranked[0] == "fe"
+
+
+def test_a_callee_network_delay_is_blamed_on_the_callee() -> None:
+    onset, ranked = _blame_of(_records(np.random.default_rng(5), 300, 0.6, callee_delay="b"))
+    assert onset is not None and abs(onset / NS - 180) < 10
+    assert ranked[0] == "b" and "fe" not in ranked[:1]
+
+
+def test_a_minority_route_slowdown_with_a_short_baseline() -> None:
+    """One request in 12 calls pay, 30x slower after the onset: the entry's mean barely moves, but pay's
+    own time on 20 calls before and 14 after is an exact rank test far past the bar."""
+    onset, ranked = _blame_of(_records(np.random.default_rng(6), 400, 0.6, slow_route="pay"))
+    assert onset is not None and abs(onset / NS - 240) < 25
+    assert ranked[0] == "pay"
+
+
+def test_errors_born_mid_chain() -> None:
+    """b answers failures without a failing call under it: the errors are born at b."""
+    df = _records(np.random.default_rng(7), 300, 0.6, born="b")
+    comps = rootcause._components(df)
+    c = rootcause._change_at(("born", "b"), comps[("born", "b")], 180 * NS, 300 * NS)
+    assert c is not None and c.z > 5 and c.after > 0.3
+    b = rootcause._blame([c], comps)
+    assert b.iloc[0]["target"] == "b"
+
+
+def test_no_change_no_blame() -> None:
+    onset, ranked = _blame_of(_records(np.random.default_rng(8), 300, 2.0))
+    assert onset is None or not ranked
+
+
+def test_grpc_failures_under_http_200_count_as_failed() -> None:
+    """gRPC answers errors in trailers: HTTP 200 with grpc-status 14 (UNAVAILABLE) is a failure; 5
+    (NOT_FOUND) is an answer, like a 404."""
+    import duckdb
+
+    from meshlens.analysis.common import FAILED_SQL
+
+    con = duckdb.connect()
+    con.execute("CREATE TABLE events (status INTEGER, grpc_status INTEGER, authz_decision VARCHAR, "
+                "response_flags VARCHAR)")
+    con.execute("INSERT INTO events VALUES (200, 14, NULL, NULL), (200, 5, NULL, NULL), (200, 0, NULL, NULL), "
+                "(200, NULL, NULL, NULL), (503, NULL, NULL, 'UH')")
+    assert [r[0] for r in con.execute(f"SELECT {FAILED_SQL} FROM events").fetchall()] == \
+        [True, False, False, False, True]

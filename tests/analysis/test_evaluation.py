@@ -161,3 +161,28 @@ def test_onset_is_found_close_to_the_truth(evaluation: pd.DataFrame) -> None:
     assert err.median() < 30 and err.max() < 300, accuracy_table(evaluation)
     failures = evaluation[~evaluation["kind"].str.startswith("latency")]
     assert failures["onset_error_s"].abs().max() < 120, accuracy_table(evaluation)
+
+
+# -- behaviours seen on real faults (Nezha): starved callers, minority routes, errors born mid-chain ------
+
+
+@pytest.fixture(scope="session")
+def real_fault_evaluation(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
+    from meshlens.simulate import scenarios_for_real_faults
+
+    out = tmp_path_factory.mktemp("real-faults")
+    with ProcessPoolExecutor(max_workers=2) as pool:
+        built = list(pool.map(_build, [(out, sc) for sc in scenarios_for_real_faults()]))
+    return pd.DataFrame([_evaluate(*b) for b in built])
+
+
+def test_real_fault_behaviours_are_all_found(real_fault_evaluation: pd.DataFrame,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """A CPU-starved caller (its callees' server-side durations flat), a minority route many times
+    slower, an error born mid-chain: each root cause ranked first, onset within a minute."""
+    df = real_fault_evaluation
+    with capsys.disabled():
+        print("\n" + df[["scenario", "truth", "rc_top1", "onset_error_s"]].to_string(index=False))
+    assert set(df["kind"]) >= {"latency/starved_caller", "latency/minority_route", "app_errors/dependency_down"}
+    assert df["rc_top1_ok"].all(), df.to_string()
+    assert df["onset_error_s"].abs().max() < 60, df.to_string()
