@@ -11,7 +11,7 @@ import pytest
 
 from meshlens.analysis import anomalies
 from meshlens.analysis.common import Window
-from tests.analysis.test_analysis_common import NS, T0, Mesh, cached_store, incident_mesh, open_ro, request
+from tests.support.mesh import NS, T0, Mesh, cached_store, incident_mesh, open_ro, request
 
 ONSET = T0 + 25 * 60
 

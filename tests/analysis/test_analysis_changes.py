@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from meshlens.analysis import changes
-from tests.analysis.test_analysis_common import T0, Mesh, cached_store, incident_mesh, open_ro
+from tests.support.mesh import T0, Mesh, cached_store, incident_mesh, open_ro
 
 ONSET = T0 + 25 * 60
 END = T0 + 40 * 60

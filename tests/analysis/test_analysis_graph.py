@@ -8,7 +8,7 @@ import pytest
 
 from meshlens.analysis.common import resolve_window, temp_name
 from meshlens.analysis.graph import deepest_failures_sql, hop_table, request_hops, service_graph
-from tests.analysis.test_analysis_common import T0, Mesh, cached_store, incident_mesh, open_ro, request
+from tests.support.mesh import T0, Mesh, cached_store, incident_mesh, open_ro, request
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,7 @@ def test_deepest_failure_is_followed_down_the_chain_and_recovered_calls_are_igno
 def test_linkerd_server_only_records_are_hops(tmp_path: Path) -> None:
     """Linkerd proxies log only the server side, with the client's identity: each record is a hop."""
     from meshlens.simulate import NoisySpec, Scenario
-    from tests.analysis.test_analysis_common import simulated_store
+    from tests.support.mesh import simulated_store
 
     sc = Scenario(name="linkerd-graph", seed=3, topology="shop", linkerd=True, duration_s=900, entry_rate=0.4,
                   incidents=[], noisy=NoisySpec(service=None, mode="stable", error_rate=0.05),

@@ -22,7 +22,7 @@ import pytest
 from meshlens import notebook as nbhelp
 from meshlens.analysis import changes, incidents
 from meshlens.store import open_store
-from tests.analysis.test_analysis_common import T0, incident_mesh, open_ro
+from tests.support.mesh import T0, incident_mesh, open_ro
 
 SLOW = os.environ.get("MESHLENS_SLOW") == "1"
 N_WINDOWS, DURATION_S, ENTRY_RATE = (12, 5 * 3600.0, 0.6) if SLOW else (4, 4 * 3600.0, 0.5)

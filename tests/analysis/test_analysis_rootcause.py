@@ -11,7 +11,7 @@ import pytest
 
 from meshlens.analysis import rootcause
 from meshlens.errors import ConfigError
-from tests.analysis.test_analysis_common import NS, T0, cached_store, incident_mesh, open_ro
+from tests.support.mesh import NS, T0, cached_store, incident_mesh, open_ro
 
 ONSET = T0 + 25 * 60
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.analysis.test_analysis_common import T0, cached_store, incident_mesh
+from tests.support.mesh import T0, cached_store, incident_mesh
 
 CLI = [sys.executable, "-m", "meshlens.cli", "analyze"]
 FROM, TO = "2024-05-01T08:00:00Z", str(T0 + 40 * 60)  # RFC 3339 and Unix seconds both work

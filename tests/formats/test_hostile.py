@@ -25,7 +25,7 @@ from meshlens.records import RawBatch
 from meshlens.sources.loki import add_matcher, exact_selector, ingest_loki, logql_quote, re2_escape
 from meshlens.store import open_store
 from tests.servers.loki import NS, LogExpr, LokiServer, istio_line, parse_logql, re2_to_python
-from tests.store.test_crash import istio_line as file_line
+from tests.support.crash import istio_line as file_line
 
 HOSTILE = ['a"b', "a\\b", "a\nb", 'x"} |= "y', '"} or {app=~".+', "`rm -rf`", "{}", "a\\\"b", "\t\r\x00",
            "x' OR '1'='1", "'); DROP TABLE events; --", "ünï©ødé ☃", "|~ `.*`", "$ns", "?", "%s %d"]

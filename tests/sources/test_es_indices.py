@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -25,6 +24,7 @@ from meshlens.sources.elasticsearch import EsQuery, EsSource, SliceCursor, Windo
 from meshlens.sources.http import HttpConfig
 from meshlens.store import open_store
 from tests.servers.elasticsearch import EsTestServer, fluentbit_doc
+from tests.support.es_paging import raw_pit_paging  # noqa: F401 - shared with other test modules
 
 START_MS = 1_717_200_000_000
 WINDOW = Window(START_MS, START_MS + 86_400_000)
@@ -51,23 +51,6 @@ def read_positions(src: EsSource) -> list[str]:
     for b in src.batches(WINDOW, [SliceCursor() for _ in range(src.parallel)]):
         out += b.positions
     return out
-
-
-def raw_pit_paging(url: str, sort: list[Any], size: int, *, dialect: str, pattern: str = "logs-twin-*"
-                   ) -> list[str]:
-    """Page a PIT with ``search_after`` exactly as a client would (the old meshlens sort, or any)."""
-    if dialect == "es":
-        pit = requests.post(f"{url}/{pattern}/_pit?keep_alive=1m", timeout=10).json()["id"]
-    else:
-        pit = requests.post(f"{url}/{pattern}/_search/point_in_time?keep_alive=1m", timeout=10).json()["pit_id"]
-    body: dict[str, Any] = {"size": size, "sort": sort, "pit": {"id": pit, "keep_alive": "1m"}}
-    seen: list[str] = []
-    while True:
-        hits = requests.post(f"{url}/_search", json=body, timeout=10).json()["hits"]["hits"]
-        if not hits:
-            return seen
-        seen += [f"{h['_index']}/{h['_id']}" for h in hits]
-        body["search_after"] = hits[-1]["sort"]
 
 
 TS = {"@timestamp": {"order": "asc", "unmapped_type": "date"}}

@@ -23,7 +23,7 @@ from meshlens.sources.elasticsearch import EsQuery, EsSource, SliceCursor, Windo
 from meshlens.sources.http import HttpConfig
 from meshlens.store import open_store
 from tests.servers.elasticsearch import fluentbit_doc
-from tests.sources.test_es_indices import raw_pit_paging
+from tests.support.es_paging import raw_pit_paging
 
 osmem_server = pytest.importorskip("osmem_server")
 

@@ -22,8 +22,8 @@ from meshlens.store import open_store
 from tests.servers.elasticsearch import EsTestServer, generate
 from tests.servers.loki import NS, LokiServer, istio_line
 from tests.servers.loki import generate as loki_generate
-from tests.sources.test_loki_source import T0, Q, server_as_events, stored_events
 from tests.support.faults import FaultProxy
+from tests.support.loki_events import T0, Q, server_as_events, stored_events
 
 END = T0 + 600 * NS
 QR = "/loki/api/v1/query_range"

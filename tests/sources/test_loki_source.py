@@ -20,7 +20,6 @@ from hypothesis import strategies as st
 from meshlens.errors import AuthError, ConfigError, QueryError, SourceError
 from meshlens.ingest import ingest_batches
 from meshlens.records import RawBatch
-from meshlens.redact import redact_text
 from meshlens.sources.http import HttpClient
 from meshlens.sources.loki import (
     LokiClient,
@@ -31,11 +30,10 @@ from meshlens.sources.loki import (
     resolve_range,
     split_log_query,
 )
-from meshlens.store import Store, open_store
+from meshlens.store import open_store
 from tests.servers.loki import NS, LokiServer, generate, istio_line
+from tests.support.loki_events import T0, Q, server_as_events, stored_events  # noqa: F401 - shared with other test modules
 
-T0 = 1_700_000_000 * NS
-Q = '{container="istio-proxy"}'
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -68,17 +66,6 @@ def assert_exact(srv: LokiServer, got: list[Key], tenant: str = "fake", start: i
     assert len(got) == len(set(got)), "a line was emitted twice"
     missing, extra = held - set(got), set(got) - held
     assert not missing and not extra, f"missing {len(missing)}, extra {len(extra)}"
-
-
-def stored_events(store: Store) -> set[tuple[tuple[tuple[str, str], ...], str, str]]:
-    rows = store.con.execute("SELECT labels, position, raw FROM events").fetchall()
-    return {(tuple(sorted(lb.items())), pos, raw) for lb, pos, raw in rows}
-
-
-def server_as_events(srv: LokiServer, query: str = Q, tenant: str = "fake", start: int = T0,
-                     end: int = T0 + 600 * NS) -> set[tuple[tuple[tuple[str, str], ...], str, str]]:
-    """What the store must hold: every line, with ``raw`` as the ingest stores it (PII-redacted)."""
-    return {(lb, f"{query}@{ts}", redact_text(line)) for lb, ts, line in srv.holdings(tenant, start, end)}
 
 
 LABELS = [{"namespace": "shop", "app": a, "pod": f"{a}-5d9f7-x{i}", "container": "istio-proxy"}

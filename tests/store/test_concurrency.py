@@ -16,7 +16,7 @@ from pathlib import Path
 from meshlens import reports
 from meshlens.ingest import ingest_batches, ingest_files
 from meshlens.store import open_store
-from tests.store.test_crash import _RUNNER, make_log, small_batches
+from tests.support.crash import _RUNNER, make_log, small_batches
 
 ROOT = Path(__file__).resolve().parents[2]
 BATCH = 1500

@@ -14,44 +14,16 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import duckdb
 
 from meshlens.ingest import IngestCounts, ingest_batches
-from meshlens.records import RawBatch
-from meshlens.sources.files import read_file
 from meshlens.store import open_store, snapshot_path
+from tests.support.crash import _RUNNER, ROOT, istio_line, make_log, small_batches  # noqa: F401 - shared with other test modules
 
 KILLS = int(os.environ.get("MESHLENS_CRASH_KILLS", "40" if os.environ.get("MESHLENS_SLOW") == "1" else "8"))
 BATCH = 2000
-ROOT = Path(__file__).resolve().parents[2]
-
-_RUNNER = """
-import sys
-from meshlens.ingest import ingest_batches
-from meshlens.store import open_store
-from tests.store.test_crash import small_batches
-store = open_store(sys.argv[1])
-try:
-    ingest_batches(store, small_batches(sys.argv[2], int(sys.argv[3])), source="file:log", progress=False,
-                   snapshot_every_s=float(sys.argv[4]))
-    store.publish_snapshot()
-finally:
-    store.close()
-print("DONE", flush=True)
-"""
-
-
-def small_batches(path: str | Path, n: int) -> Iterator[RawBatch]:
-    """The file source's batches cut into ``n``-record batches (it batches per 4 MiB read chunk), so a
-    small test file still spans many transactions."""
-    for b in read_file(path):
-        for i in range(0, len(b), n):
-            yield RawBatch(source=b.source, lines=b.lines[i:i + n], ts_ns=b.ts_ns[i:i + n],
-                           labels=b.labels[i:i + n], positions=b.positions[i:i + n],
-                           reject_reasons=b.reject_reasons[i:i + n] if b.reject_reasons else None)
 
 
 def ingest_small(db: Path, log: Path, n: int = BATCH) -> IngestCounts:
@@ -59,28 +31,6 @@ def ingest_small(db: Path, log: Path, n: int = BATCH) -> IngestCounts:
         counts = ingest_batches(store, small_batches(log, n), source="file:log", progress=False)
         store.publish_snapshot()
     return counts
-
-
-def istio_line(i: int) -> str:
-    sec, ms = divmod(i, 1000)
-    ts = f"2024-05-01T10:{(sec // 60) % 60:02d}:{sec % 60:02d}.{ms:03d}Z"
-    return (f'[{ts}] "GET /api/items/{i % 97} HTTP/1.1" {200 if i % 13 else 503} - via_upstream - "-" 0 '
-            f'{i % 5000} {i % 40} {i % 30} "-" "curl/8.0" "req-{i:08d}" "shop:8080" "10.0.{i % 250}.5:8080" '
-            f"outbound|8080||shop.default.svc.cluster.local 10.0.0.4:{1024 + i % 60000} 10.0.0.5:8080 "
-            "10.0.0.4:4000 - default")
-
-
-def make_log(path: Path, n: int) -> Path:
-    """n records: access lines, verbatim duplicates (kept, numbered) and unparseable lines (rejects)."""
-    with path.open("w") as fh:
-        for i in range(n):
-            if i % 101 == 0:
-                fh.write(f"garbage record {i} that no parser accepts\n")
-            elif i % 173 == 0:
-                fh.write(istio_line(i - 1) + "\n")  # identical to the previous line
-            else:
-                fh.write(istio_line(i) + "\n")
-    return path
 
 
 def state(db: Path) -> tuple[dict[str, int], set[str], set[str]]:

@@ -16,13 +16,13 @@ import duckdb
 
 from meshlens.ingest import ingest_batches
 from meshlens.store import open_store
-from tests.store.test_crash import ROOT, make_log, small_batches
+from tests.support.crash import ROOT, make_log, small_batches
 
 _SLOW_RUNNER = """
 import sys, time
 from meshlens.ingest import ingest_batches
 from meshlens.store import open_store
-from tests.store.test_crash import small_batches
+from tests.support.crash import small_batches
 
 def slow(path):
     for i, b in enumerate(small_batches(path, 500)):
