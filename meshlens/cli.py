@@ -18,6 +18,25 @@ from meshlens.errors import MeshlensError
 from meshlens.filters import FilterConfigOpt, NoDefaultFiltersOpt, SampleSuccessOpt
 from meshlens.records import DEFAULT_BATCH
 
+
+def _hide_flag_types() -> None:
+    """typer 0.29's help prints a ``<bool>`` type after every flag (``--json <bool>``), as if it took a
+    value; a flag takes none, so show no type for flags (options with values keep theirs)."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+    if getattr(shown, "_meshlens_flags_hidden", False):
+        return
+
+    def display_type_rich(self: TyperOption, ctx: typer.Context) -> str | None:
+        return None if self.is_flag and not self.count else shown(self, ctx)
+
+    display_type_rich._meshlens_flags_hidden = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_hide_flag_types()
+
 app = typer.Typer(
     name="meshlens",
     help="Investigate service-mesh audit logs: ingest (files, Loki, Elasticsearch) into DuckDB, analyse, report.",
@@ -69,6 +88,19 @@ def ingest_file(
                           max_record_bytes=max_record_bytes,
                           filters=build_filter_config(filter_config, no_default_filters, sample_success))
     _emit(counts.as_dict(), as_json, str(counts))
+    warning = counts.empty_warning(_input_bytes(paths))
+    if warning:
+        typer.echo(warning, err=True)
+
+
+def _input_bytes(paths: list[Path]) -> int:
+    """Total size of the input files (directories walked), for the "0 events stored" warning."""
+    total = 0
+    for p in paths:
+        for f in ([p] if p.is_file() else p.rglob("*") if p.is_dir() else []):
+            if f.is_file():
+                total += f.stat().st_size
+    return total
 
 
 def _load_mapping(path: Path) -> dict[str, str]:
@@ -91,8 +123,11 @@ def _load_mapping(path: Path) -> dict[str, str]:
     return data
 
 
+ReadDbOpt = Annotated[Path, typer.Option("--db", help="DuckDB store to read (must exist; opened read-only).")]
+
+
 @app.command()
-def summary(db: DbOpt, as_json: JsonOpt = False) -> None:
+def summary(db: ReadDbOpt, as_json: JsonOpt = False) -> None:
     """Overview of a store: events by type, services, time span, rejects."""
     from meshlens.analysis.overview import format_summary
     from meshlens.analysis.overview import summary as _summary

@@ -577,4 +577,39 @@ def setup_sql(store_or_db: Store | str | os.PathLike[str] | None = "", *, alias:
     ip.run_line_magic("config", "SqlMagic.displaylimit = 50")
     ip.user_ns["_meshlens_sql_con"] = store.con
     ip.run_line_magic("sql", f"_meshlens_sql_con --alias {alias}")
+    _explain_read_only_writes(ip)
     return store
+
+
+WRITE_SQL = re.compile(r"\b(DELETE|INSERT|UPDATE|MERGE|CREATE|DROP|ALTER|TRUNCATE|COPY|ATTACH|DETACH|VACUUM|"
+                       r"CHECKPOINT)\b", re.IGNORECASE)
+
+
+def read_only_message(statement: str, error: BaseException) -> str | None:
+    """The one line shown when SQL tries to write to the read-only store, or None for other errors.
+
+    Why: the store is read through views of its published snapshot, so DuckDB's own errors for a write
+    ("Can only delete from base table", "attached in read-only mode") do not say what is going on.
+    """
+    import duckdb
+
+    m = WRITE_SQL.search(statement or "")
+    if m is None or not isinstance(error, duckdb.Error):
+        return None
+    return (f"the store is read-only here ({m.group(1).upper()} is not allowed): notebooks read the published "
+            "snapshot and never write; change the store with the meshlens CLI (ingest, retention)")
+
+
+def _explain_read_only_writes(ip: Any) -> None:
+    """Turn a write's DuckDB error in an SQL cell into :func:`read_only_message` (one line, no traceback)."""
+    import duckdb
+
+    def handler(shell: Any, etype: type, value: BaseException, tb: Any, tb_offset: Any = None) -> Any:
+        history = shell.user_ns.get("_ih") or [""]
+        message = read_only_message(str(history[-1]), value)
+        if message is None:
+            return shell.showtraceback((etype, value, tb), tb_offset=tb_offset)
+        shell._showtraceback(etype, value, [f"ReadOnlyStore: {message}"])
+        return None
+
+    ip.set_custom_exc((duckdb.Error,), handler)
