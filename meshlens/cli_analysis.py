@@ -9,7 +9,10 @@ readable table by default and, with ``--json``, a JSON array best first -- the m
 * ``analyze root-cause``: ``rank, kind (service|edge), target (service, or client->server),
   namespace, score, evidence`` plus ``failure_share, latency_share, onset, symptom``;
 * ``analyze changes``: ``rank, target (Kind/namespace/name), actor, ts, score (>= 0.5: likely cause),
-  evidence`` plus ``kind, namespace, name, verb, likely, dt_s`` and the features ``f_*``.
+  evidence`` plus ``kind, namespace, name, verb, likely, dt_s`` and the features ``f_*``;
+* ``analyze incidents``: ``rank, onset, end (null while ongoing), services, symptom, root_cause (the top
+  item of root-cause), change (the top item of changes when likely, else null), summary`` plus
+  ``severity, kind, signature, confidence, requests_affected, bad_before, bad_during, anomalies``.
 
 Times accept RFC 3339, Unix seconds, ``now`` and relative forms such as ``-24h``. Bad input (unknown
 service, empty range, missing store) exits 1 with one line on stderr.
@@ -170,6 +173,47 @@ def changes_cmd(
                        f"by {r.actor}")
             for line in r.evidence[:4]:
                 typer.echo(f"       - {line}")
+
+    _run(run)
+
+
+@analyze_app.command("incidents")
+def incidents_cmd(
+    db: DbOpt,
+    start: FromOpt = "",
+    end: ToOpt = "",
+    lookback: Annotated[str, typer.Option("--lookback", help="Also consider changes this long before each "
+                                                             "incident's analysis window.")] = "2h",
+    as_json: JsonOpt = False,
+) -> None:
+    """What happened: the window's incidents (most severe first), each with its symptom, root cause and
+    likely change, then the anomalies that never reached users. No symptom service needed."""
+
+    def run() -> None:
+        from meshlens.analysis.incidents import find_incidents
+
+        lo, hi = _time(start, "--from", True), _time(end, "--to", True)
+        with _store(db) as store:
+            report = find_incidents(store, lo, hi, lookback=lookback)
+        if as_json:
+            _emit_json(report.to_json())
+            return
+        typer.echo(f"{len(report.items)} incident(s) from {report.window.describe()}"
+                   + (f" (users enter at {', '.join(report.entries)})" if report.entries else ""))
+        for item in report.items:
+            rc, ch = item["root_cause"], item["change"]
+            typer.echo(f"\n#{item['rank']} {item['onset']} .. {item['end'] or 'ongoing'}  {item['symptom']}: "
+                       f"{item['kind']}, ~{item['requests_affected']} requests affected")
+            typer.echo(f"   {item['summary']}")
+            if rc:
+                typer.echo(f"   root cause: {rc['kind']} {rc['target']} (score {rc['score']:.2f})")
+            if ch:
+                typer.echo(f"   change: {ch['target']} by {ch['actor']} at {ch['ts']} (score {ch['score']:.2f})")
+            typer.echo(f"   services: {', '.join(item['services'])}")
+        typer.echo(f"\nbackground anomalies (never reached users): {len(report.background)}")
+        for a in report.background[:10]:
+            typer.echo(f"  [{a['score']:7.1f}] {a['scope']:<7} {a['target']}: {a['metric']} {a['direction']} "
+                       f"from {a['onset']}")
 
     _run(run)
 

@@ -40,6 +40,7 @@ are matched by name, so a ConfigMap whose name does not start with its workload'
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,7 +77,15 @@ PATH_RELEVANCE = 0.2
 behaviour did not change (it only relays its callee's failures or slowness), so a change there is a
 weak suspect."""
 
+EDGE_CALLER_RELEVANCE = 0.6
+"""Relevance of the caller of a blamed edge when its failures could lie on either side (no route, no
+cluster, TLS handshake): the client's configuration is as much a suspect as the server's."""
+
 ROOT_NAMESPACES = frozenset({"istio-system", "linkerd", "consul"})
+
+POD_CONFIG_KINDS = frozenset({"ConfigMap", "Secret"})
+"""Kinds that act on a workload only through its pods mounting or referencing them (volumes, envFrom,
+env valueFrom): which workloads those are is read from the workloads' specs in the audit log."""
 
 _WORKLOAD = {"app": 1.0, "unavailable": 1.0, "latency": 1.0, "timeout": 0.8, "tls": 0.3, "route": 0.2,
              "ratelimit": 0.3, "authz": 0.1}
@@ -198,10 +207,22 @@ def _group(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _relevance(rc: RootCauseReport) -> dict[str, float]:
-    """Service -> how much the root-cause analysis blames it (top candidate 1.0, an edge's caller 0.6 of
-    the edge, services merely on the bad paths :data:`PATH_RELEVANCE`)."""
+    """Service -> how much the root-cause analysis blames it (top candidate 1.0; an edge's callee the
+    edge's relative score, its caller :data:`EDGE_CALLER_RELEVANCE` of it only when the evidence cannot
+    tell the sides apart; services merely on the bad paths :data:`PATH_RELEVANCE`).
+
+    Why the caller of an edge gets nothing from it when the evidence places the failure at the callee
+    (its own sidecar reported it -- application 5xx, RBAC denial, rate limit -- or the callee did not
+    answer -- timeout, reset, no healthy upstream) or the edge only slowed down (its callee's self time
+    grew): the root-cause analysis already ranks a caller as a *service* candidate when the evidence
+    points at it. Giving it a share of every edge it calls anyway made a change to the caller of the
+    broken service -- a ConfigMap of the service that merely calls it, made just before the onset -- a
+    "likely" cause of an incident no change caused."""
     rel: dict[str, float] = {}
     cands = rc.candidates
+    sides: dict[str, str] = {}
+    if rc.failing_paths is not None and not rc.failing_paths.empty:
+        sides = dict(zip(rc.failing_paths["edge"].astype(str), rc.failing_paths["side"].astype(str), strict=False))
     if not cands.empty:
         top = float(cands["score"].max()) or 1.0
         for r in cands.itertuples(index=False):
@@ -209,7 +230,9 @@ def _relevance(rc: RootCauseReport) -> dict[str, float]:
             if r.kind == "edge":
                 caller, callee = str(r.target).split("->", 1)
                 rel[callee] = max(rel.get(callee, 0.0), v)
-                rel[caller] = max(rel.get(caller, 0.0), 0.6 * v)
+                ambiguous = sides.get(str(r.target)) == "edge" and float(r.failure_share) > 0
+                if ambiguous:
+                    rel[caller] = max(rel.get(caller, 0.0), EDGE_CALLER_RELEVANCE * v)
             else:
                 rel[str(r.target)] = max(rel.get(str(r.target), 0.0), v)
     if rc.path_services is not None and not rc.path_services.empty:
@@ -228,6 +251,86 @@ def _match(target: str, services: list[str]) -> str | None:
         if target.startswith(s + "-") and (best is None or len(s) > len(best)):
             best = s
     return best
+
+
+def _pod_spec_refs(spec: Any) -> tuple[set[tuple[str, str]], bool]:
+    """(ConfigMaps/Secrets a workload spec references, whether the spec is a full pod template).
+
+    References: ``volumes[].configMap.name``, ``volumes[].secret.secretName``, projected volume sources,
+    ``envFrom[].configMapRef/secretRef.name`` and ``env[].valueFrom.configMapKeyRef/secretKeyRef.name`` of
+    every (init) container. A merge patch (``{"patch": ...}``) is searched too but is not a full spec."""
+    out: set[tuple[str, str]] = set()
+    if not isinstance(spec, dict):
+        return out, False
+    full = "patch" not in spec
+    body = spec.get("patch", spec) if not full else spec
+    if isinstance(body, dict) and "spec" in body and not full:
+        body = body["spec"]
+    pod = ((body or {}).get("template") or {}).get("spec") if isinstance(body, dict) else None
+    if not isinstance(pod, dict):
+        return out, False
+    for vol in pod.get("volumes") or []:
+        if not isinstance(vol, dict):
+            continue
+        if isinstance(vol.get("configMap"), dict) and vol["configMap"].get("name"):
+            out.add(("ConfigMap", str(vol["configMap"]["name"])))
+        if isinstance(vol.get("secret"), dict) and vol["secret"].get("secretName"):
+            out.add(("Secret", str(vol["secret"]["secretName"])))
+        for src in ((vol.get("projected") or {}).get("sources") or []) if isinstance(vol.get("projected"), dict) else []:
+            for key, kind in (("configMap", "ConfigMap"), ("secret", "Secret")):
+                if isinstance((src or {}).get(key), dict) and src[key].get("name"):
+                    out.add((kind, str(src[key]["name"])))
+    containers = [*(pod.get("containers") or []), *(pod.get("initContainers") or [])]
+    for ctr in containers:
+        if not isinstance(ctr, dict):
+            continue
+        for ef in ctr.get("envFrom") or []:
+            for key, kind in (("configMapRef", "ConfigMap"), ("secretRef", "Secret")):
+                if isinstance((ef or {}).get(key), dict) and ef[key].get("name"):
+                    out.add((kind, str(ef[key]["name"])))
+        for env in ctr.get("env") or []:
+            vf = (env or {}).get("valueFrom") if isinstance(env, dict) else None
+            for key, kind in (("configMapKeyRef", "ConfigMap"), ("secretKeyRef", "Secret")):
+                if isinstance(vf, dict) and isinstance(vf.get(key), dict) and vf[key].get("name"):
+                    out.add((kind, str(vf[key]["name"])))
+    return out, full and bool(pod.get("containers"))
+
+
+_FULL = ("*full*", "")
+"""Marker in a workload's reference set: its full pod template has been seen."""
+
+
+def _config_references(store: Store, hi_ns: int) -> dict[tuple[str, str], set[tuple[str, str]]]:
+    """(namespace, workload) -> the ConfigMaps/Secrets its pods reference, from the workload specs of the
+    audit log up to ``hi_ns`` (the last full spec wins; patches add references). Workloads whose full
+    spec was seen carry :data:`_FULL`."""
+    df = store.query(
+        """SELECT resource_namespace AS ns, resource_name AS name, change_spec::VARCHAR AS spec FROM events
+           WHERE event_type = 'config_change' AND ts_ns < $hi AND change_spec IS NOT NULL
+             AND resource_kind IN ('Deployment', 'StatefulSet', 'DaemonSet', 'ReplicaSet', 'Rollout')
+           ORDER BY ts_ns""", {"hi": hi_ns})
+    out: dict[tuple[str, str], set[tuple[str, str]]] = {}
+    for r in df.itertuples(index=False):
+        try:
+            spec = json.loads(r.spec)
+        except (TypeError, ValueError):
+            continue
+        found, full = _pod_spec_refs(spec)
+        key = (str(r.ns), str(r.name))
+        if full:
+            out[key] = found | {_FULL}
+        else:
+            out.setdefault(key, set()).update(found)
+    return out
+
+
+def _uses_config(refs: dict[tuple[str, str], set[tuple[str, str]]], c: Any, service: str) -> bool:
+    """Whether the workload ``service`` may use the ConfigMap/Secret ``c``: it references it, or its
+    full spec is unknown (then the name match is all there is)."""
+    names = refs.get((str(c.namespace), service))
+    if names is None or _FULL not in names:
+        return True
+    return (str(c.kind), str(c.name)) in names
 
 
 def _time_feature(dt_s: float, kind: str) -> float:
@@ -327,11 +430,17 @@ def _score(cands: pd.DataFrame, rc: RootCauseReport, sess: Session) -> pd.DataFr
     services = sorted(ns_of)
     top_target = str(rc.candidates["target"].iloc[0]) if not rc.candidates.empty else None
     rows, pairs = [], []
+    refs = _config_references(sess.store, sess.window.hi_ns) if cands["kind"].isin(POD_CONFIG_KINDS).any() \
+        else {}
     for cid, c in enumerate(cands.itertuples(index=False)):
         kind = str(c.effective_kind)
         matched: dict[str, float] = {}
         unmatched = []
-        for t in c.targets:
+        targets = list(c.targets)
+        if kind in POD_CONFIG_KINDS:  # the workloads that reference it are its targets too
+            targets += [w for (ns, w), names in refs.items() if ns == c.namespace and (kind, c.name) in names
+                        and w not in targets]
+        for t in targets:
             if t == "*":
                 scope = [s for s in services if c.namespace in ROOT_NAMESPACES or ns_of.get(s) == c.namespace]
                 for s in scope:
@@ -344,7 +453,11 @@ def _score(cands: pd.DataFrame, rc: RootCauseReport, sess: Session) -> pd.DataFr
             v = rel.get(s, 0.0)
             if (kind in WORKLOAD_SCOPED and c.namespace not in ROOT_NAMESPACES and ns_of.get(s)
                     and c.namespace and ns_of.get(s) != c.namespace):
-                v *= 0.3
+                # a namespaced object acts on its own namespace's workloads only (a ConfigMap cannot be
+                # mounted, a policy cannot select, a Deployment cannot run pods elsewhere)
+                v = 0.0
+            elif kind in POD_CONFIG_KINDS and not _uses_config(refs, c, s):
+                v = 0.0  # the workload's spec is known and neither mounts nor references this object
             matched[s] = max(matched.get(s, 0.0), v)
         dt_s = (onset_ns - int(c.ts_ns)) / NS if onset_ns is not None else float("nan")
         allow_ns = (180 if kind in ROLLOUT_KINDS else 60) * NS

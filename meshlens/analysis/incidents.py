@@ -1,0 +1,519 @@
+"""Incidents: what happened in a window, why, and who changed what -- without naming a symptom first.
+
+The other analyses answer narrower questions: :mod:`~meshlens.analysis.anomalies` lists every
+series that misbehaved (an incident shows up on the failing service, on each caller it propagates to and
+mesh-wide; an unrelated loud service shows up too), :mod:`~meshlens.analysis.rootcause` explains *one*
+episode at *one* symptom service, :mod:`~meshlens.analysis.changes` ranks config changes against it.
+:func:`find_incidents` chains them:
+
+1. **Anomalies** of the whole window (:func:`~meshlens.analysis.anomalies.detect_anomalies`, one pass).
+2. **Episodes.** Service and edge anomalies are linked when their onsets are close (within
+   :data:`LINK_S`) and they touch the same service or two services that call each other (the call graph
+   of the window, :mod:`~meshlens.analysis.graph`): one failure propagating up a call chain is one
+   connected group, even when it spans several services and metrics; a second failure of the same
+   service hours later is another group; a loud service that errs at the same time as an incident but is
+   not adjacent to it stays apart.
+3. **Does it reach users?** The mesh's *entry services* are those called by its ingress gateway(s) (a
+   root caller -- never called itself -- named like a gateway or ingress; when the window has none, the
+   services called by any root caller: workers, un-meshed clients). A group with no anomaly at an entry
+   service never reached users: it is a *background* anomaly (returned separately, not an incident). The
+   affected entry service with the strongest anomaly is the incident's **symptom** (where users see it).
+4. **Root cause and change on the incident's own onset.** The root-cause analysis that ``analyze
+   root-cause`` runs (:func:`~meshlens.analysis.rootcause.analyze_session`) looks at the symptom over a
+   sub-window around the group -- from :data:`PRE_S` before its onset (never before the end of an earlier
+   incident at the same symptom) to :data:`POST_S` after its end (never past the next one's onset) -- so
+   the one episode it explains is this one; the change correlation
+   (:func:`~meshlens.analysis.changes.correlate_session`) scores config changes against that result. The
+   root-cause onset (refined to the request) is the incident's onset. When the symptom's failures and
+   latency did not change significantly there, the group is background after all.
+5. **Severity** = the symptom's excess bad (failed or slow) requests during the episode, estimated from
+   its bad rate before vs during: how many user requests the incident spoiled. Most severe first.
+
+Limits: an incident whose effect at every entry service is too weak for the anomaly detector (a few
+percent of slow requests behind a rarely used page) is not found -- ``analyze root-cause`` on the entry
+service with a narrow window is more sensitive. Two incidents overlapping in time at the same symptom
+are reported as one (the root-cause analysis explains one episode per call; its candidates usually
+list both causes). Anomalies detected per series are one latency episode per series and window: a second
+latency episode of the same services hours later is searched for in the rest of the window after the
+first pass (:data:`SECOND_PASS_MIN_S`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from meshlens.analysis.anomalies import anomalies_json, detect_anomalies
+from meshlens.analysis.changes import LIKELY, correlate_session
+from meshlens.analysis.common import NS, Window, pct, resolve_window, ts_text
+from meshlens.analysis.graph import hops_sql
+from meshlens.analysis.rootcause import analyze_session, session
+from meshlens.store import Store
+
+LINK_S = 15 * 60
+"""Anomalies whose onsets are at most this far apart (and whose services are the same or adjacent) are
+one episode. Onsets are bucket-aligned (a few minutes on a 12 h window) and latency builds up more
+slowly than errors, so a few buckets of slack are needed."""
+
+PRE_S = 60 * 60
+"""How much normal traffic before an episode the root-cause analysis gets as its baseline."""
+
+POST_S = 30 * 60
+"""How much traffic after an episode's last anomaly the root-cause analysis sees (its recovery)."""
+
+MARGIN_S = 5 * 60
+"""Gap kept between a sub-window and a neighbouring incident at the same symptom."""
+
+SAME_ONSET_S = 5 * 60
+"""Two groups whose root-cause onsets at the same symptom are this close are one incident."""
+
+MAX_ONSET_DRIFT_S = 20 * 60
+"""The root-cause onset must lie this close to the group's anomalies: otherwise the symptom's
+significant episode in the sub-window is something else, not this group."""
+
+SECOND_PASS_MIN_S = 45 * 60
+"""After the first pass, stretches of at least this length outside the incidents found are searched
+again (a series reports one latency episode per window; a second one hours later would be hidden)."""
+
+GATEWAY_RE = re.compile(r"gateway|ingress", re.IGNORECASE)
+
+INCIDENT_FIELDS = ["rank", "onset", "end", "services", "symptom", "symptoms", "root_cause", "change", "summary",
+                   "severity", "kind", "signature", "confidence", "requests_affected", "anomalies"]
+
+
+@dataclass
+class IncidentReport:
+    """What :func:`find_incidents` found: the incidents (most severe first) and the background anomalies."""
+
+    window: Window
+    items: list[dict[str, Any]] = field(default_factory=list)
+    background: list[dict[str, Any]] = field(default_factory=list)
+    entries: list[str] = field(default_factory=list)
+
+    def to_json(self) -> list[dict[str, Any]]:
+        """The ``--json`` array: the incidents, most severe first (see :data:`INCIDENT_FIELDS`)."""
+        return self.items
+
+    def table(self) -> pd.DataFrame:
+        """One row per incident (for notebooks): rank, onset, end, symptom, root cause, change, summary."""
+        rows = [{"rank": i["rank"], "onset": i["onset"], "end": i["end"], "symptom": i["symptom"],
+                 "root_cause": (i["root_cause"] or {}).get("target"),
+                 "change": (i["change"] or {}).get("target"),
+                 "actor": (i["change"] or {}).get("actor"), "severity": i["severity"], "summary": i["summary"]}
+                for i in self.items]
+        return pd.DataFrame(rows, columns=["rank", "onset", "end", "symptom", "root_cause", "change", "actor",
+                                           "severity", "summary"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Call graph: adjacency and entry services
+# ------------------------------------------------------------------------------------------------
+
+
+def _edges(store: Store, window: Window) -> pd.DataFrame:
+    """Caller -> callee pairs of the window with their request counts (one aggregate over the hops)."""
+    return store.query(f"SELECT caller, callee, sum(w) AS requests FROM ({hops_sql()}) GROUP BY ALL",
+                       {"lo": window.lo_ns, "hi": window.hi_ns})
+
+
+def entry_services(edges: pd.DataFrame) -> list[str]:
+    """Services where users see the mesh: those called by an ingress gateway (a root caller -- one never
+    called itself -- named like a gateway/ingress); without one, those called by any root caller."""
+    if edges.empty:
+        return []
+    callees = set(edges["callee"])
+    roots = sorted(set(edges["caller"]) - callees)
+    ingress = [r for r in roots if GATEWAY_RE.search(str(r))]
+    chosen = ingress or roots
+    return sorted(set(edges.loc[edges["caller"].isin(chosen), "callee"]) - set(chosen))
+
+
+# ------------------------------------------------------------------------------------------------
+# Grouping
+# ------------------------------------------------------------------------------------------------
+
+
+def _services_of(row: Any) -> list[str]:
+    if row.scope == "edge":
+        return [s for s in str(row.target).split("->", 1) if s]
+    if row.scope == "service":
+        return [str(row.target)]
+    return []
+
+
+def _groups(anoms: pd.DataFrame, neighbours: dict[str, set[str]]) -> list[list[int]]:
+    """Connected groups (row positions) of service/edge anomalies: close onsets, same or adjacent services."""
+    rows = [(i, int(r.onset.value), set(_services_of(r))) for i, r in enumerate(anoms.itertuples(index=False))
+            if r.scope in ("service", "edge")]
+    parent = {i: i for i, _, _ in rows}
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for x in range(len(rows)):
+        i, ti, si = rows[x]
+        near = si | {n for s in si for n in neighbours.get(s, ())}
+        for y in range(x + 1, len(rows)):
+            j, tj, sj = rows[y]
+            if abs(ti - tj) <= LINK_S * NS and near & sj:
+                parent[find(i)] = find(j)
+    out: dict[int, list[int]] = {}
+    for i, _, _ in rows:
+        out.setdefault(find(i), []).append(i)
+    return sorted(out.values(), key=lambda g: min(int(anoms["onset"].iat[i].value) for i in g))
+
+
+@dataclass
+class _Group:
+    rows: list[int]
+    symptom: str
+    onset_ns: int
+    end_ns: int
+    score: float
+    services: list[str]
+    covered: bool = False  # reaches users through an entry anomaly that started earlier (see _candidate_groups)
+
+
+def _entry_of(scope: str, target: str) -> str:
+    return str(target) if scope == "service" else str(target).split("->")[-1]
+
+
+def _upstream(edges: pd.DataFrame) -> dict[str, set[str]]:
+    """Service -> every service that (transitively) calls it."""
+    callers: dict[str, set[str]] = {}
+    for a, b in zip(edges["caller"], edges["callee"], strict=True):
+        callers.setdefault(str(b), set()).add(str(a))
+    out: dict[str, set[str]] = {}
+    for svc in callers:
+        seen, todo = set(), [svc]
+        while todo:
+            for c in callers.get(todo.pop(), ()):
+                if c not in seen:
+                    seen.add(c)
+                    todo.append(c)
+        out[svc] = seen
+    return out
+
+
+def _candidate_groups(anoms: pd.DataFrame, edges: pd.DataFrame, entries: list[str]) -> tuple[list[_Group], set[int]]:
+    """Groups that reach an entry service (with their symptom), and the rows of those that do not.
+
+    A group reaches users when it holds an anomaly of an entry service (or of an edge into one) -- or,
+    *covered*, when an entry service that calls its services (transitively) is in an anomaly that started
+    before the group and is still going on at its onset: one long anomaly of the entry can span two
+    incidents of its callees (a failure count's best interval merges two episodes with a short quiet gap
+    between them), and the second one must not be lost for want of an onset of its own at the entry."""
+    neighbours: dict[str, set[str]] = {}
+    for a, b in zip(edges["caller"], edges["callee"], strict=True):
+        neighbours.setdefault(str(a), set()).add(str(b))
+        neighbours.setdefault(str(b), set()).add(str(a))
+    entry_set = set(entries)
+    upstream = _upstream(edges)
+    entry_rows = [r for r in anoms.itertuples(index=False) if r.scope in ("service", "edge")
+                  and _entry_of(r.scope, r.target) in entry_set]
+    found, background = [], set()
+    for g in _groups(anoms, neighbours):
+        sub = anoms.iloc[g]
+        services = list(dict.fromkeys(s for r in sub.itertuples(index=False) for s in _services_of(r)))
+        at_entry: dict[str, float] = {}
+        for r in sub.itertuples(index=False):
+            svc = _entry_of(r.scope, r.target)
+            if svc in entry_set:
+                at_entry[svc] = max(at_entry.get(svc, 0.0), float(r.score))
+        onset = int(sub["onset"].min().value)
+        covered = False
+        if at_entry:
+            onset = int(min(r.onset.value for r in sub.itertuples(index=False)
+                            if _entry_of(r.scope, r.target) in entry_set))
+        else:
+            callers = set().union(*(upstream.get(x, set()) for x in services)) if services else set()
+            for r in entry_rows:
+                e = _entry_of(r.scope, r.target)
+                if e in callers and int(r.onset.value) <= onset <= int(r.end.value):
+                    at_entry[e] = max(at_entry.get(e, 0.0), float(r.score))
+            covered = bool(at_entry)
+        if not at_entry:
+            background.update(g)
+            continue
+        symptom = max(at_entry, key=lambda x: (at_entry[x], x))
+        found.append(_Group(rows=g, symptom=symptom, onset_ns=onset, end_ns=int(sub["end"].max().value),
+                            score=float(sub["score"].sum()), services=services, covered=covered))
+    return found, background
+
+
+# ------------------------------------------------------------------------------------------------
+# Per incident: root cause and change on its own onset
+# ------------------------------------------------------------------------------------------------
+
+
+def _sub_window(g: _Group, prev_end_ns: int | None, next_onset_ns: int | None, window: Window) -> Window:
+    """The symptom's traffic around this group only: from :data:`PRE_S` before its onset (not before the
+    previous incident at the same symptom ended) to :data:`POST_S` after its end (not past the next
+    group's onset there); at least 10 minutes either side of the onset."""
+    ten = 10 * 60 * NS
+    lo = max(window.lo_ns, g.onset_ns - PRE_S * NS)
+    if prev_end_ns is not None:
+        lo = max(lo, min(prev_end_ns + MARGIN_S * NS, g.onset_ns - ten))
+    hi = min(window.hi_ns, g.end_ns + POST_S * NS)
+    if next_onset_ns is not None:
+        hi = min(hi, max(next_onset_ns - MARGIN_S * NS, g.onset_ns + ten))
+    return Window(lo, max(hi, min(window.hi_ns, lo + 2 * ten)))
+
+
+def _excess(onset: Any) -> float:
+    """Estimated excess bad symptom requests during the episode (failed or slow)."""
+    return max(0.0, (onset.bad_incident - onset.bad_baseline)) * onset.requests_incident
+
+
+def _kind(onset: Any, signature: dict[str, float]) -> tuple[str, str | None]:
+    names = {"authz": "authorization denials", "tls": "TLS failures", "route": "no route/cluster",
+             "ratelimit": "rate limiting", "unavailable": "unreachable upstream", "timeout": "timeouts",
+             "app": "application errors", "latency": "slowness"}
+    top = max(signature.items(), key=lambda kv: kv[1], default=(None, 0.0))
+    return onset.signal, (names.get(top[0], top[0]) if top[0] and top[1] > 0 else None)
+
+
+def _analyze_group(store: Store, g: _Group, sub: Window, full: Window, lookback: str) -> dict[str, Any] | None:
+    with session(store, g.symptom, sub.lo_ns, sub.hi_ns) as sess:
+        rc = analyze_session(sess)
+        if rc.onset is None:
+            return None
+        drift = min(abs(rc.onset.onset_ns - g.onset_ns), max(0, rc.onset.onset_ns - g.end_ns))
+        if drift > (LINK_S if g.covered else MAX_ONSET_DRIFT_S) * NS:
+            return None
+        ch = correlate_session(sess, lookback=lookback, report=rc)
+    rc_items = rc.to_json()
+    ch_items = ch.to_json()
+    top_change = ch_items[0] if ch_items and (ch_items[0].get("score") or 0) >= LIKELY else None
+    onset = rc.onset
+    ongoing = onset.ongoing and sub.hi_ns >= full.hi_ns
+    end_ns = None if ongoing else (onset.end_ns if not onset.ongoing else g.end_ns)
+    signal, signature = _kind(onset, rc.signature)
+    return {"onset_ns": onset.onset_ns, "end_ns": end_ns, "symptom": g.symptom,
+            # still going on near the sub-window's end: a later group there may be part of this episode
+            "open": onset.ongoing or onset.end_ns >= sub.hi_ns - MARGIN_S * NS,
+            "root_cause": rc_items[0] if rc_items else None, "change": top_change,
+            "severity": round(_excess(onset), 1), "kind": signal, "signature": signature,
+            "confidence": rc_items[0]["score"] if rc_items else None,
+            "requests_affected": int(round(_excess(onset))),
+            "bad_before": onset.bad_baseline, "bad_during": onset.bad_incident,
+            "rc_report": rc}
+
+
+def _summary(item: dict[str, Any]) -> str:
+    """One sentence: what, where, since when, likely cause, who changed what."""
+    what = {"errors": "errors", "latency": "slow requests", "errors and latency": "errors and slow requests"}.get(
+        item["kind"], item["kind"])
+    since = item["onset"]
+    until = f" until {item['end']}" if item["end"] else " (ongoing)"
+    bad = f" (bad requests {pct(item['bad_before'])} -> {pct(item['bad_during'])})"
+    others = [x for x in item.get("symptoms", []) if x != item["symptom"]]
+    where = item["symptom"] + (f" (also {', '.join(others)})" if others else "")
+    text = f"{what.capitalize()} at {where} from {since}{until}{bad}"
+    rc = item["root_cause"]
+    if rc:
+        sig = f" ({item['signature']})" if item.get("signature") else ""
+        text += f"; likely cause: {rc['kind']} {rc['target']}{sig}"
+    else:
+        text += "; no service or edge explains it"
+    ch = item["change"]
+    if ch:
+        text += (f"; {ch['verb']} {ch['target']} by {ch['actor']} at {ts_text(pd.Timestamp(ch['ts']).value)} "
+                 f"(change score {ch['score']:.2f})")
+    else:
+        text += "; no config change explains it"
+    return text + "."
+
+
+def _compact(anoms: pd.DataFrame, rows: list[int]) -> list[dict[str, Any]]:
+    sub = anoms.iloc[sorted(rows, key=lambda i: -float(anoms["score"].iat[i]))]
+    return [{"scope": r.scope, "target": r.target, "metric": r.metric, "direction": r.direction,
+             "onset": ts_text(int(r.onset.value)), "score": float(r.score)} for r in sub.itertuples(index=False)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Entry point
+# ------------------------------------------------------------------------------------------------
+
+
+def _home(g: _Group, found: list[dict[str, Any]], hi: int) -> dict[str, Any] | None:
+    """The incident found at ``g``'s symptom whose span holds ``g``'s onset, if any."""
+    return next((f for f in found if f["symptom"] == g.symptom
+                 and f["onset_ns"] - SAME_ONSET_S * NS <= g.onset_ns <= (f["end_ns"] or hi)), None)
+
+
+def _pass(store: Store, window: Window, lo: int, hi: int, entries: list[str], edges: pd.DataFrame,
+          lookback: str, options: dict[str, Any]) -> tuple[list[dict[str, Any]], pd.DataFrame, set[int]]:
+    anoms = detect_anomalies(store, lo, hi, **options)
+    groups, background = _candidate_groups(anoms, edges, entries)
+    found: list[dict[str, Any]] = []
+    rejected: list[_Group] = []
+    # per symptom in time order: each sub-window starts after the previous incident's (root-cause) end
+    for symptom in sorted({g.symptom for g in groups}):
+        mine = sorted((g for g in groups if g.symptom == symptom), key=lambda g: g.onset_ns)
+        prev_end: int | None = None
+        absorbed: set[int] = set()
+        for k, g in enumerate(mine):
+            if k in absorbed:
+                continue
+            if _home(g, found, hi) is not None:
+                rejected.append(g)  # inside an incident already explained at this symptom: part of it
+                continue
+            # the next group at this symptom bounds this one's analysis; when the episode is still going
+            # on at that bound, the next group is part of it: absorb it and look again up to the one after
+            later = [j for j in range(k + 1, len(mine)) if mine[j].onset_ns > g.onset_ns + SAME_ONSET_S * NS]
+            res, taken = None, []
+            for attempt in range(3):
+                nxt = mine[later[attempt]].onset_ns if attempt < len(later) else None
+                res = _analyze_group(store, g, _sub_window(g, prev_end, nxt, Window(lo, hi)), window, lookback)
+                if res is None or not res["open"] or nxt is None:
+                    break
+                taken.append(later[attempt])
+            if res is None:
+                rejected.append(g)
+                continue
+            absorbed.update(taken)
+            rows = list(g.rows) + [i for j in taken for i in mine[j].rows]
+            services = list(dict.fromkeys(g.services + [x for j in taken for x in mine[j].services if not mine[j].covered]))
+            res.update(rows=rows, services=services, anoms=anoms, covered=g.covered)
+            found.append(res)
+            prev_end = res["end_ns"] or hi
+    for g in rejected:
+        # a group inside an incident's span at the same symptom is part of it (a later symptom of the same
+        # episode: latency building up during a surge...), anything else is background
+        home = _home(g, found, hi)
+        if home is not None:
+            home["rows"] = home["rows"] + [i for i in g.rows if i not in home["rows"]]
+        else:
+            background.update(g.rows)
+    return found, anoms, background
+
+
+def _culprit(f: dict[str, Any]) -> str | None:
+    rc = f.get("root_cause")
+    return str(rc["target"]).split("->")[-1] if rc else None
+
+
+def _same_episode(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Two findings are one incident when their onsets coincide and they are at the same symptom, or
+    blame the same service or the same change (one failure seen at two entry services)."""
+    if abs(a["onset_ns"] - b["onset_ns"]) > SAME_ONSET_S * NS:
+        return False
+    if a["symptom"] == b["symptom"]:
+        return True
+    same_cause = _culprit(a) is not None and _culprit(a) == _culprit(b)
+    same_change = bool(a.get("change") and b.get("change") and a["change"]["target"] == b["change"]["target"])
+    return same_cause or same_change
+
+
+def _merge(found: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Findings of one episode are one incident: the most severe one's symptom and analysis are kept,
+    the others' entry services are listed under ``symptoms`` and their services added."""
+    out: list[dict[str, Any]] = []
+    for f in sorted(found, key=lambda x: -x["severity"]):
+        twin = next((o for o in out if _same_episode(o, f)), None)
+        if twin is None:
+            f.setdefault("symptoms", [f["symptom"]])
+            out.append(f)
+            continue
+        if f["symptom"] not in twin["symptoms"]:
+            twin["symptoms"].append(f["symptom"])
+        if not f.get("covered"):
+            twin["services"] = list(dict.fromkeys(twin["services"] + f["services"]))
+        twin.setdefault("extra", []).append(f)
+    return out
+
+
+def find_incidents(store: Store, start: Any = None, end: Any = None, *, lookback: str = "2h",
+                   entries: list[str] | None = None, second_pass: bool = True,
+                   **options: Any) -> IncidentReport:
+    """The incidents of ``[start, end)``, most severe first, and the anomalies that never reached users.
+
+    ``lookback``: how long before an incident's sub-window config changes are candidates (as ``analyze
+    changes``); ``entries``: the services where users see the mesh (default: those the ingress gateway
+    calls, see :func:`entry_services`); ``second_pass``: search the stretches outside the incidents found
+    again (see :data:`SECOND_PASS_MIN_S`); other ``options`` go to
+    :func:`~meshlens.analysis.anomalies.detect_anomalies` (``bucket_s``, ``baseline``, ``reference``...).
+    """
+    window = resolve_window(store, start, end)
+    edges = _edges(store, window)
+    entry_list = sorted(entries) if entries else entry_services(edges)
+    options = {k: v for k, v in options.items() if v is not None}
+    found, anoms, bg_rows = _pass(store, window, window.lo_ns, window.hi_ns, entry_list, edges, lookback, options)
+    backgrounds = [(anoms, bg_rows)]
+    if second_pass and found:
+        # stretches free of the incidents found: a series' second latency episode hides behind its first
+        spans = sorted((f["onset_ns"], f["end_ns"] or window.hi_ns) for f in found)
+        cursor, gaps = window.lo_ns, []
+        for a, b in spans:
+            if a - cursor >= SECOND_PASS_MIN_S * NS:
+                gaps.append((cursor, a - MARGIN_S * NS))
+            cursor = max(cursor, b + MARGIN_S * NS)
+        if window.hi_ns - cursor >= SECOND_PASS_MIN_S * NS:
+            gaps.append((cursor, window.hi_ns))
+        for lo, hi in gaps:
+            # metric anomalies only: the categorical ones (new edges, callers...) were all seen in the first pass
+            more, _, _ = _pass(store, window, lo, hi, entry_list, edges, lookback, {**options, "categorical": False})
+            # only what the first pass did not already report (same symptom, same onset)
+            more = [m for m in more if not any(m["symptom"] == f["symptom"] and abs(m["onset_ns"] - f["onset_ns"])
+                                               <= SAME_ONSET_S * NS for f in found)]
+            found += more  # (its background anomalies are artefacts of the shorter baseline: not kept)
+    incidents = _merge(found)
+    incidents.sort(key=lambda x: (-x["severity"], x["onset_ns"]))
+    items = []
+    claimed: list[tuple[int, int, set[str]]] = []
+    for rank, f in enumerate(incidents, 1):
+        rc = f["root_cause"]
+        services = list(dict.fromkeys([*f["symptoms"], *f["services"],
+                                       *([s for s in str(rc["target"]).split("->")] if rc else [])]))
+        item = {"rank": rank, "onset": ts_text(f["onset_ns"]), "end": ts_text(f["end_ns"]) if f["end_ns"] else None,
+                "services": services, "symptom": f["symptom"], "symptoms": f["symptoms"], "root_cause": rc,
+                "change": f["change"],
+                "severity": f["severity"], "kind": f["kind"], "signature": f["signature"],
+                "confidence": f["confidence"], "requests_affected": f["requests_affected"],
+                "bad_before": round(f["bad_before"], 4), "bad_during": round(f["bad_during"], 4),
+                "anomalies": sorted([a for x in [f, *f.get("extra", [])] for a in _compact(x["anoms"], x["rows"])],
+                                    key=lambda a: -a["score"])}
+        item["summary"] = _summary(item)
+        items.append(item)
+        claimed.append((f["onset_ns"], f["end_ns"] or window.hi_ns, set(services)))
+    background: list[dict[str, Any]] = []
+    for df, rows in backgrounds:
+        if df.empty:
+            continue
+        keep = sorted(rows)
+        # mesh-wide and categorical anomalies that do not coincide with an incident are background too
+        for i, r in enumerate(df.itertuples(index=False)):
+            if r.scope in ("service", "edge"):  # grouped: background when their group is
+                continue
+            t = int(r.onset.value)
+            svcs = set(_services_of(r))
+            inside = any(a - LINK_S * NS <= t <= b and (not svcs or svcs & s) for a, b, s in claimed)
+            if not inside:
+                keep.append(i)
+        background += anomalies_json(df.iloc[sorted(set(keep))])
+    seen: set[tuple[Any, ...]] = set()
+    unique = []
+    for a in background:  # a stretch searched twice reports its background anomalies twice
+        key = (a["scope"], a["target"], a["metric"], a["direction"], a["onset"])
+        if key not in seen:
+            seen.add(key)
+            unique.append(a)
+    background = unique
+    background.sort(key=lambda a: -(a.get("score") or 0))
+    for rank, a in enumerate(background, 1):
+        a["rank"] = rank
+    return IncidentReport(window=window, items=items, background=background, entries=entry_list)
+
+
+def incidents_json(report: IncidentReport) -> list[dict[str, Any]]:
+    """The ``--json`` array of :func:`find_incidents`."""
+    return report.to_json()
+
+
