@@ -395,7 +395,7 @@ def table_html(df: pd.DataFrame, *, title: str | None = None, max_rows: int = 50
         return f'{head}<p class="meshlens-empty"><em>{html.escape(empty)}</em></p>'
     shown = df.head(max_rows)
     caption = f"{len(df)} rows" if len(df) <= max_rows else f"first {max_rows} of {len(df)} rows"
-    cell = ("text-align:left;vertical-align:top;white-space:normal;overflow-wrap:anywhere;"
+    cell = ("text-align:left;vertical-align:top;white-space:normal;overflow-wrap:break-word;"
             "padding:.2em .6em;border-bottom:1px solid #ddd")
     cols = [str(c) for c in shown.columns]
     header = "".join(f'<th style="{cell};white-space:nowrap">{html.escape(c)}</th>' for c in cols)
@@ -613,3 +613,46 @@ def _explain_read_only_writes(ip: Any) -> None:
         return None
 
     ip.set_custom_exc((duckdb.Error,), handler)
+
+
+# ------------------------------------------------------------------------------------------------
+# Triage evidence
+# ------------------------------------------------------------------------------------------------
+
+
+def incident_evidence(store: Store, item: dict[str, Any], window: TimeRange, *, max_rows: int = 15) -> None:
+    """Show the evidence under one incident's verdict card: the symptom's requests around the onset with
+    the onset and the change marked, why the root cause and the change rank first, and the incident's
+    anomalies. The symptom's timeline is re-read around the incident (an hour before, half an hour after).
+    """
+    from meshlens import verdicts, viz
+    from meshlens.analysis import rootcause
+
+    onset = pd.Timestamp(item["onset"])
+    end = pd.Timestamp(item["end"]) if item.get("end") else window.end
+    lo = onset - pd.Timedelta(hours=1)
+    hi = (end if end is not None else onset + pd.Timedelta(hours=1)) + pd.Timedelta(minutes=30)
+    if window.start is not None:
+        lo = max(lo, window.start)
+    if window.end is not None:
+        hi = min(hi, window.end)
+    note(f"### Incident {item['rank']}: {item['symptom']}")
+    rc = rootcause.analyze(store, item["symptom"], lo, hi, top=3)
+    change = item.get("change")
+    markers = (pd.DataFrame({"ts": [pd.Timestamp(change["ts"])], "label": [verdicts.change_text(change)],
+                             "actor": [change.get("actor")]}) if change else None)
+    if not rc.timeline.empty:
+        _display(viz.time_series(rc.timeline_long(), y="value", color="series", onset=onset, changes=markers,
+                                 y_title="requests", title=f"{item['symptom']}: requests, failed and slow requests"))
+    lines = []
+    cause = item.get("root_cause")
+    if cause:
+        lines.append(f"**Why {cause.get('target')}**:")
+        lines += [f"- {e}" for e in cause.get("evidence") or []]
+    if change:
+        lines.append(f"**Why {change.get('target')}**:")
+        lines += [f"- {e}" for e in change.get("evidence") or []]
+    if lines:
+        note("\n".join(lines))
+    anomalies = pd.DataFrame(item.get("anomalies") or [])
+    show_table(anomalies, title="the incident's anomalies", max_rows=max_rows, empty="no anomalies listed")

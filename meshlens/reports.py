@@ -158,7 +158,7 @@ _CSS = """
 .meshlens-table-wrap { overflow-x: auto; max-width: 100%; }
 .jp-RenderedHTMLCommon table.meshlens-table { table-layout: auto; font-size: .85em; margin: 0; }
 .jp-RenderedHTMLCommon .meshlens-table th, .jp-RenderedHTMLCommon .meshlens-table td { text-align: left;
-  vertical-align: top; white-space: normal; overflow-wrap: anywhere; max-width: none; }
+  vertical-align: top; white-space: normal; overflow-wrap: break-word; max-width: none; }
 .meshlens-error details pre { white-space: pre-wrap; font-size: .85em; }
 .meshlens-error-cause { color: #b00; }
 .meshlens-verdict { border: 1px solid #ccd; border-left: 6px solid #d62728; border-radius: 4px; padding: .6em 1em;

@@ -37,7 +37,8 @@ class Verdict:
     anchor: str | None = None
 
     def html(self) -> str:
-        rows = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in self.rows if v)
+        rows = "".join(f'<dt style="font-weight:bold;white-space:nowrap">{html.escape(k)}</dt>'
+                       f'<dd style="margin:0">{html.escape(v)}</dd>' for k, v in self.rows if v)
         anchor = f' id="{html.escape(self.anchor)}"' if self.anchor else ""
         return (f'<section class="meshlens-verdict{"" if self.found else " none"}"{anchor} '
                 f'style="border:1px solid #ccd;border-left:6px solid {"#d62728" if self.found else "#4c78a8"};'
@@ -228,25 +229,41 @@ def _confidence(item: Mapping[str, Any]) -> str:
     return str(conf)
 
 
+KIND_TEXT = {"errors": "Errors", "latency": "Slow requests", "errors and latency": "Errors and slow requests"}
+
+
 def incident(item: Mapping[str, Any]) -> Verdict:
-    """One incident of :func:`meshlens.analysis.incidents.find_incidents` as a verdict card."""
+    """One incident of :func:`meshlens.analysis.incidents.find_incidents` as a verdict card: the summary,
+    root cause, change (actor and time) and confidence first; the evidence goes below the card."""
     services = item.get("services") or []
     end = item.get("end")
     when = f"{_time(item.get('onset'))} to {_time(end)}" if end else f"since {_time(item.get('onset'))} (ongoing)"
     change = item.get("change")
+    rc = item.get("root_cause")
+    affected = item.get("requests_affected")
+    impact = ""
+    if _present(item.get("bad_before")) and _present(item.get("bad_during")):
+        impact = f"bad requests {_pct(item['bad_before'])} -> {_pct(item['bad_during'])}"
+    if _present(affected):
+        impact += (", " if impact else "") + f"about {int(affected):,} user requests spoiled"
     rows = [
         ("summary", str(item.get("summary") or "")),
+        ("root cause", _rc_text(rc)),
+        ("change", change_text(change) if change else "none: no config change scores 0.5 or more"),
+        ("confidence", _confidence(item) + (" (share of the symptom's excess explained by the root cause)"
+                                            if _confidence(item) else "")),
         ("when", when),
         ("where", f"users see it at {item.get('symptom')}" + (f"; affected: {', '.join(map(str, services))}"
                                                               if services else "")),
-        ("root cause", _rc_text(item.get("root_cause"))),
-        ("change", change_text(change) if change else "none scores 0.5 or more (not caused by a recorded change)"),
-        ("severity", str(item.get("severity")) if _present(item.get("severity")) else ""),
-        ("confidence", _confidence(item)),
+        ("impact", impact),
     ]
     rank = item.get("rank")
-    rc = item.get("root_cause")
-    title = f"#{rank}: {item.get('symptom')}" + (f" <- {_field(rc, 'target')}" if rc else "") + f", {when}"
+    what = KIND_TEXT.get(str(item.get("kind")), str(item.get("kind") or "Incident").capitalize())
+    title = f"#{rank} {what} at {item.get('symptom')}"
+    if rc:
+        title += f": caused by {_field(rc, 'target')}"
+    if change:
+        title += f" after {_field(change, 'target')} ({_field(change, 'actor')})"
     summary = str(item.get("summary") or title)
     return Verdict(title, rows, [f"Incident {rank}: {summary}"], anchor=f"incident-{rank}")
 
@@ -314,3 +331,16 @@ def timeline_lines(timeline: pd.DataFrame) -> list[str]:
     by = timeline.groupby("event_type")["events"].sum().sort_values(ascending=False)
     parts = ", ".join(f"{int(n):,} {t}" for t, n in by.items())
     return [f"{int(by.sum()):,} events in the window: {parts}"]
+
+
+BACKGROUND_COLUMNS = ["rank", "scope", "target", "namespace", "metric", "direction", "onset", "score", "evidence"]
+
+
+def background_table(background: Sequence[Mapping[str, Any]] | pd.DataFrame | None) -> pd.DataFrame:
+    """The background anomalies as a table (evidence joined into one text column)."""
+    df = pd.DataFrame(background) if not isinstance(background, pd.DataFrame) else background.copy()
+    if df.empty:
+        return pd.DataFrame(columns=BACKGROUND_COLUMNS)
+    if "evidence" in df:
+        df["evidence"] = ["; ".join(e) if isinstance(e, list | tuple) else e for e in df["evidence"]]
+    return df[[c for c in BACKGROUND_COLUMNS if c in df.columns]]
