@@ -80,7 +80,7 @@ def report_run(
 def report_list(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False) -> None:
     """List the report notebooks and their parameters."""
     rows = []
-    for name, path in sorted(reports.list_notebooks().items()):
+    for name, path in sorted(reports.list_notebooks().items(), key=lambda kv: reports.report_sort_key(kv[0])):
         try:
             params = reports.notebook_parameters(path)
         except MeshlensError as exc:

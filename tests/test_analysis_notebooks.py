@@ -70,7 +70,7 @@ def test_root_cause_report_names_the_planted_cause(incident: dict, tmp_path: Pat
     assert f"{culprit} is the root cause of {incident['symptom_service']}" in unescape(card)
     assert "failure signature" in card and "authorization denials" in card
     assert incident["change"]["target"] in card and incident["change"]["actor"] in card
-    assert body.index("How this analysis works") > body.rindex('class="meshlens-chart"')  # method at the end
+    assert body.rindex("How this analysis works") > body.rindex('class="meshlens-chart"')  # method at the end
     assert any(culprit in f for f in r.findings) and any(incident["change"]["target"] in f for f in r.findings)
 
 
@@ -85,7 +85,7 @@ def test_change_correlation_report_names_the_planted_change(incident: dict, tmp_
     assert reports.notebook_parameters(reports.find_notebook("change_correlation"))["start"]["default"] == "latest-6h"
     body = _body(r.html)
     assert body.index('class="meshlens-verdict') < body.index('class="meshlens-chart"')
-    assert body.index("How the score works") > body.rindex('class="meshlens-chart"')
+    assert body.rindex("How the score works") > body.rindex('class="meshlens-chart"')
     assert r.findings and change["target"] in r.findings[0] and change["actor"] in r.findings[0]
 
 
