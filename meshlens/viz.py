@@ -69,7 +69,9 @@ def time_axis(title: str = "time (UTC)") -> alt.Axis:
 
 def time_tooltip(field: str, title: str = "time (UTC)") -> alt.Tooltip:
     """A tooltip showing the full time of day in UTC (not just the date)."""
-    return alt.Tooltip(f"{field}:T", title=title, format=TIME_FORMAT, formatType="utc")
+    # A utc time unit makes Vega-Lite format with utcFormat (formatType="utc" would call Vega's utc()
+    # date constructor instead and show NaN).
+    return alt.Tooltip(f"{field}:T", title=title, format=TIME_FORMAT, timeUnit="utcyearmonthdatehoursminutesseconds")
 
 
 def _tooltip(df: pd.DataFrame, cols: Iterable[str], *, times: Iterable[str] = ()) -> list[Any]:

@@ -145,3 +145,37 @@ def test_index_lists_triage_first_with_findings_and_empty_and_failed_runs_read_r
     assert folded is not None and "open" not in (folded.group(1) or "")  # folded, not shown
     empty_dom = dump_dom(Path(empty.html), tmp_path / "profile")
     assert 'data-status="empty"' in empty_dom and "Nothing to report" in empty_dom and "the store holds" in empty_dom
+
+
+def test_chart_tooltips_show_the_time_of_day_in_the_report_and_as_compiled_for_jupyterlab(tmp_path: Path) -> None:
+    """Hover a point: the tooltip says the UTC time of day. Checked for the Vega-Lite spec the HTML report
+    draws and for the compiled Vega spec JupyterLab's Vega renderer draws (JupyterLab 4 bundles Vega 5;
+    the same check passed against vega@5.33 + vega-embed@6 from npm when this was written)."""
+    import json
+
+    import pandas as pd
+
+    from meshlens import notebook as nbhelp
+    from meshlens import viz
+
+    ts = pd.date_range("2024-05-01T23:40:00Z", periods=8, freq="5min")
+    df = pd.DataFrame({"ts": list(ts) * 2, "value": list(range(8)) * 2, "series": ["requests"] * 8 + ["failed"] * 8})
+    changes = pd.DataFrame({"ts": [ts[2]], "label": ["AuthorizationPolicy/shop/deny-all"], "actor": ["alice"]})
+    spec = viz.time_series(df, color="series", onset=ts[3], changes=changes, y_title="requests").to_dict()
+    probe = """.then(function () {
+      var p = document.querySelector('#v svg .mark-symbol path'), box = p.getBoundingClientRect();
+      ['pointermove', 'mousemove'].forEach(function (k) {
+        p.dispatchEvent(new MouseEvent(k, {bubbles: true, clientX: box.x + box.width / 2, clientY: box.y + box.height / 2}));
+      });
+      setTimeout(function () { var t = document.getElementById('vg-tooltip-element');
+        document.body.setAttribute('data-tooltip', t ? t.textContent : 'none'); }, 300);
+    }).catch(function (e) { document.body.setAttribute('data-error', String(e)); });"""
+    for name, chart, mode in (("report", spec, "vega-lite"), ("lab", nbhelp.chart_vega(spec), "vega")):
+        page = tmp_path / f"{name}.html"
+        page.write_text(f"<html><head><script>{nbhelp.vega_embed_bundle()}</script></head><body><div id='v'></div>"
+                        f"<script>vegaEmbed('#v', {json.dumps(chart)}, {{mode: '{mode}', actions: false, "
+                        f"renderer: 'svg'}}){probe}</script></body></html>")
+        dom = dump_dom(page, tmp_path / f"profile-{name}")
+        tip = re.search(r'data-tooltip="([^"]*)"', dom)
+        assert tip is not None, dom[-2000:]
+        assert "2024-05-01 23:40:00" in tip.group(1) and "requests per 5 min" in tip.group(1), tip.group(1)

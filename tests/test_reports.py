@@ -551,7 +551,8 @@ def test_bars_never_stack_two_changes_into_one_score() -> None:
     assert len(set(labels)) == 3 and all(r["score"] <= 1 for r in rows)
     assert spec["encoding"]["x"]["scale"]["domain"] == [0, 1.0] and spec["encoding"]["x"]["stack"] is None
     tips = spec["encoding"]["tooltip"]
-    assert any(t.get("field") == "ts" and t.get("formatType") == "utc" and "%H:%M:%S" in t.get("format", "")
+    assert any(t.get("field") == "ts" and t.get("timeUnit") == "utcyearmonthdatehoursminutesseconds"
+               and "%H:%M:%S" in t.get("format", "")
                for t in tips)
 
 
