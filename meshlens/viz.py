@@ -24,7 +24,7 @@ import pandas as pd
 
 ChartLike = alt.Chart | alt.LayerChart | alt.VConcatChart | alt.HConcatChart
 
-ONSET_COLOR = "#d62728"
+ONSET_COLOR = "#222222"  # not red: the "failed" series and the failing path are red
 CHANGE_COLOR = "#ff7f0e"
 HIGHLIGHT_COLOR = "#d62728"
 BASE_COLOR = "#4c78a8"
@@ -141,7 +141,7 @@ def time_series(
     width: int = 640,
     height: int = 220,
 ) -> alt.LayerChart:
-    """A metric over time, with the detected onset (red rule) and config changes (orange dashed rules).
+    """A metric over time, with the detected onset (black rule) and config changes (orange dashed rules).
 
     ``df``: one row per (time, series); ``color`` names the series column (event types and the
     symptom's series get fixed colours). ``onset``: a time (or list of times). ``changes``: a DataFrame
