@@ -61,7 +61,7 @@ def outcome_line(o: Any) -> str:
     if o.error:
         lines.append(f"      error: {o.error.splitlines()[0] if o.error else ''}")
     elif finding:
-        lines.append(f"      {finding[:160]}")
+        lines.append(f"      {finding[:160]}" + (" ..." if len(finding) > 160 else ""))
     return "\n".join(lines)
 
 
