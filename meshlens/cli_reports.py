@@ -69,6 +69,8 @@ def report_run(
         _print_json(result.as_dict())
     else:
         typer.echo(f"{result.name}: {result.status} in {result.duration_s:.1f} s")
+        for line in result.findings:
+            typer.echo(f"  - {line}")
         if result.error:
             typer.echo(f"  {result.error}", err=True)
         if result.html:

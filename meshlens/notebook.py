@@ -456,6 +456,10 @@ def finding(markdown: str) -> None:
 class NoEventsError(ConfigError):
     """The window (and scope) holds no events: the report is ``empty``, not a report of zeros."""
 
+    def _render_traceback_(self) -> list[str]:
+        """IPython shows this one line instead of a traceback (the message says all there is to say)."""
+        return [f"{type(self).__name__}: {self}"]
+
 
 def store_range(store: Store) -> tuple[int, int | None, int | None]:
     """(events, first ts_ns, last ts_ns) of the whole store."""

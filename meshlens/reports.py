@@ -67,6 +67,7 @@ through the asyncio socket itself, which re-checks the socket's events after eac
 from __future__ import annotations
 
 import ast
+import asyncio
 import base64
 import copy
 import html
@@ -475,7 +476,16 @@ class ReportShellChannel(AsyncZMQSocketChannel):
     module docstring): a send can no longer swallow the wake-up for a reply that has just arrived."""
 
     def send(self, msg: dict[str, Any]) -> None:  # type: ignore[override]
+        """Inside the running event loop (nbclient's cell execution, where a poll may be waiting): send
+        through the asyncio socket. Outside it (papermill's synchronous ``kernel_info()``) nothing can
+        be waiting -- the next poll checks the socket's events first -- so the plain send is safe, and
+        needs no event loop."""
         assert self.socket is not None
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            super().send(msg)
+            return
         self.socket.send_multipart(self.session.serialize(msg))  # a Future, already done in practice
 
 

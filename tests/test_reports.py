@@ -517,7 +517,19 @@ def test_shell_sends_cannot_swallow_the_wakeup_for_a_reply(tmp_path: Path) -> No
             router.close(0)
             ctx.term()
 
-    assert asyncio.run(wait_after_send()) < 1.0
+    loop = asyncio.new_event_loop()  # not asyncio.run: it would leave the main thread without an event loop
+    try:
+        assert loop.run_until_complete(wait_after_send()) < 1.0
+    finally:
+        loop.close()
+    # Outside a running loop (papermill's synchronous kernel_info()) the channel needs no event loop.
+    ctx = zmq.asyncio.Context()
+    sock = ctx.socket(zmq.DEALER)
+    try:
+        reports.ReportShellChannel(sock, Session()).send(Session().msg("kernel_info_request", {}))
+    finally:
+        sock.close(0)
+        ctx.term()
 
 
 def test_report_kernels_use_the_fixed_shell_channel() -> None:
