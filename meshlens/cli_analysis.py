@@ -208,12 +208,15 @@ def incidents_cmd(
             if rc:
                 typer.echo(f"   root cause: {rc['kind']} {rc['target']} (score {rc['score']:.2f})")
             if ch:
-                typer.echo(f"   change: {ch['target']} by {ch['actor']} at {ch['ts']} (score {ch['score']:.2f})")
+                typer.echo(f"   change: {ch['target']} by {ch['actor']} at {str(ch['ts'])[:19]}Z "
+                           f"(score {ch['score']:.2f})")
             typer.echo(f"   services: {', '.join(item['services'])}")
         typer.echo(f"\nbackground anomalies (never reached users): {len(report.background)}")
-        for a in report.background[:10]:
+        for a in report.background[:5]:
             typer.echo(f"  [{a['score']:7.1f}] {a['scope']:<7} {a['target']}: {a['metric']} {a['direction']} "
                        f"from {a['onset']}")
+        if len(report.background) > 5:
+            typer.echo(f"  ... and {len(report.background) - 5} more (meshlens analyze anomalies lists them all)")
 
     _run(run)
 

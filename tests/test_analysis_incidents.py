@@ -47,6 +47,7 @@ def _anoms(rows: list[tuple[str, str, str, str]]) -> pd.DataFrame:
     df["end"] = df["onset"] + pd.Timedelta(minutes=20)
     df["score"] = 20.0
     df["kind"] = "metric"
+    df["baseline"], df["observed"] = 0.01, 0.2  # a failure ratio up 19 points: hurts
     return df
 
 
@@ -57,17 +58,23 @@ def test_grouping_follows_the_call_graph_and_time() -> None:
         ("service", "frontend", "errors_5xx", "2024-05-01T09:24:00Z"),
         ("service", "ads", "errors_5xx", "2024-05-01T09:20:00Z"),  # same time, not adjacent: apart
         ("service", "payments", "errors_5xx", "2024-05-01T12:00:00Z"),  # same service hours later
-        ("edge", "frontend->checkout", "errors_5xx", "2024-05-01T12:05:00Z"),
+        ("service", "checkout", "errors_5xx", "2024-05-01T12:03:00Z"),
+        ("edge", "istio-ingressgateway->frontend", "errors_5xx", "2024-05-01T12:05:00Z"),
     ])
     edges = pd.DataFrame({"caller": ["istio-ingressgateway", "frontend", "checkout", "recommendation"],
                           "callee": ["frontend", "checkout", "payments", "ads"], "requests": 100})
     groups = incidents._groups(anoms, {"frontend": {"checkout", "istio-ingressgateway"},
                                        "checkout": {"frontend", "payments"}, "payments": {"checkout"},
                                        "ads": {"recommendation"}, "recommendation": {"ads"}})
-    assert sorted(map(sorted, groups)) == [[0, 1, 2], [3], [4, 5]]
+    assert sorted(map(sorted, groups)) == [[0, 1, 2], [3], [4, 5, 6]]
     found, background = incidents._candidate_groups(anoms, edges, ["frontend"])
     assert [g.symptom for g in found] == ["frontend", "frontend"]  # the edge into frontend counts
     assert background == {3}  # ads never reaches users
+    # a significant but tiny rise at the entry (0.1 points) does not hurt users
+    weak = anoms.copy()
+    weak.loc[[2, 6], "observed"] = 0.011
+    found, background = incidents._candidate_groups(weak, edges, ["frontend"])
+    assert found == [] and background == {0, 1, 2, 3, 4, 5, 6}
 
 
 # -- the bundled samples ---------------------------------------------------------------------------------

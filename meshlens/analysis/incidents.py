@@ -6,36 +6,51 @@ mesh-wide; an unrelated loud service shows up too), :mod:`~meshlens.analysis.roo
 episode at *one* symptom service, :mod:`~meshlens.analysis.changes` ranks config changes against it.
 :func:`find_incidents` chains them:
 
-1. **Anomalies** of the whole window (:func:`~meshlens.analysis.anomalies.detect_anomalies`, one pass).
-2. **Episodes.** Service and edge anomalies are linked when their onsets are close (within
-   :data:`LINK_S`) and they touch the same service or two services that call each other (the call graph
-   of the window, :mod:`~meshlens.analysis.graph`): one failure propagating up a call chain is one
-   connected group, even when it spans several services and metrics; a second failure of the same
-   service hours later is another group; a loud service that errs at the same time as an incident but is
-   not adjacent to it stays apart.
+1. **Anomalies** of the whole window (:func:`~meshlens.analysis.anomalies.detect_anomalies`, one pass),
+   and who calls whom (one scan of the records that name their client).
+2. **Episodes.** Service and edge anomalies, strongest first, join the group whose strongest anomaly
+   started within :data:`LINK_S` of theirs and that holds the same or an adjacent service (caller or
+   callee); otherwise they start a group. One failure propagating up a call chain is one group even when
+   it spans several services and metrics; the same service failing again hours later is another group; a
+   loud service erring at the same time as an incident but not adjacent to it stays apart.
 3. **Does it reach users?** The mesh's *entry services* are those called by its ingress gateway(s) (a
    root caller -- never called itself -- named like a gateway or ingress; when the window has none, the
-   services called by any root caller: workers, un-meshed clients). A group with no anomaly at an entry
-   service never reached users: it is a *background* anomaly (returned separately, not an incident). The
-   affected entry service with the strongest anomaly is the incident's **symptom** (where users see it).
+   services called by any root caller: workers, un-meshed clients). A group reaches users when an entry
+   service in it (or an edge into one) *hurts*: failures :data:`MIN_EXCESS_RATE` above their baseline or
+   a latency percentile :data:`MIN_LATENCY_RATIO` times its baseline, for :data:`MIN_DURATION_S` or more
+   -- effect sizes, which do not grow with the traffic as significance scores do; a change in request
+   volume is demand, not harm. Also when such an anomaly of an entry service that (transitively) calls
+   the group started earlier and is still going on at the group's onset (*covered*: one long anomaly of
+   the entry can span two incidents of its callees). Everything else is *background* (returned
+   separately, never an incident). The hurting entry service with the strongest anomaly is the
+   **symptom** (where users see it).
 4. **Root cause and change on the incident's own onset.** The root-cause analysis that ``analyze
    root-cause`` runs (:func:`~meshlens.analysis.rootcause.analyze_session`) looks at the symptom over a
-   sub-window around the group -- from :data:`PRE_S` before its onset (never before the end of an earlier
-   incident at the same symptom) to :data:`POST_S` after its end (never past the next one's onset) -- so
-   the one episode it explains is this one; the change correlation
-   (:func:`~meshlens.analysis.changes.correlate_session`) scores config changes against that result. The
-   root-cause onset (refined to the request) is the incident's onset. When the symptom's failures and
-   latency did not change significantly there, the group is background after all.
+   sub-window around the group: from :data:`PRE_S` before its onset (not before the previous incident at
+   that symptom ended) to :data:`POST_S` after its end, and not past the next group's onset there --
+   unless the episode is still going on at that bound, then the next group is part of it. The change
+   correlation (:func:`~meshlens.analysis.changes.correlate_session`) scores config changes against that
+   result; its top candidate is the incident's change when it is likely (score >= 0.5). The root-cause
+   onset (refined to the request) is the incident's onset. When the symptom's failures and latency did
+   not change significantly there, or for less than :data:`MIN_DURATION_S`, or by less than
+   :data:`MIN_EXCESS_RATE`, the group is not an incident (background, or part of an incident whose span
+   holds it). Findings of one episode at two entry services (same onset, same culprit or change) are one
+   incident (``symptoms`` lists them); a finding or a group at the same symptom that starts within
+   :data:`CONTIGUOUS_S` of an incident's end (with the same culprit, for a finding) continues it.
 5. **Severity** = the symptom's excess bad (failed or slow) requests during the episode, estimated from
    its bad rate before vs during: how many user requests the incident spoiled. Most severe first.
+6. **Second pass.** A series reports one latency episode per window (failure counts two): when an
+   incident with slow requests was found, the stretches of at least :data:`SECOND_PASS_MIN_S` outside
+   the incidents are searched again, so a second latency incident of the same services hours later is
+   not hidden behind the first.
 
-Limits: an incident whose effect at every entry service is too weak for the anomaly detector (a few
-percent of slow requests behind a rarely used page) is not found -- ``analyze root-cause`` on the entry
-service with a narrow window is more sensitive. Two incidents overlapping in time at the same symptom
-are reported as one (the root-cause analysis explains one episode per call; its candidates usually
-list both causes). Anomalies detected per series are one latency episode per series and window: a second
-latency episode of the same services hours later is searched for in the rest of the window after the
-first pass (:data:`SECOND_PASS_MIN_S`).
+Limits: an incident too weak at every entry service for the anomaly detector (a few percent of slow
+requests behind a rarely used page) is not found -- ``analyze root-cause`` on the entry service with a
+narrow window is more sensitive. Two incidents overlapping in time at the same symptom are reported as
+one (the root-cause analysis explains one episode per call; its candidates usually list both causes).
+When a later group's onset bounds an episode's analysis while the episode goes on, the incident's end is
+that group's last anomaly and its severity counts the first part only (on the bundled samples the
+latency incident reads 06:31-07:00 of a 06:30-07:20 episode).
 """
 
 from __future__ import annotations
@@ -49,8 +64,8 @@ import pandas as pd
 from meshlens.analysis.anomalies import anomalies_json, detect_anomalies
 from meshlens.analysis.changes import LIKELY, correlate_session
 from meshlens.analysis.common import NS, Window, pct, resolve_window, ts_text
-from meshlens.analysis.graph import hops_sql
-from meshlens.analysis.rootcause import analyze_session, session
+from meshlens.analysis.graph import TRAFFIC_SQL
+from meshlens.analysis.rootcause import analyze_session, detect_onset, session
 from meshlens.store import Store
 
 LINK_S = 15 * 60
@@ -58,10 +73,10 @@ LINK_S = 15 * 60
 one episode. Onsets are bucket-aligned (a few minutes on a 12 h window) and latency builds up more
 slowly than errors, so a few buckets of slack are needed."""
 
-PRE_S = 60 * 60
+PRE_S = 30 * 60
 """How much normal traffic before an episode the root-cause analysis gets as its baseline."""
 
-POST_S = 30 * 60
+POST_S = 10 * 60
 """How much traffic after an episode's last anomaly the root-cause analysis sees (its recovery)."""
 
 MARGIN_S = 5 * 60
@@ -74,9 +89,25 @@ MAX_ONSET_DRIFT_S = 20 * 60
 """The root-cause onset must lie this close to the group's anomalies: otherwise the symptom's
 significant episode in the sub-window is something else, not this group."""
 
+CONTIGUOUS_S = 10 * 60
+"""A finding at the same symptom with the same culprit that starts this soon after another ends
+continues it."""
+
 SECOND_PASS_MIN_S = 45 * 60
 """After the first pass, stretches of at least this length outside the incidents found are searched
 again (a series reports one latency episode per window; a second one hours later would be hidden)."""
+
+MIN_DURATION_S = 180
+"""An incident lasts at least this long (at the entry's anomaly and in the root-cause episode): a burst of
+a few seconds -- a handful of failed requests that happen to be close together -- is not one."""
+
+MIN_EXCESS_RATE = 0.02
+"""...and spoils at least this share of the symptom's requests more than its baseline did (2 percentage
+points of failed or slow requests): a statistically significant but tiny shift on a busy service is not
+what an incident list is for (``analyze anomalies`` lists it)."""
+
+MIN_LATENCY_RATIO = 1.25
+"""A latency anomaly hurts when its percentile is at least this multiple of its baseline (+25 %)."""
 
 GATEWAY_RE = re.compile(r"gateway|ingress", re.IGNORECASE)
 
@@ -114,9 +145,14 @@ class IncidentReport:
 
 
 def _edges(store: Store, window: Window) -> pd.DataFrame:
-    """Caller -> callee pairs of the window with their request counts (one aggregate over the hops)."""
-    return store.query(f"SELECT caller, callee, sum(w) AS requests FROM ({hops_sql()}) GROUP BY ALL",
-                       {"lo": window.lo_ns, "hi": window.hi_ns})
+    """Caller -> callee pairs of the window with their request counts: every record naming its client
+    workload (a client sidecar's, or a server's that logs its client) -- one scan, no pairing of records
+    (the full hop table of :mod:`~meshlens.analysis.graph` costs as much as the anomalies themselves, and
+    only who calls whom is needed here)."""
+    return store.query(
+        f"""SELECT src_workload AS caller, dst_service AS callee, sum(coalesce(sample_weight, 1.0)) AS requests
+            FROM events WHERE {TRAFFIC_SQL} AND src_workload IS NOT NULL AND src_workload <> dst_service
+            GROUP BY ALL""", {"lo": window.lo_ns, "hi": window.hi_ns})
 
 
 def entry_services(edges: pd.DataFrame) -> list[str]:
@@ -145,28 +181,26 @@ def _services_of(row: Any) -> list[str]:
 
 
 def _groups(anoms: pd.DataFrame, neighbours: dict[str, set[str]]) -> list[list[int]]:
-    """Connected groups (row positions) of service/edge anomalies: close onsets, same or adjacent services."""
-    rows = [(i, int(r.onset.value), set(_services_of(r))) for i, r in enumerate(anoms.itertuples(index=False))
-            if r.scope in ("service", "edge")]
-    parent = {i: i for i, _, _ in rows}
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for x in range(len(rows)):
-        i, ti, si = rows[x]
-        near = si | {n for s in si for n in neighbours.get(s, ())}
-        for y in range(x + 1, len(rows)):
-            j, tj, sj = rows[y]
-            if abs(ti - tj) <= LINK_S * NS and near & sj:
-                parent[find(i)] = find(j)
-    out: dict[int, list[int]] = {}
-    for i, _, _ in rows:
-        out.setdefault(find(i), []).append(i)
-    return sorted(out.values(), key=lambda g: min(int(anoms["onset"].iat[i].value) for i in g))
+    """Groups (row positions) of service/edge anomalies, strongest first: each anomaly joins the first
+    group whose *leader* (its strongest anomaly) started within :data:`LINK_S` of it and that holds the
+    same or an adjacent service; else it leads a group of its own. Anchoring time at the leader keeps a
+    busy window from chaining anomalies an hour apart into one group through the ones in between."""
+    groups: list[tuple[int, set[str], list[int]]] = []  # (leader onset, services, rows)
+    order = sorted(range(len(anoms)), key=lambda i: -float(anoms["score"].iat[i]))
+    for i in order:
+        r = anoms.iloc[i]
+        if r["scope"] not in ("service", "edge"):
+            continue
+        si = set(_services_of(r))
+        near = si | {n for x in si for n in neighbours.get(x, ())}
+        t = int(r["onset"].value)
+        home = next((g for g in groups if abs(g[0] - t) <= LINK_S * NS and g[1] & near), None)
+        if home is None:
+            groups.append((t, set(si), [i]))
+        else:
+            home[1].update(si)
+            home[2].append(i)
+    return sorted((sorted(g[2]) for g in groups), key=lambda g: min(int(anoms["onset"].iat[i].value) for i in g))
 
 
 @dataclass
@@ -182,6 +216,19 @@ class _Group:
 
 def _entry_of(scope: str, target: str) -> str:
     return str(target) if scope == "service" else str(target).split("->")[-1]
+
+
+def _hurts(r: Any) -> bool:
+    """Whether an anomaly is requests being hurt: failures or latency (not a change in how many requests
+    arrive -- demand -- nor a categorical finding), lasting :data:`MIN_DURATION_S` or more, by a margin
+    that matters whatever the traffic volume (a significance score grows with the number of requests; an
+    effect size does not): a failure ratio :data:`MIN_EXCESS_RATE` above its baseline, a latency
+    percentile :data:`MIN_LATENCY_RATIO` times its baseline."""
+    if r.kind != "metric" or r.metric == "requests" or int(r.end.value) - int(r.onset.value) < MIN_DURATION_S * NS:
+        return False
+    if r.metric in ("p50_ms", "p99_ms"):
+        return bool(r.observed >= MIN_LATENCY_RATIO * r.baseline)
+    return bool(r.observed - r.baseline >= MIN_EXCESS_RATE)
 
 
 def _upstream(edges: pd.DataFrame) -> dict[str, set[str]]:
@@ -216,7 +263,7 @@ def _candidate_groups(anoms: pd.DataFrame, edges: pd.DataFrame, entries: list[st
     entry_set = set(entries)
     upstream = _upstream(edges)
     entry_rows = [r for r in anoms.itertuples(index=False) if r.scope in ("service", "edge")
-                  and _entry_of(r.scope, r.target) in entry_set]
+                  and _entry_of(r.scope, r.target) in entry_set and _hurts(r)]
     found, background = [], set()
     for g in _groups(anoms, neighbours):
         sub = anoms.iloc[g]
@@ -224,14 +271,14 @@ def _candidate_groups(anoms: pd.DataFrame, edges: pd.DataFrame, entries: list[st
         at_entry: dict[str, float] = {}
         for r in sub.itertuples(index=False):
             svc = _entry_of(r.scope, r.target)
-            if svc in entry_set:
+            if svc in entry_set and _hurts(r):
                 at_entry[svc] = max(at_entry.get(svc, 0.0), float(r.score))
         onset = int(sub["onset"].min().value)
         covered = False
         if at_entry:
             onset = int(min(r.onset.value for r in sub.itertuples(index=False)
-                            if _entry_of(r.scope, r.target) in entry_set))
-        else:
+                            if _entry_of(r.scope, r.target) in entry_set and _hurts(r)))
+        elif any(_hurts(r) for r in sub.itertuples(index=False)):
             callers = set().union(*(upstream.get(x, set()) for x in services)) if services else set()
             for r in entry_rows:
                 e = _entry_of(r.scope, r.target)
@@ -279,13 +326,29 @@ def _kind(onset: Any, signature: dict[str, float]) -> tuple[str, str | None]:
     return onset.signal, (names.get(top[0], top[0]) if top[0] and top[1] > 0 else None)
 
 
+def _episode_ok(onset: Any, g: _Group) -> bool:
+    """Whether the symptom's episode in the sub-window is this group's (close to its anomalies) and big
+    enough to be an incident (:data:`MIN_DURATION_S`, :data:`MIN_EXCESS_RATE`)."""
+    drift = min(abs(onset.onset_ns - g.onset_ns), max(0, onset.onset_ns - g.end_ns))
+    if drift > (LINK_S if g.covered else MAX_ONSET_DRIFT_S) * NS:
+        return False
+    return (onset.end_ns - onset.onset_ns >= MIN_DURATION_S * NS
+            and onset.bad_incident - onset.bad_baseline >= MIN_EXCESS_RATE)
+
+
+def _episode(store: Store, g: _Group, sub: Window) -> Any:
+    """The symptom's episode in ``sub`` if it is this group's incident, else None: the onset detection of
+    the root-cause analysis alone (:func:`~meshlens.analysis.rootcause.detect_onset`, a fraction of the
+    whole analysis), so that groups that are no incident -- and sub-window bounds still being settled --
+    cost little."""
+    onset = detect_onset(store, g.symptom, sub.lo_ns, sub.hi_ns)
+    return onset if onset is not None and _episode_ok(onset, g) else None
+
+
 def _analyze_group(store: Store, g: _Group, sub: Window, full: Window, lookback: str) -> dict[str, Any] | None:
     with session(store, g.symptom, sub.lo_ns, sub.hi_ns) as sess:
         rc = analyze_session(sess)
-        if rc.onset is None:
-            return None
-        drift = min(abs(rc.onset.onset_ns - g.onset_ns), max(0, rc.onset.onset_ns - g.end_ns))
-        if drift > (LINK_S if g.covered else MAX_ONSET_DRIFT_S) * NS:
+        if rc.onset is None or not _episode_ok(rc.onset, g):
             return None
         ch = correlate_session(sess, lookback=lookback, report=rc)
     rc_items = rc.to_json()
@@ -296,8 +359,6 @@ def _analyze_group(store: Store, g: _Group, sub: Window, full: Window, lookback:
     end_ns = None if ongoing else (onset.end_ns if not onset.ongoing else g.end_ns)
     signal, signature = _kind(onset, rc.signature)
     return {"onset_ns": onset.onset_ns, "end_ns": end_ns, "symptom": g.symptom,
-            # still going on near the sub-window's end: a later group there may be part of this episode
-            "open": onset.ongoing or onset.end_ns >= sub.hi_ns - MARGIN_S * NS,
             "root_cause": rc_items[0] if rc_items else None, "change": top_change,
             "severity": round(_excess(onset), 1), "kind": signal, "signature": signature,
             "confidence": rc_items[0]["score"] if rc_items else None,
@@ -368,13 +429,16 @@ def _pass(store: Store, window: Window, lo: int, hi: int, entries: list[str], ed
             # the next group at this symptom bounds this one's analysis; when the episode is still going
             # on at that bound, the next group is part of it: absorb it and look again up to the one after
             later = [j for j in range(k + 1, len(mine)) if mine[j].onset_ns > g.onset_ns + SAME_ONSET_S * NS]
-            res, taken = None, []
-            for attempt in range(3):
-                nxt = mine[later[attempt]].onset_ns if attempt < len(later) else None
-                res = _analyze_group(store, g, _sub_window(g, prev_end, nxt, Window(lo, hi)), window, lookback)
-                if res is None or not res["open"] or nxt is None:
+            taken: list[int] = []
+            for _attempt in range(8):
+                nxt = mine[later[0]].onset_ns if later else None
+                sub = _sub_window(g, prev_end, nxt, Window(lo, hi))
+                onset = _episode(store, g, sub)
+                if onset is None or nxt is None or not onset.ongoing:
                     break
-                taken.append(later[attempt])
+                # still going on at the bound: the group there is part of this episode; try the next one
+                taken.append(later.pop(0))
+            res = _analyze_group(store, g, sub, window, lookback) if onset is not None else None
             if res is None:
                 rejected.append(g)
                 continue
@@ -384,10 +448,17 @@ def _pass(store: Store, window: Window, lo: int, hi: int, entries: list[str], ed
             res.update(rows=rows, services=services, anoms=anoms, covered=g.covered)
             found.append(res)
             prev_end = res["end_ns"] or hi
-    for g in rejected:
+    for g in sorted(rejected, key=lambda x: x.onset_ns):
         # a group inside an incident's span at the same symptom is part of it (a later symptom of the same
-        # episode: latency building up during a surge...), anything else is background
+        # episode: latency building up during a surge...); one starting right after an incident's end
+        # (its analysis was bounded by this group's onset) continues it; anything else is background
         home = _home(g, found, hi)
+        if home is None:
+            home = next((f for f in found if f["symptom"] == g.symptom and f["end_ns"] is not None
+                         and 0 <= g.onset_ns - f["end_ns"] <= CONTIGUOUS_S * NS), None)
+            if home is not None:
+                later = [f["onset_ns"] for f in found if f["symptom"] == g.symptom and f["onset_ns"] > g.onset_ns]
+                home["end_ns"] = max(home["end_ns"], min([g.end_ns, *later]))
         if home is not None:
             home["rows"] = home["rows"] + [i for i in g.rows if i not in home["rows"]]
         else:
@@ -402,7 +473,13 @@ def _culprit(f: dict[str, Any]) -> str | None:
 
 def _same_episode(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Two findings are one incident when their onsets coincide and they are at the same symptom, or
-    blame the same service or the same change (one failure seen at two entry services)."""
+    blame the same service or the same change (one failure seen at two entry services) -- or when one
+    continues the other: same symptom, same culprit, starting within :data:`CONTIGUOUS_S` of its end (an
+    analysis bounded by a later group's onset cuts an episode in two)."""
+    first, second = sorted((a, b), key=lambda f: f["onset_ns"])
+    if (first["symptom"] == second["symptom"] and _culprit(first) is not None and _culprit(first) == _culprit(second)
+            and first["end_ns"] is not None and second["onset_ns"] - first["end_ns"] <= CONTIGUOUS_S * NS):
+        return True
     if abs(a["onset_ns"] - b["onset_ns"]) > SAME_ONSET_S * NS:
         return False
     if a["symptom"] == b["symptom"]:
@@ -424,6 +501,11 @@ def _merge(found: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         if f["symptom"] not in twin["symptoms"]:
             twin["symptoms"].append(f["symptom"])
+        if f["onset_ns"] < twin["onset_ns"]:  # a continuation: the incident starts at the earlier part
+            twin["onset_ns"] = f["onset_ns"]
+            twin["change"] = twin["change"] or f["change"]
+        if twin["end_ns"] is not None and (f["end_ns"] is None or f["end_ns"] > twin["end_ns"]):
+            twin["end_ns"] = f["end_ns"]
         if not f.get("covered"):
             twin["services"] = list(dict.fromkeys(twin["services"] + f["services"]))
         twin.setdefault("extra", []).append(f)
@@ -447,7 +529,8 @@ def find_incidents(store: Store, start: Any = None, end: Any = None, *, lookback
     options = {k: v for k, v in options.items() if v is not None}
     found, anoms, bg_rows = _pass(store, window, window.lo_ns, window.hi_ns, entry_list, edges, lookback, options)
     backgrounds = [(anoms, bg_rows)]
-    if second_pass and found:
+    # a series reports one latency episode: only when one was taken by an incident can another hide
+    if second_pass and any("latency" in f["kind"] for f in found):
         # stretches free of the incidents found: a series' second latency episode hides behind its first
         spans = sorted((f["onset_ns"], f["end_ns"] or window.hi_ns) for f in found)
         cursor, gaps = window.lo_ns, []
@@ -487,10 +570,11 @@ def find_incidents(store: Store, start: Any = None, end: Any = None, *, lookback
     for df, rows in backgrounds:
         if df.empty:
             continue
-        keep = sorted(rows)
-        # mesh-wide and categorical anomalies that do not coincide with an incident are background too
+        keep = []
+        # the rows of groups that are no incident, and mesh-wide anomalies -- unless they coincide with an
+        # incident on its services (e.g. found by the second pass) or, mesh-wide, in time
         for i, r in enumerate(df.itertuples(index=False)):
-            if r.scope in ("service", "edge"):  # grouped: background when their group is
+            if r.scope in ("service", "edge") and i not in rows:
                 continue
             t = int(r.onset.value)
             svcs = set(_services_of(r))
