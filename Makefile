@@ -3,17 +3,23 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint bench browser-deps samples clean
+.PHONY: demo lab test lint bench browser-deps samples clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,lab]'
 	touch $(STAMP)
 
 ## demo: ingest the bundled samples, print the summary, run every report, print index.html
+## (installs JupyterLab too: `make lab` then opens the notebooks on the demo store)
 demo: $(STAMP)
 	$(VENV)/bin/meshlens demo --db out/demo.duckdb --samples data/samples --out out/reports
+
+## lab: JupyterLab on a working copy of the notebooks (./meshlens-notebooks), reading the demo store
+lab: $(STAMP)
+	test -f out/demo.duckdb || $(VENV)/bin/meshlens demo --db out/demo.duckdb --samples data/samples --no-reports
+	$(VENV)/bin/meshlens lab --db out/demo.duckdb
 
 ## test: lint + the whole test suite (installs headless Chromium for the report browser test when root)
 test: $(STAMP) browser-deps

@@ -7,8 +7,10 @@ and prints where ``index.html`` is.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from meshlens.analysis.overview import format_summary, summary
 from meshlens.errors import ConfigError
@@ -26,6 +28,9 @@ def run_demo(*, db: Path, samples: Path, out: Path, reports: bool = True,
     echo(f"== ingest {len(files)} sample files from {samples} into {db}")
     counts = ingest_files(db, [str(f) for f in files], progress=True)
     echo(str(counts))
+    warning = counts.empty_warning(sum(f.stat().st_size for f in files))
+    if warning:
+        echo(warning)
     echo("== summary")
     with open_store(db, read_only=True) as store:
         echo(format_summary(summary(store)))
@@ -35,27 +40,51 @@ def run_demo(*, db: Path, samples: Path, out: Path, reports: bool = True,
 
 
 def demo_schedule(db: Path, out: Path) -> dict[str, object]:
-    """A schedule config (as a mapping) listing every packaged report with its defaults."""
-    from meshlens.reports import list_notebooks
+    """A schedule config (as a mapping) listing every packaged report with its defaults, the landing
+    page (``triage``) first."""
+    from meshlens.reports import list_notebooks, report_sort_key
 
     return {
         "db": str(db.resolve()),
         "out_dir": str(out.resolve()),
         "reports": [{"name": name, "notebook": name, "cron": "0 6 * * *", "keep_runs": 5}
-                    for name in sorted(list_notebooks())],
+                    for name in sorted(list_notebooks(), key=report_sort_key)],
     }
 
 
-def run_all_reports(*, db: Path, out: Path, echo: Callable[[str], None] = print) -> Path | None:
-    """Run every report once through the scheduler's path (``run_due(force=True)``)."""
+def outcome_line(o: Any) -> str:
+    """One report's result as the demo prints it: name, status, time, first finding, where the HTML is."""
+    took = f"{o.duration_s:5.1f} s" if getattr(o, "duration_s", None) is not None else ""
+    head = f"  {o.name:<20} {o.status or o.action:<7} {took}"
+    finding = (o.findings or [""])[0] if getattr(o, "findings", None) else ""
+    lines = [head + (f"  {o.html}" if o.html else (f"  {o.run_dir}" if o.run_dir else ""))]
+    if o.error:
+        lines.append(f"      error: {o.error.splitlines()[0] if o.error else ''}")
+    elif finding:
+        lines.append(f"      {finding[:160]}" + (" ..." if len(finding) > 160 else ""))
+    return "\n".join(lines)
+
+
+def run_all_reports(*, db: Path, out: Path, echo: Callable[[str], None] = print,
+                    progress: bool = True) -> Path | None:
+    """Run every report once through the scheduler's path (``run_due(force=True)``), printing each one
+    as it finishes under a progress bar (tqdm, on stderr)."""
+    from tqdm import tqdm
+
     from meshlens.schedule import parse_config, run_due
 
     cfg = parse_config(demo_schedule(db, out), base_dir=Path.cwd())
     echo(f"== reports: {', '.join(r.name for r in cfg.reports)}")
-    result = run_due(cfg, force=True)
-    for o in result.outcomes:
-        line = f"  {o.name:<20} {o.status or o.action:<8} {o.html or o.run_dir or ''}"
-        echo(line + (f"  error: {o.error}" if o.error else ""))
+    with tqdm(total=len(cfg.reports), desc="reports", unit="report", disable=not progress,
+              file=sys.stderr, leave=False) as bar:
+
+        def done(o: Any) -> None:
+            bar.clear()
+            echo(outcome_line(o))
+            bar.update(1)
+            bar.refresh()
+
+        result = run_due(cfg, force=True, on_outcome=done)
     index = Path(result.index[0]) if result.index else None
     echo(f"== reports index: {index}")
     if result.exit_code:

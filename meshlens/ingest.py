@@ -64,6 +64,17 @@ class IngestCounts:
         d["duplicates_skipped"] = d.pop("duplicates")
         return d
 
+    def empty_warning(self, input_bytes: int | None = None) -> str | None:
+        """A warning when a non-empty input stored nothing new and nothing was a re-ingested duplicate:
+        the format was not recognised, every record was rejected or filtered -- a silent 0 would let
+        an SRE analyse an empty store. None when the result is plausible."""
+        if self.stored or self.duplicates or (not self.read and not input_bytes):
+            return None
+        why = (f"{self.rejects} rejected, {self.filtered} filtered" if self.read
+               else f"no records recognised in {input_bytes:,} bytes")
+        return (f"warning: the input was not empty but 0 events were stored ({why}); check the format "
+                "(--format), the filters, and `meshlens summary` / the rejects table")
+
     def add(self, other: IngestCounts) -> None:
         self.read += other.read
         self.stored += other.stored

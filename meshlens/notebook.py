@@ -31,11 +31,12 @@ How a notebook plugs in (the contract :mod:`meshlens.reports` and :mod:`meshlens
 4. Commit the notebook with outputs cleared and add it to the notebook list in ``tests/reports/test_reports.py``
    so it is executed with papermill in CI.
 
-Charts render offline everywhere: :func:`configure_altair` enables the ``meshlens`` Altair renderer,
-which emits each chart as a static SVG (drawn by vl-convert in the kernel: JupyterLab, nbviewer and the
-HTML report show it with no JavaScript) plus the Vega-Lite spec. The HTML report inlines the vega-embed
-bundle once (:func:`vega_embed_bundle`, :data:`UPGRADE_JS`) and upgrades every chart to an interactive
-one (tooltips) -- no CDN is ever contacted.
+Charts render offline everywhere, interactive where a renderer exists: :func:`configure_altair` enables
+the ``meshlens`` Altair renderer, which emits each chart as a mime bundle of the compiled Vega spec
+(JupyterLab draws it with its built-in Vega extension: tooltips, no network), the Vega-Lite spec and a
+static SVG drawn by vl-convert in the kernel (nbviewer, GitHub). The HTML report turns each bundle into
+the SVG plus its spec, inlines the vega-embed bundle once (:func:`vega_embed_bundle`,
+:data:`UPGRADE_JS`) and upgrades every chart to an interactive one -- no CDN is ever contacted.
 """
 
 from __future__ import annotations
@@ -264,14 +265,11 @@ def _uniquify_svg_ids(svg: str, prefix: str) -> str:
     return svg
 
 
-def chart_html(spec: dict[str, Any]) -> str:
-    """A chart as HTML: static SVG (drawn now by vl-convert) plus its spec for an in-browser upgrade."""
-    import vl_convert as vlc
-    from altair.utils.html import vl_version_for_vl_convert
-
+def chart_html(spec: dict[str, Any], svg: str | None = None) -> str:
+    """A chart as HTML: static SVG (``svg``, else drawn now by vl-convert) plus its spec for an
+    in-browser upgrade by the report's inlined vega-embed."""
     chart_id = f"mlc{os.getpid()}-{next(_chart_ids)}"
-    svg = vlc.vegalite_to_svg(spec, vl_version=vl_version_for_vl_convert())
-    svg = _uniquify_svg_ids(svg, chart_id)
+    svg = _uniquify_svg_ids(svg if svg is not None else chart_svg(spec), chart_id)
     spec_json = json.dumps(spec).replace("</", "<\\/").replace("<!--", "<\\!--")
     return (
         f'<div class="meshlens-chart" id="{chart_id}" data-rendered="static">'
@@ -280,10 +278,59 @@ def chart_html(spec: dict[str, Any]) -> str:
     )
 
 
-def _meshlens_renderer(spec: dict[str, Any], **metadata: Any) -> dict[str, str]:
+VEGA_MIME = "application/vnd.vega.v5+json"
+SVG_MIME = "image/svg+xml"
+VEGA_SCHEMA = "https://vega.github.io/schema/vega/v5.json"
+
+
+def vegalite_mime() -> str:
+    """The Vega-Lite mimetype of the installed Altair (``application/vnd.vegalite.v6+json``)."""
+    return f"application/vnd.vegalite.v{alt.SCHEMA_VERSION.lstrip('v').split('.')[0]}+json"
+
+
+def chart_svg(spec: dict[str, Any]) -> str:
+    """The chart drawn as a static SVG by vl-convert, in the kernel (no browser, no network)."""
+    import vl_convert as vlc
+    from altair.utils.html import vl_version_for_vl_convert
+
+    return vlc.vegalite_to_svg(spec, vl_version=vl_version_for_vl_convert())
+
+
+def chart_vega(spec: dict[str, Any]) -> dict[str, Any]:
+    """The chart compiled to a Vega spec (by vl-convert), for JupyterLab's built-in Vega 5 renderer.
+
+    Why compiled: JupyterLab 4 renders ``application/vnd.vega.v5+json`` (and Vega-Lite up to v5)
+    interactively, tooltips included, but not Altair 6's Vega-Lite v6 mimetype -- it would fall back to
+    the static SVG. The compiled spec only uses Vega 5 features; its ``$schema`` says so, which keeps
+    vega-embed from warning about a version mismatch."""
+    import vl_convert as vlc
+    from altair.utils.html import vl_version_for_vl_convert
+
+    vega = vlc.vegalite_to_vega(spec, vl_version=vl_version_for_vl_convert())
+    vega["$schema"] = VEGA_SCHEMA
+    return vega
+
+
+def _meshlens_renderer(spec: dict[str, Any], **metadata: Any) -> dict[str, Any]:
+    """A chart as a mime bundle: the compiled Vega spec (JupyterLab draws it interactively, with
+    tooltips), the Vega-Lite spec, a static SVG (nbviewer, GitHub, anything without Vega) and a text
+    line. The HTML report turns the bundle into :func:`chart_html` (see
+    :func:`meshlens.reports.render_html`)."""
     title = spec.get("title")
     text = title.get("text") if isinstance(title, dict) else title
-    return {"text/html": chart_html(spec), "text/plain": f"<meshlens chart: {text or spec.get('mark', 'chart')}>"}
+    return {VEGA_MIME: chart_vega(spec), vegalite_mime(): spec, SVG_MIME: chart_svg(spec),
+            "text/plain": f"<meshlens chart: {text or spec.get('mark', 'chart')}>"}
+
+
+def chart_bundle_to_html(data: dict[str, Any]) -> dict[str, Any] | None:
+    """A chart output's mime data as the report's HTML chart (``{"text/html": ...}``), or None if the
+    output is not a meshlens chart."""
+    spec = data.get(vegalite_mime())
+    if not isinstance(spec, dict) or SVG_MIME not in data:
+        return None
+    svg = data[SVG_MIME]
+    svg = "".join(svg) if isinstance(svg, list) else str(svg)
+    return {"text/html": chart_html(spec, svg), "text/plain": data.get("text/plain", "")}
 
 
 def configure_altair() -> None:
@@ -312,14 +359,57 @@ def note(markdown: str) -> None:
     _display(Markdown(markdown))
 
 
+TABLE_CLASS = "meshlens-table"
+
+
+def _cell_text(value: Any) -> str:
+    """One table cell as text: missing values (None, NaN, NaT, pd.NA) are blank, lists are joined."""
+    if isinstance(value, list | tuple | set):
+        return ", ".join(_cell_text(v) for v in value if _cell_text(v))
+    if hasattr(value, "tolist") and not isinstance(value, str | bytes | pd.Timestamp):  # numpy arrays
+        listed = value.tolist()
+        if isinstance(listed, list):
+            return _cell_text(listed)
+    try:
+        if pd.isna(value):
+            return ""
+    except (TypeError, ValueError):
+        pass
+    if isinstance(value, pd.Timestamp):
+        return value.strftime("%Y-%m-%d %H:%M:%S") + (" UTC" if value.tzinfo is not None else "")
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e6 else f"{value:,.0f}"
+    return str(value)
+
+
 def table_html(df: pd.DataFrame, *, title: str | None = None, max_rows: int = 50, empty: str = "none") -> str:
-    """A DataFrame as an escaped HTML table with a caption saying how many rows exist and are shown."""
+    """A DataFrame as an escaped HTML table with a caption saying how many rows exist and are shown.
+
+    Every cell is text: no raw ``None``/``<NA>``/``NaT`` (blank instead), lists joined with commas,
+    times in UTC. The table sits in a scrolling box (a wide table scrolls inside its output, it never
+    clips a column); long text (evidence) wraps, left-aligned -- see the report CSS in
+    :mod:`meshlens.reports`, which also applies in JupyterLab through the inline ``style``.
+    """
     head = f"<h4>{html.escape(title)}</h4>" if title else ""
     if df.empty:
         return f'{head}<p class="meshlens-empty"><em>{html.escape(empty)}</em></p>'
     shown = df.head(max_rows)
     caption = f"{len(df)} rows" if len(df) <= max_rows else f"first {max_rows} of {len(df)} rows"
-    body = shown.to_html(index=False, border=0, classes="meshlens-table", na_rep="", escape=True, justify="left")
+    cell = ("text-align:left;vertical-align:top;white-space:normal;overflow-wrap:break-word;"
+            "padding:.2em .6em;border-bottom:1px solid #ddd")
+    cols = [str(c) for c in shown.columns]
+    header = "".join(f'<th style="{cell};white-space:nowrap">{html.escape(c)}</th>' for c in cols)
+    rows = []
+    for rec in shown.itertuples(index=False, name=None):
+        tds = []
+        for c, v in zip(cols, rec, strict=True):
+            text = _cell_text(v)
+            width = "min-width:24em;" if len(text) > 80 else ""
+            tds.append(f'<td data-col="{html.escape(c)}" style="{cell};{width}">{html.escape(text)}</td>')
+        rows.append("<tr>" + "".join(tds) + "</tr>")
+    body = (f'<div class="meshlens-table-wrap" style="overflow-x:auto;max-width:100%">'
+            f'<table class="{TABLE_CLASS}" style="table-layout:auto;border-collapse:collapse;margin:0">'
+            f"<thead><tr>{header}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>")
     return f'{head}{body}<p class="meshlens-caption"><small>{caption}</small></p>'
 
 
@@ -330,12 +420,74 @@ def show_table(df: pd.DataFrame, *, title: str | None = None, max_rows: int = 50
     _display(HTML(table_html(df, title=title, max_rows=max_rows, empty=empty)))
 
 
+# ------------------------------------------------------------------------------------------------
+# Findings, effective parameters and empty windows (read back by meshlens.reports)
+# ------------------------------------------------------------------------------------------------
+
+META_KEY = "meshlens"
+"""Output metadata key under which a notebook tells the report runner what it found."""
+
+_MD_MARKUP = re.compile(r"\*\*|`|&middot;")
+
+
+def plain(markdown: str) -> str:
+    """A Markdown line as plain text (for run.json, the index, an e-mail subject)."""
+    return re.sub(r"\s+", " ", _MD_MARKUP.sub(lambda m: "·" if m.group(0) == "&middot;" else "", markdown)).strip()
+
+
+def _display_meta(obj: Any, meta: dict[str, Any]) -> None:
+    from IPython.display import display
+
+    display(obj, metadata={META_KEY: meta})
+
+
+def finding(markdown: str) -> None:
+    """Show one headline line of the report -- what it found -- and record it as a run *finding*.
+
+    :func:`meshlens.reports.run_report` collects every finding into ``run.json`` (``findings``) and
+    ``index.html``, so a scheduled report's e-mail or chat message is one line away. Call it for the
+    answer (culprit, likely change, "nothing found"), before any chart.
+    """
+    from IPython.display import Markdown
+
+    _display_meta(Markdown(markdown), {"finding": plain(markdown)})
+
+
+class NoEventsError(ConfigError):
+    """The window (and scope) holds no events: the report is ``empty``, not a report of zeros."""
+
+    def _render_traceback_(self) -> list[str]:
+        """IPython shows this one line instead of a traceback (the message says all there is to say)."""
+        return [f"{type(self).__name__}: {self}"]
+
+
+def store_range(store: Store) -> tuple[int, int | None, int | None]:
+    """(events, first ts_ns, last ts_ns) of the whole store."""
+    row = store.query("SELECT count(*) AS n, min(ts_ns) AS lo, max(ts_ns) AS hi FROM events").iloc[0]
+    lo = None if pd.isna(row["lo"]) else int(row["lo"])
+    hi = None if pd.isna(row["hi"]) else int(row["hi"])
+    return int(row["n"]), lo, hi
+
+
+def _scope_text(namespace: str, service: str) -> str:
+    parts = [f"namespace {namespace!r}" if namespace else "", f"service {service!r}" if service else ""]
+    return " and ".join(p for p in parts if p)
+
+
+# ------------------------------------------------------------------------------------------------
+# Session
+# ------------------------------------------------------------------------------------------------
+
+
 @dataclass
 class Session:
-    """What :func:`setup` gives a notebook: the read-only store and the resolved window."""
+    """What :func:`setup` gives a notebook: the read-only store, the resolved window and the scope."""
 
     store: Store
     window: TimeRange
+    namespace: str = ""
+    service: str = ""
+    events: int = 0
 
     @property
     def start(self) -> pd.Timestamp | None:
@@ -345,16 +497,59 @@ class Session:
     def end(self) -> pd.Timestamp | None:
         return self.window.end
 
+    def effective(self) -> dict[str, Any]:
+        """The parameters as the analysis uses them: the window resolved to RFC 3339 (``latest-6h`` is
+        relative to the store's newest event), the store, the scope and how many events it holds."""
+        return {
+            "store": str(self.store.path),
+            "start": ns_to_rfc3339(self.window.start_ns) if self.window.start is not None else "(first event)",
+            "end": ns_to_rfc3339(self.window.end_ns) if self.window.end is not None else "(last event)",
+            **({"namespace": self.namespace} if self.namespace else {}),
+            **({"service": self.service} if self.service else {}),
+            "events": self.events,
+        }
 
-def setup(db: str | os.PathLike[str] | None = "", start: Any = "", end: Any = "", *, quiet: bool = False) -> Session:
-    """The one call at the top of every notebook: offline charts, read-only store, resolved window."""
+
+def _effective_html(eff: dict[str, Any]) -> str:
+    cells = " &middot; ".join(f"<b>{html.escape(k)}</b> <code>{html.escape(str(v if k != 'events' else f'{v:,}'))}</code>"
+                              for k, v in eff.items())
+    return f'<p class="meshlens-effective" style="font-size:.85em;color:#555">Effective parameters: {cells}</p>'
+
+
+def setup(db: str | os.PathLike[str] | None = "", start: Any = "", end: Any = "", *, namespace: str = "",
+          service: str = "", quiet: bool = False) -> Session:
+    """The one call at the top of every notebook: offline charts, read-only store, resolved window.
+
+    Shows the *effective* parameters (the window resolved, e.g. ``latest-6h`` against the store's
+    newest event) and records them for the report. A window/scope with no events raises
+    :class:`NoEventsError` naming the range the store does hold: the report is ``empty`` rather than a
+    page of zeros (and in JupyterLab, "Run all" stops there with that message).
+    """
+    from meshlens.analysis import audit
+
     configure_altair()
     store = open_store(db)
     window = time_range(start, end, store=store)
+    n = audit.count_events(store, window.start, window.end, namespace=namespace or None, service=service or None)
+    session = Session(store, window, namespace or "", service or "", n)
+    eff = session.effective()
     if not quiet:
-        n = store.scalar("SELECT count(*) FROM events")
-        note(f"**Store** `{store.path}` ({n:,} events) &middot; **window** {window.describe()}")
-    return Session(store, window)
+        from IPython.display import HTML
+
+        _display_meta(HTML(_effective_html(eff)), {"effective": eff})
+    if n == 0:
+        total, lo, hi = store_range(store)
+        scope = _scope_text(namespace, service)
+        held = (f"the store holds {total:,} events from {ns_to_rfc3339(lo)} to {ns_to_rfc3339(hi)}"
+                if total and lo is not None and hi is not None else "the store holds no events at all")
+        message = f"no events in {window.describe()}" + (f" for {scope}" if scope else "") + f"; {held}"
+        if not quiet:
+            from IPython.display import HTML
+
+            _display_meta(HTML(f'<p class="meshlens-empty-window"><b>Nothing to report:</b> {html.escape(message)}.'
+                               "</p>"), {"status": "empty", "reason": message})
+        raise NoEventsError(message)
+    return session
 
 
 # ------------------------------------------------------------------------------------------------
@@ -386,4 +581,82 @@ def setup_sql(store_or_db: Store | str | os.PathLike[str] | None = "", *, alias:
     ip.run_line_magic("config", "SqlMagic.displaylimit = 50")
     ip.user_ns["_meshlens_sql_con"] = store.con
     ip.run_line_magic("sql", f"_meshlens_sql_con --alias {alias}")
+    _explain_read_only_writes(ip)
     return store
+
+
+WRITE_SQL = re.compile(r"\b(DELETE|INSERT|UPDATE|MERGE|CREATE|DROP|ALTER|TRUNCATE|COPY|ATTACH|DETACH|VACUUM|"
+                       r"CHECKPOINT)\b", re.IGNORECASE)
+
+
+def read_only_message(statement: str, error: BaseException) -> str | None:
+    """The one line shown when SQL tries to write to the read-only store, or None for other errors.
+
+    Why: the store is read through views of its published snapshot, so DuckDB's own errors for a write
+    ("Can only delete from base table", "attached in read-only mode") do not say what is going on.
+    """
+    import duckdb
+
+    m = WRITE_SQL.search(statement or "")
+    if m is None or not isinstance(error, duckdb.Error):
+        return None
+    return (f"the store is read-only here ({m.group(1).upper()} is not allowed): notebooks read the published "
+            "snapshot and never write; change the store with the meshlens CLI (ingest, retention)")
+
+
+def _explain_read_only_writes(ip: Any) -> None:
+    """Turn a write's DuckDB error in an SQL cell into :func:`read_only_message` (one line, no traceback)."""
+    import duckdb
+
+    def handler(shell: Any, etype: type, value: BaseException, tb: Any, tb_offset: Any = None) -> Any:
+        history = shell.user_ns.get("_ih") or [""]
+        message = read_only_message(str(history[-1]), value)
+        if message is None:
+            return shell.showtraceback((etype, value, tb), tb_offset=tb_offset)
+        shell._showtraceback(etype, value, [f"ReadOnlyStore: {message}"])
+        return None
+
+    ip.set_custom_exc((duckdb.Error,), handler)
+
+
+# ------------------------------------------------------------------------------------------------
+# Triage evidence
+# ------------------------------------------------------------------------------------------------
+
+
+def incident_evidence(store: Store, item: dict[str, Any], window: TimeRange, *, max_rows: int = 15) -> None:
+    """Show the evidence under one incident's verdict card: the symptom's requests around the onset with
+    the onset and the change marked, why the root cause and the change rank first, and the incident's
+    anomalies. The symptom's timeline is re-read around the incident (an hour before, half an hour after).
+    """
+    from meshlens import verdicts, viz
+    from meshlens.analysis import rootcause
+
+    onset = pd.Timestamp(item["onset"])
+    end = pd.Timestamp(item["end"]) if item.get("end") else window.end
+    lo = onset - pd.Timedelta(hours=1)
+    hi = (end if end is not None else onset + pd.Timedelta(hours=1)) + pd.Timedelta(minutes=30)
+    if window.start is not None:
+        lo = max(lo, window.start)
+    if window.end is not None:
+        hi = min(hi, window.end)
+    note(f"### Incident {item['rank']}: {item['symptom']}")
+    rc = rootcause.analyze(store, item["symptom"], lo, hi, top=3)
+    change = item.get("change")
+    markers = (pd.DataFrame({"ts": [pd.Timestamp(change["ts"])], "label": [verdicts.change_text(change)],
+                             "actor": [change.get("actor")]}) if change else None)
+    if not rc.timeline.empty:
+        _display(viz.time_series(rc.timeline_long(), y="value", color="series", onset=onset, changes=markers,
+                                 y_title="requests", title=f"{item['symptom']}: requests, failed and slow requests"))
+    lines = []
+    cause = item.get("root_cause")
+    if cause:
+        lines.append(f"**Why {cause.get('target')}**:")
+        lines += [f"- {e}" for e in cause.get("evidence") or []]
+    if change:
+        lines.append(f"**Why {change.get('target')}**:")
+        lines += [f"- {e}" for e in change.get("evidence") or []]
+    if lines:
+        note("\n".join(lines))
+    anomalies = pd.DataFrame(item.get("anomalies") or [])
+    show_table(anomalies, title="the incident's anomalies", max_rows=max_rows, empty="no anomalies listed")

@@ -39,13 +39,35 @@ Credentials (never in a report)
   refuses the report: no HTML or notebook is written, ``run.json`` records ``refused`` and names the
   variable (never the value). This catches leaks through data too (a token logged in a URL).
 
-A failing notebook still produces its HTML, with papermill's banner linking to the error cell; the
-result records ``failed`` and the exception.
+Status, findings, empty windows
+-------------------------------
+A run's ``status`` is ``ok``, ``empty``, ``failed`` or ``refused``. ``empty``: the window/scope held no
+events (:func:`meshlens.notebook.setup` raised :class:`~meshlens.notebook.NoEventsError`); the page
+says so and names the range the store does hold -- never a green page of zeros. A failing notebook
+still produces its HTML, with papermill's banner linking to the error cell, the one-line cause first
+and the traceback folded; the result records ``failed`` and the exception. A cell that ran into the
+cell timeout is ``failed`` even if its reply arrived at the very end.
+
+``findings`` (in the result, ``run.json`` and ``index.html``) are the report's headline lines, recorded
+by the notebook with :func:`meshlens.notebook.finding`; ``effective`` holds the parameters as the
+analysis used them (the window resolved against the store).
+
+Why a custom kernel client (the explore report's "600 s and still ok")
+----------------------------------------------------------------------
+jupyter_client's ``Session.send`` writes to an asyncio socket through a *blocking shadow* of it. A
+libzmq send also processes the socket's pending commands, which resets the socket's edge-triggered
+ZMQ_FD -- so when the kernel's ``execute_reply`` has just arrived, the asyncio poller waiting for it
+never wakes, and nbclient only finds the reply when the poll times out (``poll(0)`` at the deadline),
+the whole cell timeout later, as a success. nbclient sends on the shell channel during a cell only for
+ipywidgets ``Output`` widgets (its output-widget mimic syncs every captured output back to the kernel),
+which is why only the explorer hit it, intermittently. :class:`ReportKernelClient` sends shell messages
+through the asyncio socket itself, which re-checks the socket's events after each send.
 """
 
 from __future__ import annotations
 
 import ast
+import asyncio
 import base64
 import copy
 import html
@@ -59,14 +81,17 @@ import time
 import tokenize
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import nbformat
+from jupyter_client.asynchronous import AsyncKernelClient
+from jupyter_client.channels import AsyncZMQSocketChannel
 from jupyter_client.manager import AsyncKernelManager
+from traitlets import DottedObjectName, Type
 
 from meshlens import notebook as nbhelp
 from meshlens.errors import ConfigError, MeshlensError
@@ -77,6 +102,9 @@ SECRET_ENV_LIST = "MESHLENS_SECRET_ENV"
 RUN_FILE = "run.json"
 HTML_FILE = "report.html"
 INDEX_FILE = "index.html"
+OK_STATUSES = ("ok", "empty")
+REPORT_ORDER = ("triage",)
+"""Reports listed first (the landing page), before the others in name order."""
 RUN_DIR_RE = re.compile(r"^\d{8}T\d{6}Z(-\d+)?$")
 SAFE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -125,8 +153,21 @@ _CSS = """
 .meshlens-banner h1 { margin: 0 0 .3em; font-size: 1.5em; }
 .meshlens-banner table { border-collapse: collapse; font-size: .9em; }
 .meshlens-banner td { padding: .1em .8em .1em 0; vertical-align: top; }
-.meshlens-table { border-collapse: collapse; font-size: .85em; }
-.meshlens-table th, .meshlens-table td { padding: .2em .6em; border-bottom: 1px solid #ddd; text-align: left; }
+.meshlens-banner ul.meshlens-findings { margin: .4em 0 .6em; padding-left: 1.2em; font-size: 1.05em; }
+.meshlens-banner .meshlens-reason, .meshlens-banner .meshlens-error-line { font-size: 1.05em; }
+.meshlens-banner.empty { border-left-color: #e6a700; background: #fffaf0; }
+.meshlens-table-wrap { overflow-x: auto; max-width: 100%; }
+.jp-RenderedHTMLCommon table.meshlens-table { table-layout: auto; font-size: .85em; margin: 0; }
+.jp-RenderedHTMLCommon .meshlens-table th, .jp-RenderedHTMLCommon .meshlens-table td { text-align: left;
+  vertical-align: top; white-space: normal; overflow-wrap: break-word; max-width: none; }
+.meshlens-error details pre { white-space: pre-wrap; font-size: .85em; }
+.meshlens-error-cause { color: #b00; }
+.meshlens-verdict { border: 1px solid #ccd; border-left: 6px solid #d62728; border-radius: 4px; padding: .6em 1em;
+  margin: .8em 0; background: #fff; }
+.meshlens-verdict.none { border-left-color: #4c78a8; }
+.meshlens-verdict h3 { margin: 0 0 .3em; }
+.meshlens-verdict dl { display: grid; grid-template-columns: max-content 1fr; gap: .15em 1em; margin: .3em 0; }
+.meshlens-verdict dt { font-weight: bold; } .meshlens-verdict dd { margin: 0; }
 .meshlens-widget-note { color: #666; font-style: italic; }
 """
 
@@ -138,8 +179,10 @@ _CSS = """
 
 @dataclass
 class ReportResult:
-    """What one report run did. ``status`` is ``ok``, ``failed`` (notebook error; HTML still written) or
-    ``refused`` (output contained a secret; nothing but ``run.json`` written)."""
+    """What one report run did. ``status`` is ``ok``, ``empty`` (no events in the window/scope; the page
+    says which range the store holds), ``failed`` (notebook error or cell timeout; HTML still written) or
+    ``refused`` (output contained a secret; nothing but ``run.json`` written). ``findings``: the report's
+    headline lines; ``effective``: its parameters as the analysis used them."""
 
     name: str
     notebook: str
@@ -153,10 +196,13 @@ class ReportResult:
     html: str | None = None
     ipynb: str | None = None
     error: str | None = None
+    findings: list[str] = field(default_factory=list)
+    effective: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
-        return self.status == "ok"
+        """The run did its job: ``ok``, or ``empty`` (an honest "no data in this window")."""
+        return self.status in OK_STATUSES
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -425,6 +471,30 @@ def scrubbed_env(extra_names: Iterable[str] = (), base: Mapping[str, str] | None
     return {k: v for k, v in source.items() if k not in drop and not SECRET_NAME_RE.search(k)}
 
 
+class ReportShellChannel(AsyncZMQSocketChannel):
+    """The shell channel, sending through the asyncio socket (see "Why a custom kernel client" in the
+    module docstring): a send can no longer swallow the wake-up for a reply that has just arrived."""
+
+    def send(self, msg: dict[str, Any]) -> None:  # type: ignore[override]
+        """Inside the running event loop (nbclient's cell execution, where a poll may be waiting): send
+        through the asyncio socket. Outside it (papermill's synchronous ``kernel_info()``) nothing can
+        be waiting -- the next poll checks the socket's events first -- so the plain send is safe, and
+        needs no event loop."""
+        assert self.socket is not None
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            super().send(msg)
+            return
+        self.socket.send_multipart(self.session.serialize(msg))  # a Future, already done in practice
+
+
+class ReportKernelClient(AsyncKernelClient):
+    """The kernel client papermill drives for a report: :class:`ReportShellChannel` for the shell."""
+
+    shell_channel_class = Type(ReportShellChannel)  # type: ignore[assignment]
+
+
 class ScrubbedKernelManager(AsyncKernelManager):
     """A kernel manager that starts the kernel without credential variables in its environment, and
     sends the kernel process's own log (start-up warnings, shutdown noise) to ``stderr_path`` instead of
@@ -432,6 +502,8 @@ class ScrubbedKernelManager(AsyncKernelManager):
 
     extra_secret_names: tuple[str, ...] = ()
     stderr_path: str | None = None
+    client_class = DottedObjectName("meshlens.reports.ReportKernelClient")
+    client_factory = Type(klass=ReportKernelClient)
 
     async def start_kernel(self, **kw: Any) -> None:  # type: ignore[override]
         kw["env"] = scrubbed_env(self.extra_secret_names, kw.get("env"))
@@ -452,21 +524,91 @@ def _kernel_manager_for(extra_names: Iterable[str], stderr_path: Path | None) ->
 # ------------------------------------------------------------------------------------------------
 
 
-def _banner(title: str, status: str, started: str, params: Mapping[str, Any], error: str | None) -> str:
+def _banner(title: str, status: str, started: str, params: Mapping[str, Any], error: str | None,
+            findings: Iterable[str] = (), effective: Mapping[str, Any] | None = None) -> str:
+    """The page header: the answer first (status, the findings or the one-line cause), then the parameters."""
+    shown = dict(params)
+    for k, v in (effective or {}).items():  # what the analysis used, e.g. latest-6h resolved
+        if k in ("start", "end") and str(shown.get(k, "")) != str(v):
+            shown[k] = f"{shown.get(k) or '(default)'} = {v}" if shown.get(k) else str(v)
+    if effective and "events" in effective:
+        shown["events in window"] = f"{int(effective['events']):,}"
     rows = "".join(
         f"<tr><td><code>{html.escape(k)}</code></td><td>{html.escape(repr(v) if not isinstance(v, str) else v or '(default)')}</td></tr>"
-        for k, v in params.items()
+        for k, v in shown.items()
     )
-    err = f"<p><b>Error:</b> {html.escape(error)}</p>" if error else ""
+    lines = [html.escape(f) for f in findings]
+    answer = ""
+    if status == "empty":
+        answer = f'<p class="meshlens-reason"><b>Nothing to report:</b> {lines[0] if lines else "no events"}.</p>'
+    elif lines:
+        answer = '<ul class="meshlens-findings">' + "".join(f"<li>{x}</li>" for x in lines) + "</ul>"
+    err = f'<p class="meshlens-error-line"><b>Error:</b> {html.escape(_one_line(error))}</p>' if error else ""
     return (
         f'<header class="meshlens-banner {html.escape(status)}" data-status="{html.escape(status)}">'
         f"<h1>{html.escape(title)}</h1><p>status <b>{html.escape(status)}</b> &middot; run at "
-        f"{html.escape(started)}</p>{err}<table>{rows}</table></header>"
+        f"{html.escape(started)}</p>{err}{answer}<details class=\"meshlens-params\"><summary>parameters</summary>"
+        f"<table>{rows}</table></details></header>"
     )
 
 
+def _one_line(text: str | None) -> str:
+    """The first meaningful line of an error (papermill's messages span many lines)."""
+    for line in (text or "").splitlines():
+        if line.strip() and not set(line.strip()) <= set("-="):
+            return line.strip()
+    return (text or "").strip()
+
+
+def _folded_error(output: Mapping[str, Any]) -> dict[str, Any]:
+    """An error output as HTML: the one-line cause first, the traceback folded under it."""
+    from nbconvert.filters.ansi import ansi2html
+
+    cause = f"{output.get('ename', 'Error')}: {output.get('evalue', '')}"
+    tb = "\n".join(output.get("traceback") or [])
+    body = (f'<div class="meshlens-error"><p class="meshlens-error-cause"><b>{html.escape(_one_line(cause))}</b></p>'
+            f"<details><summary>traceback</summary><pre>{ansi2html(tb)}</pre></details></div>")
+    return nbformat.v4.new_output("display_data", data={"text/html": body, "text/plain": cause})
+
+
+def _is_papermill_banner(cell: Mapping[str, Any]) -> bool:
+    return "papermill-error-cell-tag" in cell.get("metadata", {}).get("tags", [])
+
+
+def _html_notebook(nb: nbformat.NotebookNode, status: str) -> nbformat.NotebookNode:
+    """The executed notebook as the HTML shows it: charts as SVG + spec for the in-page upgrade, errors
+    folded; for an ``empty`` run, papermill's error banner and the cells after the stop are dropped."""
+    nb = copy.deepcopy(nb)
+    cells = []
+    for cell in nb.cells:
+        if status == "empty" and _is_papermill_banner(cell):
+            continue
+        outputs = []
+        stop = False
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "error":
+                stop = True
+                if status != "empty":
+                    outputs.append(_folded_error(out))
+                continue
+            data = out.get("data")
+            if isinstance(data, dict):
+                chart = nbhelp.chart_bundle_to_html(data)
+                if chart is not None:
+                    out["data"] = chart
+            outputs.append(out)
+        if cell.cell_type == "code":
+            cell.outputs = outputs
+        cells.append(cell)
+        if stop and status == "empty":
+            break
+    nb.cells = cells
+    return nb
+
+
 def render_html(nb: nbformat.NotebookNode, *, title: str, status: str, started: str, params: Mapping[str, Any],
-                error: str | None = None, hide_code: bool = True) -> str:
+                error: str | None = None, hide_code: bool = True, findings: Iterable[str] = (),
+                effective: Mapping[str, Any] | None = None) -> str:
     """The executed notebook as one self-contained, offline HTML page (see the module docstring)."""
     from jinja2 import DictLoader
     from nbconvert import HTMLExporter
@@ -484,12 +626,48 @@ def render_html(nb: nbformat.NotebookNode, *, title: str, status: str, started: 
         "vega_bundle": nbhelp.vega_embed_bundle(),
         "upgrade_js": nbhelp.UPGRADE_JS,
         "css": _CSS,
-        "banner": _banner(title, status, started, params, error),
+        "banner": _banner(title, status, started, params, error, findings, effective),
     }
-    nb = copy.deepcopy(nb)
+    nb = _html_notebook(nb, status)
     nb.metadata["title"] = title
     body, _ = exporter.from_notebook_node(nb, resources={"meshlens": extra})
     return body
+
+
+@dataclass
+class _Digest:
+    """What an executed notebook tells the runner through output metadata (see meshlens.notebook)."""
+
+    findings: list[str]
+    effective: dict[str, Any] | None
+    empty: str | None
+    timed_out: str | None
+
+
+def digest(nb: nbformat.NotebookNode, timeout_s: float | None = None) -> _Digest:
+    """Findings, effective parameters, the empty-window reason and a cell that ran into the timeout."""
+    findings: list[str] = []
+    effective: dict[str, Any] | None = None
+    empty: str | None = None
+    timed_out: str | None = None
+    for i, cell in enumerate(nb.cells, start=1):
+        for out in cell.get("outputs", []):
+            meta = (out.get("metadata") or {}).get(nbhelp.META_KEY) or {}
+            if meta.get("finding"):
+                findings.append(str(meta["finding"]))
+            findings.extend(str(f) for f in meta.get("findings") or [])
+            if isinstance(meta.get("effective"), dict) and effective is None:
+                effective = dict(meta["effective"])
+            if meta.get("status") == "empty":
+                empty = str(meta.get("reason") or "no events in the window")
+            if out.get("output_type") == "error" and out.get("ename") == nbhelp.NoEventsError.__name__ and not empty:
+                empty = str(out.get("evalue") or "no events in the window")
+        duration = (cell.get("metadata", {}).get("papermill") or {}).get("duration")
+        if timeout_s and duration is not None and float(duration) >= float(timeout_s) and timed_out is None:
+            count = cell.get("execution_count")
+            timed_out = (f"cell {i}" + (f" (In [{count}])" if count else "")
+                         + f" ran into the {timeout_s:g} s cell timeout ({float(duration):.0f} s)")
+    return _Digest(findings, effective, empty, timed_out)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -599,9 +777,18 @@ def run_report(
         nb = nbformat.read(tmp_nb, as_version=4) if tmp_nb.exists() else None
         html_text = None
         if nb is not None:
+            found = digest(nb, timeout_s)
+            result.findings, result.effective = found.findings, found.effective
+            if found.timed_out:
+                result.status = "failed"
+                result.error = found.timed_out + (f"; {result.error}" if result.error else "")
+            elif found.empty:
+                result.status, result.error = "empty", None
+                result.findings = [found.empty, *result.findings]
             try:
                 html_text = render_html(nb, title=name, status=result.status, started=started_s,
-                                        params=resolved, error=result.error, hide_code=hide_code)
+                                        params=resolved, error=result.error, hide_code=hide_code,
+                                        findings=result.findings, effective=result.effective)
             except Exception as exc:  # noqa: BLE001 - a rendering failure is a failed run, recorded
                 result.status, result.error = "failed", f"rendering the HTML failed: {_error_text(exc)}"
         leaks = _leaks(nb, html_text, result.error, secrets)
@@ -693,38 +880,81 @@ def _link(base: Path, run_dir: Path, target: str | None, label: str) -> str:
     return f'<a href="{html.escape(urllib.parse.quote(rel))}">{html.escape(label)}</a>'
 
 
+def report_sort_key(name: str) -> tuple[int, str]:
+    """Landing-page order: :data:`REPORT_ORDER` first (``triage``), then by name."""
+    return (REPORT_ORDER.index(name) if name in REPORT_ORDER else len(REPORT_ORDER), name)
+
+
+def _findings_html(r: Mapping[str, Any], limit: int = 6) -> str:
+    items = [str(f) for f in (r.get("findings") or [])]
+    if not items:
+        return ""
+    more = f"<li><em>{len(items) - limit} more in the report</em></li>" if len(items) > limit else ""
+    return '<ul class="findings">' + "".join(f"<li>{html.escape(f)}</li>" for f in items[:limit]) + more + "</ul>"
+
+
+def _status_cell(r: Mapping[str, Any]) -> str:
+    status = str(r.get("status", "?"))
+    err = f'<div class="err">{html.escape(_one_line(str(r.get("error"))))}</div>' if r.get("error") else ""
+    return f'<td class="status">{html.escape(status)}{err}</td>'
+
+
 def write_index(out_dir: str | os.PathLike[str]) -> Path:
-    """(Re)write ``out_dir/index.html``: every run with time, parameters, status and links. No scripts."""
+    """(Re)write ``out_dir/index.html``: the latest run of each report with its findings (``triage``
+    first: the landing page), then every run with time, parameters, status, findings and links. No scripts."""
     base = Path(out_dir)
     base.mkdir(parents=True, exist_ok=True)
+    runs = list_runs(base)
     rows = []
-    for r in list_runs(base):
+    for r in runs:
         params = r.get("parameters") or {}
         shown = "<br>".join(
             f"<code>{html.escape(str(k))}</code>={html.escape(str(v))}" for k, v in params.items() if k != "db"
         )
         status = str(r.get("status", "?"))
-        err = f'<div class="err">{html.escape(str(r.get("error") or ""))}</div>' if r.get("error") else ""
         links = " ".join(x for x in (_link(base, r["_dir"], r.get("html"), "report"),
                                      _link(base, r["_dir"], r.get("ipynb"), "notebook")) if x)
         rows.append(
             f'<tr class="{html.escape(status)}"><td>{html.escape(str(r.get("started_at", "")))}</td>'
-            f"<td>{html.escape(str(r.get('name', '')))}</td><td class=\"status\">{html.escape(status)}{err}</td>"
+            f"<td>{html.escape(str(r.get('name', '')))}</td>{_status_cell(r)}"
+            f"<td>{_findings_html(r, limit=3)}</td>"
             f"<td>{html.escape(str(r.get('duration_s', '')))} s</td><td>{shown}</td><td>{links}</td></tr>"
         )
-    body = "\n".join(rows) or '<tr><td colspan="6"><em>no runs yet</em></td></tr>'
+    latest: dict[str, dict[str, Any]] = {}
+    for r in runs:  # newest first: the first run seen of a name is its latest
+        latest.setdefault(str(r.get("name", "")), r)
+    cards = []
+    for name in sorted(latest, key=report_sort_key):
+        r = latest[name]
+        status = str(r.get("status", "?"))
+        link = _link(base, r["_dir"], r.get("html"), name) or html.escape(name)
+        cards.append(
+            f'<tr class="{html.escape(status)} latest" data-report="{html.escape(name)}"><td class="name">{link}</td>'
+            f"{_status_cell(r)}<td>{_findings_html(r)}</td><td>{html.escape(str(r.get('started_at', '')))}</td></tr>"
+        )
+    body = "\n".join(rows) or '<tr><td colspan="7"><em>no runs yet</em></td></tr>'
+    latest_body = "\n".join(cards) or '<tr><td colspan="4"><em>no runs yet</em></td></tr>'
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>meshlens reports</title>
 <style>
 body {{ font-family: sans-serif; margin: 2em; }} table {{ border-collapse: collapse; }}
 th, td {{ padding: .3em .8em; border-bottom: 1px solid #ddd; text-align: left; vertical-align: top; }}
 tr.failed td.status, tr.refused td.status {{ color: #b00; font-weight: bold; }}
-tr.ok td.status {{ color: #060; }} .err {{ font-weight: normal; font-size: .85em; max-width: 40em; }}
+tr.ok td.status {{ color: #060; }} tr.empty td.status {{ color: #8a6d00; font-weight: bold; }}
+.err {{ font-weight: normal; font-size: .85em; max-width: 40em; }}
+ul.findings {{ margin: 0; padding-left: 1.2em; max-width: 60em; }} td.name {{ font-weight: bold; }}
 </style></head><body>
 <h1>meshlens reports</h1>
-<p>Generated {html.escape(datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))}; newest first.</p>
-<table><thead><tr><th>time (UTC)</th><th>report</th><th>status</th><th>duration</th><th>parameters</th>
-<th>links</th></tr></thead><tbody>
+<p>Generated {html.escape(datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))}.</p>
+<h2>Latest</h2>
+<table class="latest"><thead><tr><th>report</th><th>status</th><th>findings</th><th>time (UTC)</th></tr></thead>
+<tbody>
+{latest_body}
+</tbody></table>
+<h2>All runs</h2>
+<p>Newest first.</p>
+<table class="runs"><thead><tr><th>time (UTC)</th><th>report</th><th>status</th><th>findings</th><th>duration</th>
+<th>parameters</th><th>links</th></tr></thead><tbody>
 {body}
 </tbody></table></body></html>
 """

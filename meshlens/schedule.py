@@ -342,10 +342,13 @@ class Outcome:
     html: str | None = None
     error: str | None = None
     removed: list[str] = field(default_factory=list)
+    findings: list[str] = field(default_factory=list)
+    duration_s: float | None = None
 
     @property
     def failed(self) -> bool:
-        return self.action == "ran" and self.status != "ok"
+        """A run that did not do its job; ``empty`` (no events in the window) is not a failure."""
+        return self.action == "ran" and self.status not in reports.OK_STATUSES
 
 
 @dataclass
@@ -379,17 +382,19 @@ def _run_one(config: ScheduleConfig, spec: ReportSpec, slot: datetime, clock: Cl
         result = reports.record_failure(spec.out_dir, spec.name, spec.notebook, spec.params, str(exc),
                                         started=clock(), update_index=False)
     return Outcome(name=spec.name, action="ran", slot=slot.isoformat(), status=result.status,
-                   run_dir=result.run_dir, html=result.html, error=result.error)
+                   run_dir=result.run_dir, html=result.html, error=result.error, findings=list(result.findings),
+                   duration_s=result.duration_s)
 
 
 def run_due(
     config: ScheduleConfig | str | os.PathLike[str], *, now: datetime | None = None, clock: Clock | None = None,
-    force: bool = False, only: list[str] | None = None,
+    force: bool = False, only: list[str] | None = None, on_outcome: Callable[[Outcome], None] | None = None,
 ) -> DueResult:
     """Run every report that is due at ``now`` once (see the module docstring), then refresh the indexes.
 
     ``force`` runs every enabled report regardless of its schedule (``make demo``); ``only`` limits the
-    run to the named reports. ``clock`` is the wall clock for run directories and locks.
+    run to the named reports. ``clock`` is the wall clock for run directories and locks. ``on_outcome``
+    is called with each report's outcome as soon as it is known (``make demo`` prints it then).
     """
     cfg = config if isinstance(config, ScheduleConfig) else load_config(config)
     clock = clock or utc_now
@@ -430,6 +435,8 @@ def run_due(
             outcome.removed = [str(p) for p in apply_retention(spec.out_dir / spec.name, spec.keep_runs,
                                                                spec.keep_days, clock().astimezone(UTC))]
             outcomes.append(outcome)
+            if on_outcome is not None:
+                on_outcome(outcome)
     index = [str(reports.write_index(d)) for d in cfg.out_dirs()]
     return DueResult(now=now.isoformat(), outcomes=outcomes, index=index)
 

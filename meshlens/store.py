@@ -107,7 +107,14 @@ def _connect(path: str, read_only: bool, timeout_s: float = LOCK_RETRY_S) -> duc
             return _open_ro(path) if read_only else duckdb.connect(path)
         except duckdb.IOException as exc:
             msg = str(exc)
-            if "lock" not in msg.lower() or time.monotonic() > deadline:
+            if "not a valid duckdb database file" in msg.lower():
+                raise StoreError(
+                    f"{path!r} is not a DuckDB file (a log file or another kind of database?): pass a meshlens "
+                    "store as --db; load logs with `meshlens ingest file LOGS... --db STORE.duckdb`"
+                ) from exc
+            if "lock" not in msg.lower():
+                raise StoreError(f"cannot open store {path!r}{' read-only' if read_only else ''}: {msg}") from exc
+            if time.monotonic() > deadline:
                 raise StoreError(
                     f"cannot open store {path!r}{' read-only' if read_only else ''}: {msg}. "
                     "Another process holds it read-write; readers should use the published snapshot "

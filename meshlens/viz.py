@@ -24,17 +24,67 @@ import pandas as pd
 
 ChartLike = alt.Chart | alt.LayerChart | alt.VConcatChart | alt.HConcatChart
 
-ONSET_COLOR = "#d62728"
+ONSET_COLOR = "#222222"  # not red: the "failed" series and the failing path are red
 CHANGE_COLOR = "#ff7f0e"
 HIGHLIGHT_COLOR = "#d62728"
 BASE_COLOR = "#4c78a8"
 MUTED_COLOR = "#bbbbbb"
 
+EVENT_TYPE_COLORS = {"request": "#4c78a8", "authz": "#e45756", "authn": "#b279a2", "tls": "#f58518",
+                     "config_change": "#54a24b", "access": "#9d755d"}
+"""One colour per event type, the same in every chart (the explorer's, the audit's, the overview's)."""
+SERIES_COLORS = {"requests": "#4c78a8", "failed": "#e45756", "slow": "#f58518"}
+"""The symptom's series in the root-cause and change charts."""
+OTHER_COLORS = ("#72b7b2", "#eeca3b", "#ff9da6", "#bab0ac", "#17becf", "#8c564b", "#bcbd22", "#7f7f7f")
+MARKER_ONSET, MARKER_CHANGE = "onset", "config change"
+PATH_CALL, OTHER_CALL, PATH_NODE, OTHER_NODE = "on the failing path", "other calls", "on the failing path", "service"
+
 _UTC = alt.Scale(type="utc")
+TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+# One time-axis format everywhere: HH:MM in UTC, with the date under the first tick and under each tick
+# where the day changes (midnight).
+_TIME_LABEL = ("[utcFormat(datum.value, '%H:%M'), (datum.index == 0 || (utchours(datum.value) == 0 && "
+               "utcminutes(datum.value) == 0)) ? utcFormat(datum.value, '%Y-%m-%d') : '']")
+
+RATIO_METRICS = ("errors_5xx", "errors_4xx", "denials", "tls_failures", "authn_failures")
+METRIC_TITLES = {"errors_5xx": "5xx ratio", "errors_4xx": "4xx ratio", "denials": "authorization denials",
+                 "tls_failures": "TLS failures", "authn_failures": "authentication failures",
+                 "requests": "requests", "p50_ms": "p50 latency (ms)", "p99_ms": "p99 latency (ms)"}
 
 
-def _tooltip(df: pd.DataFrame, cols: Iterable[str]) -> list[str]:
-    return [c for c in cols if c in df.columns]
+def is_ratio_metric(metric: str) -> bool:
+    """Anomaly metrics drawn as ratios (share of requests), i.e. with a percent axis."""
+    return metric in RATIO_METRICS or str(metric).startswith("flag_")
+
+
+def metric_title(metric: str) -> str:
+    """A readable axis title for an anomaly metric (``p99 latency (ms)``, ``response flag UH``)."""
+    return METRIC_TITLES.get(metric, str(metric).replace("flag_", "response flag "))
+
+
+def time_axis(title: str = "time (UTC)") -> alt.Axis:
+    """The one time axis of every chart (see ``_TIME_LABEL``)."""
+    return alt.Axis(title=title, labelExpr=_TIME_LABEL, labelAlign="center", labelOverlap=True)
+
+
+def time_tooltip(field: str, title: str = "time (UTC)") -> alt.Tooltip:
+    """A tooltip showing the full time of day in UTC (not just the date)."""
+    # A utc time unit makes Vega-Lite format with utcFormat (formatType="utc" would call Vega's utc()
+    # date constructor instead and show NaN).
+    return alt.Tooltip(f"{field}:T", title=title, format=TIME_FORMAT, timeUnit="utcyearmonthdatehoursminutesseconds")
+
+
+def _tooltip(df: pd.DataFrame, cols: Iterable[str], *, times: Iterable[str] = ()) -> list[Any]:
+    times = set(times)
+    out: list[Any] = []
+    for c in cols:
+        if c not in df.columns:
+            continue
+        if c in times or pd.api.types.is_datetime64_any_dtype(df[c]):
+            out.append(time_tooltip(c, "time (UTC)" if c in ("ts", "onset") else f"{c} (UTC)"))
+        else:
+            out.append(c)
+    return out
 
 
 def _as_frame(values: Any, column: str) -> pd.DataFrame:
@@ -46,6 +96,33 @@ def _as_frame(values: Any, column: str) -> pd.DataFrame:
     if isinstance(values, str | pd.Timestamp) or not isinstance(values, Iterable):
         values = [values]
     return pd.DataFrame({column: pd.to_datetime(list(values), utc=True)})
+
+
+def bucket_text(df: pd.DataFrame, x: str = "ts") -> str | None:
+    """The bucket width of a time series (``5 min``, ``1 h``, ``30 s``), from its distinct times."""
+    if x not in df.columns or df.empty:
+        return None
+    ts = pd.Series(pd.to_datetime(df[x], utc=True).dropna().unique()).sort_values()
+    diffs = ts.diff().dropna()
+    diffs = diffs[diffs > pd.Timedelta(0)]
+    if diffs.empty:
+        return None
+    sec = int(round(diffs.min().total_seconds()))
+    if sec <= 0:
+        return None
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if sec >= size and sec % size == 0:
+            return f"{sec // size} {unit}"
+    return f"{sec} s"
+
+
+def color_scale(column: str, values: Iterable[Any]) -> alt.Scale:
+    """Stable colours: fixed ones for event types and the symptom series, the rest in sorted order."""
+    fixed = EVENT_TYPE_COLORS if column == "event_type" else SERIES_COLORS if column == "series" else {}
+    seen = sorted({str(v) for v in values if v is not None and not (isinstance(v, float) and pd.isna(v))})
+    domain = [k for k in fixed if k in seen] + [v for v in seen if v not in fixed]
+    others = iter(OTHER_COLORS * (1 + len(domain) // len(OTHER_COLORS)))
+    return alt.Scale(domain=domain, range=[fixed.get(v) or next(others) for v in domain])
 
 
 def time_series(
@@ -60,43 +137,68 @@ def time_series(
     changes: pd.DataFrame | None = None,
     change_label: str = "label",
     mark: str = "line",
+    percent: bool = False,
     width: int = 640,
     height: int = 220,
 ) -> alt.LayerChart:
-    """A metric over time, with the detected onset (red rule) and config changes (orange dashed rules).
+    """A metric over time, with the detected onset (black rule) and config changes (orange dashed rules).
 
-    ``df``: one row per (time, series); ``color`` names the series column. ``onset``: a time (or list of
-    times). ``changes``: a DataFrame with ``x`` and ``change_label`` columns (e.g. ``Kind/ns/name by
-    actor``), shown as rules with the label in the tooltip. ``mark``: ``line``, ``bar`` (stacked by
-    ``color``) or ``area``.
+    ``df``: one row per (time, series); ``color`` names the series column (event types and the
+    symptom's series get fixed colours). ``onset``: a time (or list of times). ``changes``: a DataFrame
+    with ``x`` and ``change_label`` columns (e.g. ``Kind/ns/name by actor``), shown as rules with the
+    label in the tooltip. The markers have their own legend. ``mark``: ``line``, ``bar`` (stacked by
+    ``color``) or ``area``. The y title says the bucket width (``requests per 5 min``); ``percent``
+    draws a ratio on a percent axis.
     """
-    tooltip = _tooltip(df, [x, y] + ([color] if color else []))
     base = alt.Chart(df)
     marker = {"line": base.mark_line(point=len(df) <= 60), "bar": base.mark_bar(), "area": base.mark_area(opacity=0.7)}
     if mark not in marker:
         raise ValueError(f"mark must be one of {sorted(marker)}, not {mark!r}")
+    bucket = bucket_text(df, x)
+    label = y_title or y
+    if percent:
+        label = f"{label} (%" + (f", {bucket} buckets)" if bucket else ")")
+    elif bucket:
+        label = f"{label} per {bucket}"
+    y_axis = alt.Axis(title=label, format=".0%" if percent else alt.Undefined)
+    tooltip = [time_tooltip(x), alt.Tooltip(f"{y}:Q", title=label, format=".1%" if percent else ",")]
+    if color:
+        tooltip.append(color)
     enc: dict[str, Any] = {
-        "x": alt.X(f"{x}:T", title="time (UTC)", scale=_UTC),
-        "y": alt.Y(f"{y}:Q", title=y_title or y, stack="zero" if mark in ("bar", "area") else None),
+        "x": alt.X(f"{x}:T", axis=time_axis(), scale=_UTC),
+        "y": alt.Y(f"{y}:Q", axis=y_axis, stack="zero" if mark in ("bar", "area") else None),
         "tooltip": tooltip,
     }
     if color:
-        enc["color"] = alt.Color(f"{color}:N", title=color)
+        values = df[color].unique() if color in df.columns else []
+        enc["color"] = alt.Color(f"{color}:N", title=color.replace("_", " "), scale=color_scale(color, values))
     layers: list[alt.Chart] = [marker[mark].encode(**enc)]
 
     onset_df = _as_frame(onset, x)
+    has_changes = changes is not None and not changes.empty
+    present = [m for m, on in ((MARKER_ONSET, not onset_df.empty), (MARKER_CHANGE, has_changes)) if on]
+    marker_color = alt.Color("marker:N", title="markers", scale=alt.Scale(
+        domain=present, range=[ONSET_COLOR if m == MARKER_ONSET else CHANGE_COLOR for m in present]))
+    rules: list[alt.Chart] = []
     if not onset_df.empty:
-        onset_df = onset_df.assign(marker="onset")
-        layers.append(
-            alt.Chart(onset_df).mark_rule(color=ONSET_COLOR, strokeWidth=2)
-            .encode(x=alt.X(f"{x}:T", scale=_UTC), tooltip=[alt.Tooltip(f"{x}:T", title="onset")])
+        rules.append(
+            alt.Chart(onset_df.assign(marker=MARKER_ONSET)).mark_rule(color=ONSET_COLOR, strokeWidth=2)
+            .encode(x=alt.X(f"{x}:T", scale=_UTC, axis=time_axis()), color=marker_color,
+                    tooltip=[time_tooltip(x, "onset (UTC)")])
         )
-    if changes is not None and not changes.empty:
-        layers.append(
-            alt.Chart(changes).mark_rule(color=CHANGE_COLOR, strokeDash=[4, 3], strokeWidth=1.5)
-            .encode(x=alt.X(f"{x}:T", scale=_UTC), tooltip=_tooltip(changes, [x, change_label, "actor"]))
+    if has_changes:
+        assert changes is not None
+        rules.append(
+            alt.Chart(changes.assign(marker=MARKER_CHANGE)).mark_rule(color=CHANGE_COLOR, strokeDash=[4, 3],
+                                                                      strokeWidth=1.5)
+            .encode(x=alt.X(f"{x}:T", scale=_UTC, axis=time_axis()), color=marker_color,
+                    tooltip=_tooltip(changes, [x, change_label, "actor"], times=[x]))
         )
-    return alt.layer(*layers).properties(title=title, width=width, height=height)
+    if color and rules:  # the series and the markers each get their own legend
+        chart = alt.layer(layers[0], alt.layer(*rules)).resolve_scale(color="independent")
+    else:
+        chart = alt.layer(*layers, *rules)
+    return chart.properties(title=title, width=width, height=height)
 
 
 def error_heatmap(
@@ -108,20 +210,41 @@ def error_heatmap(
     count: str | None = "requests",
     title: str = "",
     value_title: str | None = None,
+    percent: bool = False,
 ) -> alt.Chart:
-    """Errors (or any ratio/count) by edge: callers down, callees across, colour = ``value``."""
-    tooltip = _tooltip(df, [src, dst, value] + ([count] if count else []))
+    """Errors (or any ratio/count) by edge: callers down, callees across, colour = ``value``
+    (``percent``: a ratio, shown as a percent in the legend and tooltips)."""
+    label = (value_title or value) + (" (%)" if percent else "")
+    tooltip = [src, dst, alt.Tooltip(f"{value}:Q", title=label, format=".1%" if percent else ",")]
+    tooltip += [count] if count and count in df.columns else []
     return (
         alt.Chart(df)
         .mark_rect()
         .encode(
             x=alt.X(f"{dst}:N", title="called service", sort="ascending"),
             y=alt.Y(f"{src}:N", title="caller", sort="ascending"),
-            color=alt.Color(f"{value}:Q", title=value_title or value, scale=alt.Scale(scheme="reds")),
+            color=alt.Color(f"{value}:Q", title=label, scale=alt.Scale(scheme="reds"),
+                            legend=alt.Legend(format=".0%" if percent else alt.Undefined)),
             tooltip=tooltip,
         )
         .properties(title=title)
     )
+
+
+def unique_labels(df: pd.DataFrame, label: str, *, time: str = "ts") -> pd.Series:
+    """``label`` made unique per row: a target changed twice becomes two bars (``... @ 09:19:43``),
+    never one bar stacking two scores."""
+    labels = df[label].astype(str)
+    dup = labels.duplicated(keep=False)
+    if not dup.any():
+        return labels
+    if time in df.columns:
+        when = pd.to_datetime(df[time], utc=True).dt.strftime("%m-%d %H:%M:%S")
+        labels = labels.where(~dup, labels + " @ " + when)
+    dup = labels.duplicated(keep=False)
+    if dup.any():  # still equal (same second): number them
+        labels = labels.where(~dup, labels + " #" + (labels.groupby(labels).cumcount() + 1).astype(str))
+    return labels
 
 
 def bar_chart(
@@ -134,19 +257,28 @@ def bar_chart(
     value_title: str | None = None,
     tooltip: Sequence[str] = (),
     max_bars: int = 25,
+    percent: bool = False,
+    max_value: float | None = None,
 ) -> alt.Chart:
     """Horizontal bars, largest first (top talkers, denials by policy, ranked candidates).
 
-    ``tooltip`` adds columns such as ``evidence`` so a ranked candidate shows why it ranks.
+    One bar per row: repeated labels are made unique (:func:`unique_labels`), so two changes to one
+    target never stack into a score above 1. ``tooltip`` adds columns such as ``evidence``.
+    ``percent``: the value is a share (percent axis); ``max_value`` fixes the axis end (a score's 1).
     """
     data = df.nlargest(max_bars, value) if len(df) > max_bars else df
+    data = data.assign(**{label: unique_labels(data, label)})
+    axis_title = (value_title or value) + (" (%)" if percent else "")
+    scale = alt.Scale(domain=[0, max_value]) if max_value is not None else alt.Undefined
     enc: dict[str, Any] = {
-        "y": alt.Y(f"{label}:N", sort="-x", title=label),
-        "x": alt.X(f"{value}:Q", title=value_title or value),
-        "tooltip": _tooltip(data, [label, value, *([color] if color else []), *tooltip]),
+        "y": alt.Y(f"{label}:N", sort="-x", title=label, axis=alt.Axis(labelLimit=360)),
+        "x": alt.X(f"{value}:Q", title=axis_title, axis=alt.Axis(format=".0%" if percent else alt.Undefined), scale=scale,
+                   stack=None),
+        "tooltip": [label, alt.Tooltip(f"{value}:Q", title=axis_title, format=".1%" if percent else ",")]
+        + _tooltip(data, [*([color] if color else []), *tooltip]),
     }
     if color:
-        enc["color"] = alt.Color(f"{color}:N", title=color)
+        enc["color"] = alt.Color(f"{color}:N", title=color, scale=color_scale(color, data[color].unique()))
     return alt.Chart(data).mark_bar(color=BASE_COLOR).encode(**enc).properties(title=title)
 
 
@@ -271,13 +403,16 @@ def service_graph(
     e["x2"], e["y2"] = e["_d"].map(pos["x"]), e["_d"].map(pos["y"])
     e["highlighted"] = [(a, b) in hl_edges for a, b in zip(e["_s"], e["_d"], strict=True)]
     e["edge"] = e["_s"] + " -> " + e["_d"]
+    e["call"] = e["highlighted"].map({True: PATH_CALL, False: OTHER_CALL})
+    edge_domain = [d for d in (PATH_CALL, OTHER_CALL) if d in set(e["call"])]
     edge_tip = ["edge"] + [c for c in (weight, error) if c and c in e.columns]
     edge_enc: dict[str, Any] = {
         "x": alt.X("x:Q", axis=None, scale=alt.Scale(padding=40)),
         "y": alt.Y("y:Q", axis=None, scale=alt.Scale(padding=20)),
         "x2": "x2:Q",
         "y2": "y2:Q",
-        "color": alt.condition("datum.highlighted", alt.value(HIGHLIGHT_COLOR), alt.value(MUTED_COLOR)),
+        "color": alt.Color("call:N", title="calls", scale=alt.Scale(
+            domain=edge_domain, range=[HIGHLIGHT_COLOR if d == PATH_CALL else MUTED_COLOR for d in edge_domain])),
         "tooltip": edge_tip,
     }
     if weight and weight in e.columns:
@@ -286,6 +421,8 @@ def service_graph(
 
     nodes = pos.reset_index()
     nodes["highlighted"] = nodes["node"].isin(hl_nodes)
+    nodes["role"] = nodes["highlighted"].map({True: PATH_NODE, False: OTHER_NODE})
+    node_domain = [d for d in (PATH_NODE, OTHER_NODE) if d in set(nodes["role"])]
     if error and error in e.columns:
         worst = e.groupby("_d")[error].max()
         nodes["worst_inbound_error"] = nodes["node"].map(worst).fillna(0.0)
@@ -296,9 +433,11 @@ def service_graph(
         .encode(
             x="x:Q",
             y="y:Q",
-            color=alt.condition("datum.highlighted", alt.value(HIGHLIGHT_COLOR), alt.value(BASE_COLOR)),
+            color=alt.Color("role:N", title="services", scale=alt.Scale(
+                domain=node_domain, range=[HIGHLIGHT_COLOR if d == PATH_NODE else BASE_COLOR for d in node_domain])),
             tooltip=node_tip,
         )
     )
     label_layer = alt.Chart(nodes).mark_text(dy=-18, fontSize=11).encode(x="x:Q", y="y:Q", text="node:N")
-    return alt.layer(edge_layer, node_layer, label_layer).properties(title=title, width=width, height=height)
+    return (alt.layer(edge_layer, node_layer, label_layer).resolve_scale(color="independent")
+            .properties(title=title, width=width, height=height))

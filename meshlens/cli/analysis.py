@@ -41,6 +41,9 @@ FromOpt = Annotated[str, typer.Option("--from", help="Window start: RFC 3339, Un
                                       "latest-6h (6 h before the store's newest event).")]
 ToOpt = Annotated[str, typer.Option("--to", help="Window end (exclusive); same forms as --from.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON array, best first.")]
+ReqFromOpt = Annotated[str, typer.Option("--from", help="Window start (required): RFC 3339, Unix seconds, now, "
+                                                        "-24h.")]
+ReqToOpt = Annotated[str, typer.Option("--to", help="Window end (required, exclusive); same forms as --from.")]
 ServiceOpt = Annotated[str, typer.Option("--service", help="Symptom service (short name, e.g. frontend).")]
 
 
@@ -111,8 +114,8 @@ def anomalies_cmd(
 def root_cause_cmd(
     db: DbOpt,
     service: ServiceOpt,
-    start: FromOpt = "",
-    end: ToOpt = "",
+    start: ReqFromOpt = "",
+    end: ReqToOpt = "",
     top: Annotated[int, typer.Option("--top", help="Number of candidates.")] = 10,
     as_json: JsonOpt = False,
 ) -> None:
@@ -140,8 +143,8 @@ def root_cause_cmd(
 def changes_cmd(
     db: DbOpt,
     service: ServiceOpt,
-    start: FromOpt = "",
-    end: ToOpt = "",
+    start: ReqFromOpt = "",
+    end: ReqToOpt = "",
     lookback: Annotated[str, typer.Option("--lookback", help="Also consider changes this long before --from.")]
     = "2h",
     top: Annotated[int, typer.Option("--top", help="Number of candidates.")] = 20,

@@ -54,8 +54,21 @@ def ingest_file(
                               max_record_bytes=max_record_bytes,
                               **filter_options(filter_config, no_default_filters, sample_success))
         _emit(counts.as_dict(), as_json, str(counts))
+        warning = counts.empty_warning(_input_bytes(paths))
+        if warning:
+            typer.echo(warning, err=True)
 
     run_command(run)
+
+
+def _input_bytes(paths: list[Path]) -> int:
+    """Total size of the input files (directories walked), for the "0 events stored" warning."""
+    total = 0
+    for p in paths:
+        for f in ([p] if p.is_file() else p.rglob("*") if p.is_dir() else []):
+            if f.is_file():
+                total += f.stat().st_size
+    return total
 
 
 def _load_mapping(path: Path) -> dict[str, str]:
@@ -78,7 +91,10 @@ def _load_mapping(path: Path) -> dict[str, str]:
     return data
 
 
-def summary(db: DbOpt, as_json: JsonOpt = False) -> None:
+ReadDbOpt = Annotated[Path, typer.Option("--db", help="DuckDB store to read (must exist; opened read-only).")]
+
+
+def summary(db: ReadDbOpt, as_json: JsonOpt = False) -> None:
     """Overview of a store: events by type, services, time span, rejects."""
     from meshlens.analysis.overview import format_summary
     from meshlens.analysis.overview import summary as _summary

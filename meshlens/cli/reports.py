@@ -73,6 +73,8 @@ def report_run(
         _print_json(result.as_dict())
     else:
         typer.echo(f"{result.name}: {result.status} in {result.duration_s:.1f} s")
+        for line in result.findings:
+            typer.echo(f"  - {line}")
         if result.error:
             typer.echo(f"  {result.error}", err=True)
         if result.html:
@@ -84,7 +86,7 @@ def report_run(
 def report_list(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False) -> None:
     """List the report notebooks and their parameters."""
     rows = []
-    for name, path in sorted(reports.list_notebooks().items()):
+    for name, path in sorted(reports.list_notebooks().items(), key=lambda kv: reports.report_sort_key(kv[0])):
         try:
             params = reports.notebook_parameters(path)
         except MeshlensError as exc:
@@ -142,30 +144,56 @@ def schedule_serve(
     raise typer.Exit(code)
 
 
-def _lab_dir(target: Path | None) -> Path:
-    """The notebooks to open: a source checkout's notebooks/, else a working copy of the packaged ones
-    (so analysts edit copies, never files inside site-packages)."""
-    if target is None:
-        root = notebook.repo_root()
-        if root is not None and (root / "notebooks").is_dir():
-            return root / "notebooks"
-        target = Path.cwd() / "meshlens-notebooks"
-    target.mkdir(parents=True, exist_ok=True)
-    for name, path in reports.list_notebooks().items():
-        dest = target / f"{name}.ipynb"
-        if not dest.exists() and path.parent != target:
-            shutil.copyfile(path, dest)
-    return target
+LAB_DIR = "meshlens-notebooks"
+"""Default working copy for ``meshlens lab``, in the current directory (ignored by git in a checkout)."""
+
+
+def _source_dirs() -> list[Path]:
+    """Directories holding the shipped notebooks, which JupyterLab must never save into."""
+    dirs = [Path(str(d)).resolve() for d in reports.notebook_dirs()]
+    root = notebook.repo_root()
+    if root is not None:
+        dirs.append((root / "notebooks").resolve())
+    return dirs
+
+
+def lab_dir(target: Path | None = None, *, refresh: bool = False) -> tuple[Path, list[str], list[str]]:
+    """Prepare the working copy JupyterLab opens: ``(directory, copied, kept)``.
+
+    Why a copy: JupyterLab autosaves every notebook it opens (outputs included), so opening the tracked
+    ``notebooks/`` (or site-packages) would dirty the sources with outputs and edits. The shipped
+    notebooks are copied into ``target`` (default ``./meshlens-notebooks``); a copy that already exists is
+    kept -- it holds the analyst's work -- unless ``refresh`` replaces it with the shipped version.
+    """
+    directory = (target if target is not None else Path.cwd() / LAB_DIR).expanduser().resolve()
+    if directory in _source_dirs():
+        raise MeshlensError(f"--dir {directory} holds the shipped notebooks; JupyterLab would autosave into "
+                            "them. Pick another directory (the default is ./meshlens-notebooks)")
+    directory.mkdir(parents=True, exist_ok=True)
+    copied, kept = [], []
+    for name, path in sorted(reports.list_notebooks().items(), key=lambda kv: reports.report_sort_key(kv[0])):
+        dest = directory / f"{name}.ipynb"
+        if dest.exists() and not refresh:
+            kept.append(name)
+            continue
+        shutil.copyfile(path, dest)
+        copied.append(name)
+    return directory, copied, kept
 
 
 def lab(
     db: Annotated[str | None, typer.Option("--db", help="Store the notebooks use by default ($MESHLENS_DB).")] = None,
-    notebook_dir: Annotated[Path | None, typer.Option("--dir", help="Notebook directory to open.")] = None,
+    notebook_dir: Annotated[Path | None, typer.Option(
+        "--dir", help=f"Working copy to open (default ./{LAB_DIR}); the shipped notebooks are copied into it.")] = None,
+    refresh: Annotated[bool, typer.Option("--refresh", help="Overwrite existing copies with the shipped "
+                                                            "notebooks.")] = False,
     extra: Annotated[list[str] | None, typer.Argument(help="Extra arguments for jupyter lab (after --).")] = None,
 ) -> None:
-    """Open JupyterLab on the meshlens notebooks with the store configured (needs the lab extra)."""
+    """Open JupyterLab on a working copy of the meshlens notebooks with the store configured (needs the
+    lab extra). The tracked notebooks are never opened, so autosave cannot write into them."""
     if importlib.util.find_spec("jupyterlab") is None:
-        typer.echo("error: JupyterLab is not installed; install it with: pip install 'meshlens[lab]'", err=True)
+        typer.echo("error: JupyterLab is not installed; install it with: pip install 'meshlens[lab]' "
+                   "(in a checkout: make lab)", err=True)
         raise typer.Exit(2)
     env = dict(os.environ)
     if db:
@@ -174,7 +202,12 @@ def lab(
             typer.echo(f"error: store {str(path)!r} does not exist; ingest into it first", err=True)
             raise typer.Exit(2)
         env["MESHLENS_DB"] = str(path)
-    directory = _lab_dir(notebook_dir)
+    try:
+        directory, copied, kept = lab_dir(notebook_dir, refresh=refresh)
+    except MeshlensError as exc:
+        raise _fail(exc) from None
+    if kept:
+        typer.echo(f"kept your copies of {', '.join(kept)} (--refresh replaces them with the shipped versions)")
     cmd = [sys.executable, "-m", "jupyter", "lab", f"--notebook-dir={directory}", *(extra or [])]
     typer.echo(f"opening JupyterLab on {directory}" + (f" with MESHLENS_DB={env['MESHLENS_DB']}" if db else ""))
     raise typer.Exit(subprocess.call(cmd, env=env))

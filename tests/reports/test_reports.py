@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from meshlens import notebook as nbhelp
 from meshlens import reports, viz
 from meshlens.cli.reports import register
-from meshlens.errors import ConfigError
+from meshlens.errors import ConfigError, MeshlensError
 from meshlens.store import writing
 from tests import conftest
 from tests.analysis.test_audit import DENY_POLICY, LEGACY, audit_rows, build_audit_store, events_table
@@ -405,3 +405,267 @@ def test_charts_mark_onset_changes_and_the_highlighted_path() -> None:
     assert "<svg" in html_text and 'class="meshlens-chart-spec"' in html_text
     with pytest.raises(ValueError, match="mark must be one of"):
         viz.time_series(series, mark="pie")
+
+
+# -- answers first: findings, effective parameters, empty windows, failures ----------------------------
+
+
+def test_report_records_findings_and_effective_parameters(audit_report: reports.ReportResult) -> None:
+    r = audit_report
+    assert any("denied by an authorization policy" in f for f in r.findings), r.findings
+    run = json.loads((Path(r.run_dir) / "run.json").read_text())
+    assert run["findings"] == r.findings and run["status"] == "ok"
+    assert run["effective"]["events"] > 0 and run["effective"]["start"] == "(first event)"
+    html_text = Path(r.html).read_text()
+    banner = html_text[html_text.index('class="meshlens-banner'):]
+    assert banner.index("meshlens-findings") < banner.index("</header>")  # the answer is in the banner
+    assert "Effective parameters" in html_text
+    index = (Path(r.run_dir).parent.parent / "index.html").read_text()
+    assert html.escape(r.findings[0]) in index  # the index shows the headline lines
+
+
+def test_latest_window_is_shown_resolved(audit_db: Path, tmp_path: Path) -> None:
+    r = reports.run_report("mesh_audit", audit_db, {"start": "latest-30m"}, tmp_path)
+    assert r.status == "ok", r.error
+    with nbhelp.open_store(audit_db) as store:
+        newest = store.scalar("SELECT max(ts_ns) FROM events")
+    from meshlens.timeutil import ns_to_rfc3339
+    assert r.effective["start"] == ns_to_rfc3339(newest + 1 - 30 * 60 * 10**9)
+    assert r.parameters["start"] == "latest-30m"  # what was asked stays recorded too
+    assert f"latest-30m = {r.effective['start']}" in html.unescape(Path(r.html).read_text())
+
+
+@pytest.mark.parametrize("params", [{"start": "2020-01-01T00:00:00Z", "end": "2020-01-02T00:00:00Z"},
+                                    {"service": "no-such-service"}])
+def test_window_or_scope_without_events_is_empty_not_a_green_page_of_zeros(
+    audit_db: Path, tmp_path: Path, params: dict[str, str],
+) -> None:
+    r = reports.run_report("mesh_audit", audit_db, params, tmp_path)
+    assert r.status == "empty" and r.ok and r.error is None
+    reason = r.findings[0]
+    assert reason.startswith("no events in") and "the store holds" in reason
+    assert "2024-05-01T" in reason  # which range the store does hold
+    if "service" in params:
+        assert "service 'no-such-service'" in reason
+    html_text = Path(r.html).read_text()
+    assert 'data-status="empty"' in html_text and "Nothing to report" in html_text
+    assert "An Exception was encountered" not in html_text and "Traceback" not in html_text
+    assert "Audit checks" not in html_text  # no table of zeros after the stop
+    assert 'class="empty' in (tmp_path / "index.html").read_text()
+    res = CliRunner().invoke(_cli(), ["report", "run", "mesh_audit", "--db", str(audit_db), "--out", str(tmp_path),
+                                      *sum((["-p", k, v] for k, v in params.items()), []), "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["status"] == "empty"
+
+
+def test_failed_report_shows_the_cause_first_and_folds_the_traceback(tmp_path: Path) -> None:
+    nbp = make_notebook(tmp_path / "nb" / "deep.ipynb", 'db = ""\n',
+                        "def inner():\n    raise KeyError('missing-column-xyz')\n\ndef outer():\n    inner()\n\nouter()")
+    r = reports.run_report(nbp, tmp_path / "x.duckdb", {}, tmp_path / "out")
+    assert r.status == "failed" and r.error.startswith("KeyError: 'missing-column-xyz'")
+    dom = Path(r.html).read_text()
+    banner = dom[dom.index('class="meshlens-banner'):dom.index("</header>")]
+    assert "meshlens-error-line" in banner and "missing-column-xyz" in banner
+    cause, folded = dom.index('class="meshlens-error-cause"'), dom.index("<details><summary>traceback</summary>")
+    assert cause < folded and "inner()" in dom[folded:]  # the traceback is there, folded under the cause
+    assert error_outputs(r.ipynb) == ["KeyError: 'missing-column-xyz'"]  # the notebook keeps the real error
+
+
+def test_a_cell_that_hits_the_timeout_fails_the_report(tmp_path: Path) -> None:
+    nbp = make_notebook(tmp_path / "slow.ipynb", 'db = ""\n', "import time\ntime.sleep(30)")
+    r = reports.run_report(nbp, tmp_path / "x.duckdb", {}, tmp_path / "out", timeout_s=2)
+    assert r.status == "failed" and "timed out" in r.error.lower(), r.error
+    # A reply that only arrives at the deadline (the explore bug) is a timeout too, not a success.
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x")])
+    nb.cells[0].metadata["papermill"] = {"duration": 600.02}
+    nb.cells[0].execution_count = 3
+    assert "cell 1 (In [3]) ran into the 600 s cell timeout" in reports.digest(nb, 600).timed_out
+    assert reports.digest(nb, None).timed_out is None
+
+
+def test_shell_sends_cannot_swallow_the_wakeup_for_a_reply(tmp_path: Path) -> None:
+    """The explore report's "600 s and still ok": a blocking send on the shell socket (jupyter_client's
+    Session.send uses a shadow socket) processes the socket's pending commands and resets its
+    edge-triggered FD, so the asyncio poll for a reply that has just arrived sleeps until its timeout.
+    ReportShellChannel sends through the asyncio socket, which re-checks events after the send."""
+    import asyncio
+    import time as _time
+
+    import zmq
+    import zmq.asyncio
+    from jupyter_client.session import Session
+
+    async def wait_after_send() -> float:
+        ctx = zmq.asyncio.Context()
+        router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+        try:
+            port = router.bind_to_random_port("tcp://127.0.0.1")
+            dealer.connect(f"tcp://127.0.0.1:{port}")
+            session = Session()
+            channel = reports.ReportShellChannel(dealer, session)
+            channel.send(session.msg("execute_request", {}))
+            ident, *_ = await router.recv_multipart()
+            poll = asyncio.ensure_future(dealer.poll(5000))  # nbclient waiting for the execute_reply
+            await asyncio.sleep(0.1)
+            await router.send_multipart([ident, b"reply"])
+            _time.sleep(0.3)  # the reply lands while the loop is busy (processing a widget output) ...
+            channel.send(session.msg("comm_msg", {}))  # ... which nbclient syncs back on the shell channel
+            t0 = _time.monotonic()
+            assert await poll
+            return _time.monotonic() - t0
+        finally:
+            ctx.destroy(linger=0)
+
+    loop = asyncio.new_event_loop()  # not asyncio.run: it would leave the main thread without an event loop
+    try:
+        assert loop.run_until_complete(wait_after_send()) < 1.0
+    finally:
+        loop.close()
+    # Outside a running loop (papermill's synchronous kernel_info()) the channel needs no event loop.
+    ctx = zmq.asyncio.Context()
+    try:
+        sock = ctx.socket(zmq.DEALER)
+        sock.connect("tcp://127.0.0.1:9")  # nobody there: the message just queues
+        reports.ReportShellChannel(sock, Session()).send(Session().msg("kernel_info_request", {}))
+    finally:
+        ctx.destroy(linger=0)  # closes every socket, shadows included, then terminates
+
+
+def test_report_kernels_use_the_fixed_shell_channel() -> None:
+    km = reports._kernel_manager_for((), None)()
+    assert isinstance(km.client(), reports.ReportKernelClient)
+    assert km.client().shell_channel_class is reports.ReportShellChannel
+
+
+# -- tables and charts -------------------------------------------------------------------------------
+
+
+def test_tables_have_no_raw_missing_values_and_scroll_instead_of_clipping() -> None:
+    df = pd.DataFrame({"policy": ["p", None], "meshes": [["istio", None], ["kubernetes"]],
+                       "n": pd.array([1, None], dtype="Int64"), "ts": [pd.Timestamp("2024-05-01T10:00:00Z"), pd.NaT],
+                       "evidence": ["x " * 100, pd.NA]})
+    text = nbhelp.table_html(df)
+    for raw in ("None", "&lt;NA&gt;", "<NA>", "NaT", "nan"):
+        assert raw not in text, raw
+    assert "istio" in text and "2024-05-01 10:00:00 UTC" in text
+    assert 'class="meshlens-table-wrap" style="overflow-x:auto' in text
+    assert "text-align:left" in text and "white-space:normal" in text and "table-layout:auto" in text
+
+
+def test_bars_never_stack_two_changes_into_one_score() -> None:
+    ts = pd.to_datetime(["2024-05-01T09:19:43Z", "2024-05-01T09:25:00Z", "2024-05-01T09:30:00Z"], utc=True)
+    table = pd.DataFrame({"target": ["AuthorizationPolicy/shop/deny", "AuthorizationPolicy/shop/deny", "Deployment/shop/x"],
+                          "score": [0.9, 0.7, 0.2], "ts": ts, "actor": ["alice", "bob", "ci"]})
+    spec = viz.bar_chart(table, label="target", value="score", max_value=1.0, tooltip=["actor", "ts"]).to_dict()
+    rows = next(iter(spec["datasets"].values()))
+    labels = [r["target"] for r in rows]
+    assert len(set(labels)) == 3 and all(r["score"] <= 1 for r in rows)
+    assert spec["encoding"]["x"]["scale"]["domain"] == [0, 1.0] and spec["encoding"]["x"]["stack"] is None
+    tips = spec["encoding"]["tooltip"]
+    assert any(t.get("field") == "ts" and t.get("timeUnit") == "utcyearmonthdatehoursminutesseconds"
+               and "%H:%M:%S" in t.get("format", "")
+               for t in tips)
+
+
+def test_time_series_axes_legends_and_colours() -> None:
+    ts = pd.date_range("2024-05-01T23:40:00Z", periods=8, freq="5min")
+    df = pd.DataFrame({"ts": list(ts) * 2, "events": [1] * 16, "event_type": ["authz"] * 8 + ["request"] * 8})
+    changes = pd.DataFrame({"ts": [ts[2]], "label": ["AuthorizationPolicy/shop/deny-all"], "actor": ["alice"]})
+    spec = viz.time_series(df, y="events", color="event_type", mark="bar", onset=ts[3], changes=changes,
+                           y_title="events").to_dict()
+    main, markers = spec["layer"]
+    assert main["encoding"]["y"]["axis"]["title"] == "events per 5 min"  # the bucket width is on the axis
+    assert "utcFormat" in main["encoding"]["x"]["axis"]["labelExpr"]  # one UTC format, date on day change
+    color = main["encoding"]["color"]["scale"]
+    assert dict(zip(color["domain"], color["range"], strict=True)) == {
+        "request": viz.EVENT_TYPE_COLORS["request"], "authz": viz.EVENT_TYPE_COLORS["authz"]}
+    marker_scales = [layer["encoding"]["color"]["scale"] for layer in markers["layer"]]
+    assert all(s["domain"] == ["onset", "config change"] for s in marker_scales)  # markers are in a legend
+    assert marker_scales[0]["range"] == [viz.ONSET_COLOR, viz.CHANGE_COLOR]
+    assert spec["resolve"]["scale"]["color"] == "independent"
+    ratio = viz.time_series(pd.DataFrame({"ts": ts, "value": [0.1] * 8}), percent=True, y_title="5xx ratio").to_dict()
+    axis = ratio["layer"][0]["encoding"]["y"]["axis"]
+    assert axis["format"] == ".0%" and axis["title"] == "5xx ratio (%, 5 min buckets)"
+    svg = nbhelp.chart_svg(spec)
+    assert "2024-05-01" in svg and "2024-05-02" in svg and "config change" in svg  # the day change is labelled
+    graph = viz.service_graph(pd.DataFrame({"src": ["a"], "dst": ["b"], "requests": [1], "error_ratio": [0.5]}),
+                              highlight=["a", "b"]).to_dict()
+    assert {layer["encoding"]["color"]["title"] for layer in graph["layer"][:2]} == {"calls", "services"}
+
+
+def test_charts_are_interactive_in_jupyterlab_too() -> None:
+    nbhelp.configure_altair()
+    spec = viz.time_series(pd.DataFrame({"ts": pd.date_range("2024-05-01", periods=3, freq="h", tz="UTC"),
+                                         "value": [1, 2, 3]})).to_dict()
+    bundle = nbhelp._meshlens_renderer(spec)
+    vega = bundle[nbhelp.VEGA_MIME]
+    assert vega["$schema"].endswith("/vega/v5.json") and any("tooltip" in json.dumps(m) for m in vega["marks"])
+    assert bundle[nbhelp.SVG_MIME].startswith("<svg") and bundle[nbhelp.vegalite_mime()] == spec
+    converted = nbhelp.chart_bundle_to_html(bundle)
+    assert 'class="meshlens-chart-spec"' in converted["text/html"]
+    import importlib.util
+
+    if importlib.util.find_spec("jupyterlab") is not None:  # JupyterLab's own Vega renderer takes that mimetype
+        import sys as _sys
+
+        static = Path(_sys.prefix) / "share" / "jupyter" / "lab" / "static"
+        assert any(nbhelp.VEGA_MIME in p.read_text(errors="ignore") for p in static.glob("*.js")), static
+
+
+# -- JupyterLab, CLI messages ---------------------------------------------------------------------------
+
+
+def test_lab_opens_a_working_copy_never_the_tracked_notebooks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from meshlens import cli_reports
+
+    monkeypatch.chdir(tmp_path)
+    directory, copied, kept = cli_reports.lab_dir()
+    assert directory == tmp_path / "meshlens-notebooks" and set(copied) == set(SHIPPED) and kept == []
+    mine = directory / "mesh_audit.ipynb"
+    mine.write_text(mine.read_text().replace("Mesh audit", "My audit"))
+    _, _, kept = cli_reports.lab_dir()
+    assert "mesh_audit" in kept and "My audit" in mine.read_text()  # the analyst's copy is kept
+    cli_reports.lab_dir(refresh=True)
+    assert "My audit" not in mine.read_text()
+    for tracked in (REPO / "notebooks", REPO / "meshlens" / "notebooks"):
+        with pytest.raises(MeshlensError, match="autosave"):
+            cli_reports.lab_dir(tracked)
+    if "triage" in SHIPPED:
+        assert copied[0] == "triage"  # the landing page first
+    ignored = (REPO / ".gitignore").read_text().splitlines()
+    assert ".ipynb_checkpoints/" in ignored and "/meshlens-notebooks/" in ignored
+    assert (REPO / "meshlens" / "notebooks").resolve() == (REPO / "notebooks").resolve()  # one source
+
+
+def test_cli_messages_match_behaviour(tmp_path: Path) -> None:
+    from meshlens.cli import app
+
+    runner = CliRunner()
+    for args in (["summary", "--help"], ["report", "run", "--help"], ["analyze", "root-cause", "--help"]):
+        res = runner.invoke(app, args, env={"COLUMNS": "200", "TERM": "dumb"})
+        assert res.exit_code == 0 and "<bool>" not in res.output, res.output
+    assert "created if missing" not in runner.invoke(app, ["summary", "--help"], env={"COLUMNS": "200"}).output
+    assert "Window start (required)" in runner.invoke(app, ["analyze", "changes", "--help"],
+                                                      env={"COLUMNS": "200"}).output
+    notdb = tmp_path / "access.log"
+    notdb.write_text('[2024-05-01T10:00:00.000Z] "GET / HTTP/1.1" 200\n' * 50)
+    res = runner.invoke(app, ["summary", "--db", str(notdb)])
+    assert res.exit_code == 1
+    assert "is not a DuckDB file" in str(res.exception or res.output) or "is not a DuckDB file" in res.output
+    assert "Another process" not in str(res.exception) + res.output
+    junk = tmp_path / "junk.log"
+    junk.write_text("not a log line\n" * 3)
+    res = runner.invoke(app, ["ingest", "file", str(junk), "--db", str(tmp_path / "j.duckdb"), "--no-progress"])
+    assert res.exit_code == 0 and "0 events were stored" in res.output
+
+
+def test_sql_write_on_the_read_only_store_says_read_only_in_one_line(audit_db: Path, tmp_path: Path) -> None:
+    nbp = make_notebook(tmp_path / "sqldel.ipynb", 'db = ""\n',
+                        "from meshlens import notebook as nb\nnb.setup_sql(nb.open_store(db));",
+                        "%sql DELETE FROM events")
+    r = reports.run_report(nbp, audit_db, {}, tmp_path / "out")
+    assert r.status == "failed"
+    err = [o for o in nbformat.read(r.ipynb, as_version=4).cells[-1].outputs if o.output_type == "error"][0]
+    assert len(err.traceback) == 1 and "read-only" in err.traceback[0] and "DELETE" in err.traceback[0]
+    with nbhelp.open_store(audit_db) as store:
+        assert store.scalar("SELECT count(*) FROM events") > 0
+    assert nbhelp.read_only_message("SELECT 1", ValueError("x")) is None

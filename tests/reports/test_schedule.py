@@ -390,3 +390,43 @@ def test_config_examples_in_the_docs_are_valid(tmp_path: Path) -> None:
     assert schedule.load_config(embedded).reports[0].notebook == "mesh_audit"
     command = cron_job["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["command"]
     assert command[:3] == ["meshlens", "schedule", "run-due"]
+
+
+def test_outcomes_arrive_as_each_report_finishes_and_empty_is_not_a_failure(
+    tmp_path: Path, nbdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    make_notebook(nbdir / "quiet.ipynb", 'db = ""\n', "from meshlens.notebook import NoEventsError\n"
+                  "raise NoEventsError('no events in 2020-01-01 to 2020-01-02; the store holds 5 events from A to B')")
+    make_notebook(nbdir / "said.ipynb", 'db = ""\n', "from meshlens import notebook as nb\nnb.finding('**3** denied')")
+    from meshlens import demo
+
+    monkeypatch.setattr(reports, "list_notebooks", lambda: {n: nbdir / f"{n}.ipynb" for n in ("said", "quiet", "ok")})
+    lines: list[str] = []
+    seen_dirs: list[bool] = []
+
+    def echo(text: str) -> None:
+        for line in text.splitlines():
+            lines.append(line)
+            seen_dirs.append((tmp_path / "out" / "quiet").exists())
+
+    index = demo.run_all_reports(db=tmp_path / "none.duckdb", out=tmp_path / "out", echo=echo, progress=True)
+    assert index == tmp_path / "out" / "index.html"
+    ran = [ln for ln in lines if ln.startswith("  ")]
+    assert [ln.split()[0] for ln in ran if not ln.startswith("      ")] == ["ok", "quiet", "said"]
+    said = next(i for i, ln in enumerate(lines) if ln.startswith("  said"))
+    assert lines[said + 1].strip() == "3 denied"  # its first finding, right under it
+    assert "empty" in next(ln for ln in lines if ln.startswith("  quiet"))
+    assert seen_dirs[lines.index(next(ln for ln in lines if ln.startswith("  ok")))] is False  # printed before the next ran
+    assert "reports" in capsys.readouterr().err  # the tqdm bar
+
+    cfg = write_config(tmp_path, f"""
+        out_dir = "out2"
+        [[reports]]
+        name = "quiet"
+        notebook = "{nbdir / 'quiet.ipynb'}"
+        cron = "*/5 * * * *"
+    """)
+    got: list[schedule.Outcome] = []
+    result = schedule.run_due(cfg, clock=FakeClock(T0), on_outcome=got.append)
+    assert [o.status for o in got] == ["empty"] and result.exit_code == 0 and not result.failures
+    assert got[0].findings[0].startswith("no events in 2020-01-01")
