@@ -185,10 +185,9 @@ class TimeRange:
 def _latest_ns(store: Store | None) -> int:
     if store is None:
         raise ConfigError("a time relative to 'latest' needs the store (pass store=...)")
-    latest = store.scalar("SELECT max(ts_ns) FROM events")
-    if latest is None:
-        raise ConfigError("a time relative to 'latest' needs events in the store, and it is empty")
-    return int(latest) + 1  # +1 so that "latest" as an end bound includes the newest event
+    from meshlens.analysis.common import latest_event_ns
+
+    return latest_event_ns(store)  # just after the newest event, so "latest" as an end includes it
 
 
 def parse_time(value: Any, *, now_ns: int | None = None, store: Store | None = None) -> pd.Timestamp | None:
@@ -196,11 +195,8 @@ def parse_time(value: Any, *, now_ns: int | None = None, store: Store | None = N
     or ``latest`` / ``latest-6h`` (relative to the newest event in the store: handy on old captures)."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
-    if isinstance(value, str) and value.strip().startswith("latest"):
-        rest = value.strip()[len("latest"):].strip()
-        ns = parse_time_ns("now" + rest, now_ns=_latest_ns(store))
-    else:
-        ns = parse_time_ns(value, now_ns=now_ns)
+    # the one time grammar (meshlens.timeutil); "latest" is resolved against the store only when used
+    ns = parse_time_ns(value, now_ns=now_ns, latest_ns=lambda: _latest_ns(store))
     return pd.Timestamp(ns, unit="ns", tz="UTC")
 
 
