@@ -24,7 +24,9 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import duckdb
 
@@ -32,12 +34,21 @@ TARGET_S = 10.0
 
 
 def build_store(workdir: Path, events: int, scenario_index: int = 0) -> tuple[Path, dict]:
-    """Simulate + ingest one scenario, then duplicate its traffic up to ``events`` rows (a store kept
-    from an earlier run with ``--keep`` and the same size is reused)."""
-    from meshlens.ingest import ingest_files
-    from meshlens.simulate import scenarios_for_evaluation, simulate
+    """Simulate + ingest one evaluation scenario, replicated up to ``events`` rows (see
+    :func:`replicated_store`)."""
+    from meshlens.simulate.scenarios import scenarios_for_evaluation
 
-    db, truth = workdir / "bench.duckdb", workdir / "sim" / "ground_truth.json"
+    return replicated_store(workdir, events, lambda: scenarios_for_evaluation(scenario_index + 1)[scenario_index])
+
+
+def replicated_store(workdir: Path, events: int, make_scenario: Callable[[], Any]) -> tuple[Path, dict]:
+    """Simulate + ingest a scenario, then duplicate its traffic (fresh ids, shifted 3 ms per copy) up to
+    ``events`` rows; returns the store and the scenario's ground truth. A store kept from an earlier run
+    (``--keep``) with at least that many events is reused. Shared by the analysis benchmarks."""
+    from meshlens.ingest import ingest_files
+    from meshlens.simulate import simulate
+
+    db, truth = workdir / "bench.duckdb", workdir / "truth.json"
     if db.exists() and truth.exists() and Path(str(db) + ".snapshot").exists():
         con = duckdb.connect(str(db), read_only=True)
         total = con.execute("SELECT count(*) FROM events").fetchone()[0]
@@ -46,9 +57,8 @@ def build_store(workdir: Path, events: int, scenario_index: int = 0) -> tuple[Pa
             print(f"store: reusing {db} ({total:,} events)")
             return db, json.loads(truth.read_text())
         db.unlink()
-
-    scenario = scenarios_for_evaluation(scenario_index + 1)[scenario_index]
-    gt = simulate(scenario, workdir / "sim")
+    gt = simulate(make_scenario(), workdir / "sim").to_dict()
+    truth.write_text(json.dumps(gt))
     ingest_files(str(db), sorted(str(p) for p in (workdir / "sim").glob("*.jsonl.gz")), progress=False)
     con = duckdb.connect(str(db))
     base = con.execute("SELECT count(*) FROM events WHERE record_kind = 'access_log'").fetchone()[0]
@@ -71,7 +81,7 @@ def build_store(workdir: Path, events: int, scenario_index: int = 0) -> tuple[Pa
     shutil.copyfile(db, str(db) + ".snapshot")
     print(f"store: {total:,} events ({base:,} proxy records x {copies + 1} + {other:,} others) "
           f"built in {time.perf_counter() - t:.1f} s")
-    return db, gt.to_dict()
+    return db, gt
 
 
 def scan_baseline(db: Path) -> float:

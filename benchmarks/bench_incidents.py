@@ -17,70 +17,22 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import duckdb
+from bench_analysis import replicated_store, scan_baseline
 
 TARGET_S = 15.0
 
 
 def build_store(workdir: Path, events: int, window: int) -> tuple[Path, dict]:
-    """Simulate + ingest one window, then duplicate its traffic up to ``events`` rows (a store kept from an
-    earlier run with ``--keep`` and at least that size is reused)."""
-    from meshlens.ingest import ingest_files
-    from meshlens.simulate import simulate
+    """Simulate + ingest one incident window, replicated up to ``events`` rows."""
     from meshlens.simulate.windows import incident_windows
 
-    db, truth = workdir / "bench.duckdb", workdir / "truth.json"
-    if db.exists() and truth.exists() and Path(str(db) + ".snapshot").exists():
-        con = duckdb.connect(str(db), read_only=True)
-        total = con.execute("SELECT count(*) FROM events").fetchone()[0]
-        con.close()
-        if total >= events:
-            print(f"store: reusing {db} ({total:,} events)")
-            return db, json.loads(truth.read_text())
-        db.unlink()
-    scenario = incident_windows(window + 1)[window]
-    gt = simulate(scenario, workdir / "sim").to_dict()
-    truth.write_text(json.dumps(gt))
-    ingest_files(str(db), sorted(str(p) for p in (workdir / "sim").glob("*.jsonl.gz")), progress=False)
-    con = duckdb.connect(str(db))
-    base = con.execute("SELECT count(*) FROM events WHERE record_kind = 'access_log'").fetchone()[0]
-    other = con.execute("SELECT count(*) FROM events WHERE record_kind <> 'access_log'").fetchone()[0]
-    copies = max(0, -(-(events - other) // base) - 1)
-    t = time.perf_counter()
-    con.execute(
-        """INSERT INTO events
-           SELECT e.* REPLACE (
-               md5(event_id || '#' || k) AS event_id,
-               request_id || '#' || k AS request_id,
-               trace_id || '#' || k AS trace_id,
-               ts_ns + k * 3000000 AS ts_ns,
-               ts + to_microseconds(k * 3000) AS ts)
-           FROM events e, range(1, $copies + 1) r(k)
-           WHERE record_kind = 'access_log'""", {"copies": copies})
-    con.execute("CHECKPOINT")
-    total = con.execute("SELECT count(*) FROM events").fetchone()[0]
-    con.close()
-    shutil.copyfile(db, str(db) + ".snapshot")
-    print(f"store: {total:,} events ({base:,} proxy records x {copies + 1} + {other:,} others) "
-          f"built in {time.perf_counter() - t:.1f} s")
-    return db, gt
-
-
-def scan_baseline(db: Path) -> float:
-    con = duckdb.connect(str(db), read_only=True)
-    t = time.perf_counter()
-    con.execute("SELECT dst_service, count(*), approx_quantile(duration_ms, 0.99) FROM events "
-                "GROUP BY dst_service").fetchall()
-    dt = time.perf_counter() - t
-    con.close()
-    return dt
+    return replicated_store(workdir, events, lambda: incident_windows(window + 1)[window])
 
 
 def run(db: Path, gt: dict) -> tuple[float, dict]:
