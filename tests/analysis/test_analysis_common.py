@@ -24,19 +24,12 @@ from meshlens.analysis.common import (
     resolve_window,
 )
 from meshlens.errors import ConfigError
-from tests.support.mesh import (  # noqa: F401 - shared with other test modules
+from tests.support.mesh import (
     NS,
-    SERVICES,
     T0,
-    Mesh,
-    _iso_ms,
-    _logcli,
-    _rfc_ns,
     cached_store,
     incident_mesh,
     open_ro,
-    request,
-    simulated_store,
 )
 
 # ------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from meshlens import reports
-from tests.analysis.test_audit import build_audit_store
+from tests.support.audit_store import build_audit_store
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser") if shutil.which(n)), None)
 pytestmark = [
@@ -111,7 +111,7 @@ def test_tables_are_left_aligned_never_clipped_and_scroll(report: reports.Report
 
 
 def _tiny(tmp: Path, name: str, *cells: str) -> Path:
-    from tests.reports.test_reports import make_notebook
+    from tests.support.notebooks import make_notebook
 
     return make_notebook(tmp / "nbs" / f"{name}.ipynb", 'db = ""\n', *cells)
 

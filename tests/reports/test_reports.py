@@ -27,23 +27,13 @@ from meshlens.cli.reports import register
 from meshlens.errors import ConfigError, MeshlensError
 from meshlens.store import writing
 from tests import conftest
-from tests.analysis.test_audit import DENY_POLICY, LEGACY, audit_rows, build_audit_store, events_table
+from tests.support.audit_store import DENY_POLICY, LEGACY, audit_rows, build_audit_store, events_table
+from tests.support.notebooks import make_notebook
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = sorted(p.stem for p in (REPO / "notebooks").glob("*.ipynb"))
 SHARED_SAMPLES = (conftest.SHARED_SAMPLES,)
 SECRET = "s3cr3t-Loki-pw-9f2Q"  # what the secret tests plant in the environment
-
-
-def make_notebook(path: Path, params: str, *cells: str) -> Path:
-    """A small notebook: a `parameters` cell then code cells (fast: no meshlens import needed)."""
-    first = nbformat.v4.new_code_cell(params)
-    first.metadata["tags"] = ["parameters"]
-    nb = nbformat.v4.new_notebook(cells=[first, *(nbformat.v4.new_code_cell(c) for c in cells)])
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nbformat.write(nb, path)
-    return path
 
 
 def error_outputs(ipynb: str | Path) -> list[str]:

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from meshlens import reports, schedule
 from meshlens.cli.reports import register
 from meshlens.errors import ConfigError, MeshlensError
-from tests.reports.test_reports import make_notebook
+from tests.support.notebooks import make_notebook
 
 T0 = datetime(2024, 5, 1, 5, 0, tzinfo=UTC)
 

@@ -24,7 +24,7 @@ from meshlens.sources.elasticsearch import EsQuery, EsSource, SliceCursor, Windo
 from meshlens.sources.http import HttpConfig
 from meshlens.store import open_store
 from tests.servers.elasticsearch import EsTestServer, fluentbit_doc
-from tests.support.es_paging import raw_pit_paging  # noqa: F401 - shared with other test modules
+from tests.support.es_paging import raw_pit_paging
 
 START_MS = 1_717_200_000_000
 WINDOW = Window(START_MS, START_MS + 86_400_000)

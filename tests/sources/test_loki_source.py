@@ -32,7 +32,7 @@ from meshlens.sources.loki import (
 )
 from meshlens.store import open_store
 from tests.servers.loki import NS, LokiServer, generate, istio_line
-from tests.support.loki_events import T0, Q, server_as_events, stored_events  # noqa: F401 - shared with other test modules
+from tests.support.loki_events import T0, Q, server_as_events, stored_events
 
 REPO = Path(__file__).resolve().parents[2]
 

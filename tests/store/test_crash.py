@@ -20,7 +20,7 @@ import duckdb
 
 from meshlens.ingest import IngestCounts, ingest_batches
 from meshlens.store import open_store, snapshot_path
-from tests.support.crash import _RUNNER, ROOT, istio_line, make_log, small_batches  # noqa: F401 - shared with other test modules
+from tests.support.crash import _RUNNER, ROOT, make_log, small_batches
 
 KILLS = int(os.environ.get("MESHLENS_CRASH_KILLS", "40" if os.environ.get("MESHLENS_SLOW") == "1" else "8"))
 BATCH = 2000
