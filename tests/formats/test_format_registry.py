@@ -68,7 +68,7 @@ def test_flag_table_drives_failure_sql_and_root_cause_classes() -> None:
     # every failure flag of the table makes FAILED_SQL true, every other flag does not
     con = duckdb.connect()
     for code, flag in envoy.FLAGS.items():
-        got = con.execute(f"SELECT {common.FAILED_SQL} FROM (SELECT 200 AS status, NULL AS authz_decision, "
+        got = con.execute(f"SELECT {common.FAILED_SQL} FROM (SELECT 200 AS status, NULL AS authz_decision, NULL::INT AS grpc_status, "
                           f"'DI,' || ? AS response_flags)", [code]).fetchone()[0]
         assert got is flag.failure, code
     assert set(common.FAILURE_FLAGS) == {c for c, f in envoy.FLAGS.items() if f.failure}

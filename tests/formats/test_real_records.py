@@ -46,7 +46,7 @@ from meshlens.ingest import ingest_batches
 from meshlens.sources.files import read_file
 from meshlens.store import Store, open_store
 
-REAL = Path(__file__).resolve().parent / "data" / "real"
+REAL = Path(__file__).resolve().parents[1] / "data" / "real"
 RECORD_TARGET = 0.98
 FIELD_TARGET = 0.99
 MIN_RECORDS = 150
@@ -320,8 +320,7 @@ def test_real_records_tallies(real_score: Score) -> None:
     if real_score.problems:
         print("\nmismatches:\n" + _problems(real_score, limit=400))
     assert not real_score.crashes, "ingest crashed:\n" + "\n".join(real_score.crashes)
-    if not families():
-        pytest.skip("no families under tests/data/real yet")
+    assert families(), f"no record families under {REAL}"
     total = Tally()
     for t in real_score.by_family.values():
         total.add(t)
@@ -373,8 +372,7 @@ def _check_record(where: str, i: int, rec: Any) -> Iterator[str]:
 
 def test_manifests_are_well_formed() -> None:
     """Every file is listed, every listed file exists, sources are URLs, records are well-formed."""
-    if not families():
-        pytest.skip("no families under tests/data/real yet")
+    assert families(), f"no record families under {REAL}"
     problems: list[str] = []
     for fam in families():
         mf = REAL / fam / "MANIFEST.yaml"
@@ -433,12 +431,8 @@ def collection_counts() -> tuple[int, int]:
 def test_collection_is_large_enough() -> None:
     """Issue 13: at least 150 real records from at least 40 distinct public sources, across families.
 
-    The Envoy/Istio family comes from the ``formats`` branch; until both branches are merged the count
-    cannot be reached, so the test skips (with the numbers) while tests/data/real/envoy is absent.
     """
     records, sources = collection_counts()
-    if not (REAL / "envoy").is_dir():
-        pytest.skip(f"envoy family not merged yet ({records} records, {sources} sources so far)")
     assert records >= MIN_RECORDS and sources >= MIN_SOURCES, (
         f"{records} records from {sources} distinct sources; need {MIN_RECORDS} / {MIN_SOURCES}")
 

@@ -605,7 +605,7 @@ def test_charts_are_interactive_in_jupyterlab_too() -> None:
 
 
 def test_lab_opens_a_working_copy_never_the_tracked_notebooks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from meshlens import cli_reports
+    from meshlens.cli import reports as cli_reports
 
     monkeypatch.chdir(tmp_path)
     directory, copied, kept = cli_reports.lab_dir()
