@@ -27,6 +27,7 @@ from meshlens.sources.base import Source, open_source, registered_sources
 from meshlens.sources.files import FileSource
 from meshlens.store import open_store
 from tests.servers import real_loki
+from tests.support.interrupt import Killed, killed_after
 
 T0 = 1_714_557_600_000_000_000  # 2024-05-01T10:00:00Z
 N_GOOD, N_BAD = 240, 12
@@ -144,10 +145,6 @@ def _es_doc(ts_ns: int, line: str) -> dict[str, Any]:
                            "labels": {"app": "reviews"}}}
 
 
-class Interrupted(Exception):
-    """Stands for the process dying after some batches were committed."""
-
-
 class StopsAfter:
     """A source that dies after ``n`` batches (everything else delegated): a run killed midway."""
 
@@ -160,16 +157,7 @@ class StopsAfter:
         return bool(self.inner.plan(previous))
 
     def batches(self) -> Iterator[RawBatch]:
-        it = self.inner.batches()
-        try:
-            for k, b in enumerate(it):
-                if k == self.n:
-                    raise Interrupted(f"killed after {k} batches")
-                yield b
-        finally:
-            close = getattr(it, "close", None)
-            if close is not None:
-                close()
+        return killed_after(self.inner.batches(), self.n)
 
     def final_state(self) -> Mapping[str, Any] | None:
         return self.inner.final_state()
@@ -224,7 +212,7 @@ def test_resume_after_an_interrupted_run_converges_to_the_uninterrupted_store(ba
     whole = tmp_path / "whole.duckdb"
     ingest(whole, backend.make())
     db = tmp_path / "cut.duckdb"
-    with pytest.raises(Interrupted):
+    with pytest.raises(Killed):
         ingest(db, StopsAfter(backend.make(), 2))
     partial = _event_ids(db)
     assert 0 < len(partial) < N_GOOD, backend.name  # the committed batches are kept

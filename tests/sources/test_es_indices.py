@@ -25,6 +25,7 @@ from meshlens.sources.http import HttpConfig
 from meshlens.store import open_store
 from tests.servers.elasticsearch import EsTestServer, fluentbit_doc
 from tests.support.es_paging import raw_pit_paging
+from tests.support.interrupt import Killed, killed_after
 
 START_MS = 1_717_200_000_000
 WINDOW = Window(START_MS, START_MS + 86_400_000)
@@ -109,17 +110,9 @@ def test_resume_from_a_watermark_between_twins(flavor: str, tmp_path: Path) -> N
         src = source(srv, page_size=3)
         window, cursors, base = plan_run(None, WINDOW, resume=False, slices=1)
 
-        class Killed(Exception):
-            pass
-
-        def killed_after(n: int) -> Iterator[Any]:
-            for i, b in enumerate(src.batches(window, cursors, base)):
-                if i == n:
-                    raise Killed
-                yield b
 
         with open_store(db) as store, pytest.raises(Killed):
-            ingest_batches(store, killed_after(3), source=src.identity, watermark_key=src.identity, progress=False)
+            ingest_batches(store, killed_after(src.batches(window, cursors, base), 3), source=src.identity, watermark_key=src.identity, progress=False)
         with open_store(db) as store:
             first = list(store.query("SELECT position FROM events")["position"])
             state = store.get_watermark(src.identity)

@@ -40,6 +40,7 @@ from meshlens.sources.elasticsearch import (
 from meshlens.sources.http import HttpConfig
 from meshlens.store import open_store
 from tests.servers.elasticsearch import Auth, EsTestServer, fluentbit_doc, generate
+from tests.support.interrupt import Killed, killed_after
 
 START_MS = 1_717_200_000_000
 WINDOW = Window(START_MS, START_MS + 86_400_000)
@@ -558,17 +559,9 @@ def test_a_run_killed_between_batches_resumes_exactly(es8: EsTestServer, tmp_pat
     src = source(es8, page_size=35, parallel=2)
     window, cursors, base = plan_run(None, WINDOW, resume=False, slices=2)
 
-    class Killed(Exception):
-        pass
-
-    def killed_after(n: int) -> Iterator[Any]:
-        for i, b in enumerate(src.batches(window, cursors, base)):
-            if i == n:
-                raise Killed
-            yield b
 
     with open_store(db) as store, pytest.raises(Killed):
-        ingest_batches(store, killed_after(6), source=src.identity, watermark_key=src.identity, progress=False)
+        ingest_batches(store, killed_after(src.batches(window, cursors, base), 6), source=src.identity, watermark_key=src.identity, progress=False)
     counts = ingest_es(db, index="logs-*", url=es8.url, start=FROM, end=TO, page_size=35, parallel=2,
                        resume=True, progress=False)
     with open_store(db) as store:
