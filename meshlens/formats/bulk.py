@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import re
 
-from meshlens.formats.envoy import EXT_AUTHZ_DETAILS, RBAC_DENIED_PREFIX, TLS_MARKERS
+from meshlens.formats.envoy import EXT_AUTHZ_DETAILS, RBAC_DENIED_PREFIX, TLS_MARKERS, grpc_status_sql
 from meshlens.formats.identity import CONSUL_HOST_RE, ISTIO_SNI_RE, POD_SUFFIX_RE, SPIFFE_RE, SVC_HOST_RE
 
 ENVOY_FIELDS: tuple[str, ...] = (
@@ -382,7 +382,7 @@ SELECT seq, klass, line, src_ts_ns, stream_id, position, pre_reject,
   try_cast(response_code AS INTEGER) AS status,
   flags AS response_flags,
   coalesce(det, term) AS response_code_details,
-  try_cast(nz(grpc_status) AS INTEGER) AS grpc_status,
+  {grpc_status_sql('nz(grpc_status)')} AS grpc_status,
   try_cast(nz(duration) AS DOUBLE) AS duration_ms,
   try_cast(nz(upstream_service_time) AS DOUBLE) AS upstream_service_time_ms,
   try_cast(nz(bytes_sent) AS BIGINT) AS bytes_sent,

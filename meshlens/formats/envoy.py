@@ -104,6 +104,31 @@ def flags_list_sql(codes: tuple[str, ...] | list[str]) -> str:
     return "['" + "', '".join(codes) + "']"
 
 
+GRPC_STATUS_NAMES: tuple[str, ...] = (
+    "OK", "Canceled", "Unknown", "InvalidArgument", "DeadlineExceeded", "NotFound", "AlreadyExists",
+    "PermissionDenied", "ResourceExhausted", "FailedPrecondition", "Aborted", "OutOfRange", "Unimplemented",
+    "Internal", "Unavailable", "DataLoss", "Unauthenticated",
+)
+"""gRPC status names by code (0-16), as Envoy's ``%GRPC_STATUS%`` writes them by default (``CAMEL_STRING``,
+``Grpc::Utility::grpcStatusToString``); ``%GRPC_STATUS(SNAKE_STRING)%`` writes ``DEADLINE_EXCEEDED``
+(absl's names, ``CANCELLED`` with two l), ``%GRPC_STATUS(NUMBER)%`` / ``%GRPC_STATUS_NUMBER%`` the code.
+Real custom formats use all three (``"grpc_status": "%GRPC_STATUS%"`` is the common Istio recipe)."""
+
+
+def grpc_status_key(name: str) -> str:
+    """The spelling-free key of a gRPC status name: ``DeadlineExceeded`` / ``DEADLINE_EXCEEDED`` ->
+    ``DEADLINEEXCEEDED``; ``Canceled`` / ``CANCELLED`` -> ``CANCELED``."""
+    key = name.strip().upper().replace("_", "")
+    return "CANCELED" if key == "CANCELLED" else key
+
+
+def grpc_status_sql(column: str) -> str:
+    """SQL: the gRPC status code of a logged value in any of Envoy's three renderings (NULL otherwise)."""
+    key = f"replace(replace(upper(trim({column})), '_', ''), 'CANCELLED', 'CANCELED')"
+    cases = " ".join(f"WHEN '{grpc_status_key(n)}' THEN {i}" for i, n in enumerate(GRPC_STATUS_NAMES))
+    return f"coalesce(try_cast({column} AS INTEGER), CASE {key} {cases} END)"
+
+
 RBAC_DENIED_PREFIX = "rbac_access_denied_matched_policy["
 EXT_AUTHZ_DETAILS = ("ext_authz_denied", "ext_authz_error")
 # Substrings that mark a transport failure as a TLS/mTLS problem (old "TLS error: ..." text, new

@@ -57,7 +57,7 @@ _ATTR_KEYS: dict[str, str] = {
     "server.address": "upstream_host", "user_agent.original": "user_agent", "http.user_agent": "user_agent",
     "x_request_id": "request_id", "x-request-id": "request_id", "response_code_detail": "response_code_details",
     "upstream_peer": "upstream_host", "downstream_remote_address_without_port": "downstream_remote_address",
-    "duration_ms": "duration",
+    "duration_ms": "duration", "rpc.grpc.status_code": "grpc_status",
 }
 # Loki (OTLP ingestion) and Prometheus-style label names write the dots as underscores
 _ATTR_KEYS.update({k.replace(".", "_"): v for k, v in list(_ATTR_KEYS.items()) if "." in k})

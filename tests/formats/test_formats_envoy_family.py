@@ -162,6 +162,14 @@ def test_envoy_gateway_and_operator_named_json_keys() -> None:
                    '"path":"/foo","response_code":200,"upstream_cluster":"default/s1/80/da39a3ee5e",'
                    '"grpc_status":"OK","grpc_status_number":0}')
     assert (contour["ts_ns"], contour["grpc_status"], contour["mesh"]) == (1618418160361000000, 0, "envoy")
+    # "grpc_status": "%GRPC_STATUS%" (Envoy's default CAMEL_STRING names), SNAKE_STRING and NUMBER renderings
+    for value, code in (("Unavailable", 14), ("DEADLINE_EXCEEDED", 4), ("CANCELLED", 1), ("Canceled", 1),
+                        ("13", 13), ("OK", 0), ("-", None)):
+        grpc = _one('{"start_time":"2024-05-01T10:00:00.000Z","response_code":200,"method":"POST",'
+                    '"path":"/hipstershop.CartService/GetCart","protocol":"HTTP/2",'
+                    '"upstream_cluster":"outbound|7070||cartservice.shop.svc.cluster.local",'
+                    f'"grpc_status":"{value}"}}')
+        assert (grpc["status"], grpc["grpc_status"]) == (200, code), value
     # plain Istio JSON stays Istio
     assert _one('{"response_code":200,"upstream_cluster":"outbound|80||a.b.svc.cluster.local","method":"GET"}'
                 )["mesh"] == "istio"
