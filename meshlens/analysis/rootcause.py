@@ -143,6 +143,11 @@ MIN_LLR = 10.0
 LATENCY_MIN_SHIFT = 0.1
 """Smallest mean log-duration shift (about +10 %) the latency detector reports."""
 
+MIN_BASELINE_REQUESTS = 20
+"""Symptom requests before an episode that make a baseline when the window holds less than the usual
+5 minutes (or a tenth of the window) before it: a short pre-fault window (20-120 s, a few dozen
+requests) is still judged, by tests that are exact for such counts."""
+
 REFINE_BACK_S = 600
 """How far before the detected interval the request-level onset refinement may move the onset."""
 
@@ -477,8 +482,13 @@ def _onset(ctx: Session) -> tuple[Onset | None, pd.DataFrame]:
     width = bucket_seconds(ctx.window)
     tl = _timeline(ctx, width)
     n = tl["n_obs"].to_numpy(float)
-    # the window must hold normal traffic before the episode: at least 5 min (or a tenth of the window)
+    # the window must hold normal traffic before the episode: at least 5 min (or a tenth of the window),
+    # or -- a short pre-fault window -- at least MIN_BASELINE_REQUESTS requests: enough for the binomial
+    # and rank tests to say how sure they are (MIN_LLR still decides whether anything changed)
     min_start = max(1, int(np.ceil(min(300.0, ctx.window.seconds / 10) / width)))
+    reached = np.nonzero(np.cumsum(n) >= MIN_BASELINE_REQUESTS)[0]
+    if len(reached):
+        min_start = max(1, min(min_start, int(reached[0]) + 1))
     fa, fb, f_llr = _epidemic(tl["failed_obs"].to_numpy(float), n, min_start)
     la, lb, l_llr = _epidemic_mean(tl["ok_obs"].to_numpy(float), tl["sx"].to_numpy(float),
                                    tl["sxx"].to_numpy(float), min_start)
@@ -1278,7 +1288,9 @@ def _blame(changes: list[_Change], comps: dict[tuple[str, ...], pd.DataFrame]) -
 
     A changed gap ``C -> T`` is placed by its shape: the share of ``T``'s tested incoming gaps that
     changed (the callee's network: every caller sees it) against the share of ``C``'s outgoing gaps that
-    changed (the caller: it is slow towards every callee)."""
+    changed (the caller: it is slow towards every callee). The edge ``C -> T`` itself gets the gap in
+    proportion to how specific it is: minus the share of ``C``'s *other* calls or ``T``'s *other*
+    callers that changed too (a starved caller slow towards all its callees is not an edge problem)."""
     gaps_in: dict[str, int] = {}
     gaps_out: dict[str, int] = {}
     for key in comps:
@@ -1310,7 +1322,14 @@ def _blame(changes: list[_Change], comps: dict[tuple[str, ...], pd.DataFrame]) -
                 f"{gaps_in.get(callee, 0)} callers slower towards it)")
             add("service", caller, 1 - w_callee, c, f"; placed {pct(1 - w_callee)} at {caller} ({sig_out.get(caller, 0)}"
                 f" of {gaps_out.get(caller, 0)} of its callees slower from it)")
-            add("edge", f"{caller}->{callee}", EDGE_FACTOR, c)
+            # the edge itself is the answer only as far as the change is specific to it: not when the
+            # caller's other calls, or the callee's other callers, changed the same way
+            other_out = (sig_out.get(caller, 0) - 1) / max(gaps_out.get(caller, 1) - 1, 1)
+            other_in = (sig_in.get(callee, 0) - 1) / max(gaps_in.get(callee, 1) - 1, 1)
+            specific = 1.0 - max(other_out, other_in)
+            add("edge", f"{caller}->{callee}", EDGE_FACTOR * specific, c,
+                "" if specific >= 1 else f"; {pct(specific)} specific to this edge (the caller's other calls "
+                "or the callee's other callers changed too)")
     rows = []
     for (kind, target), items in parts.items():
         score = 1 - float(np.prod([1 - min(x, 1.0) for x, _ in items]))

@@ -30,7 +30,9 @@ from meshlens.simulate.model import (
 from meshlens.simulate.runner import AUDIT_FILE, simulate
 from meshlens.simulate.scenarios import (
     EVAL_CASES,
+    GRPC_FAULT_CASES,
     REAL_FAULT_CASES,
+    SHORT_BASELINE_CASES,
     default_scenario,
     scenarios_for_evaluation,
     scenarios_for_real_faults,
@@ -53,5 +55,7 @@ __all__ = [
     "scenarios_for_evaluation",
     "scenarios_for_real_faults",
     "REAL_FAULT_CASES",
+    "GRPC_FAULT_CASES",
+    "SHORT_BASELINE_CASES",
     "simulate",
 ]

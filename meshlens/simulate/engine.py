@@ -15,6 +15,11 @@ than a child. A client timeout (504 UT) is the one place where a child may outli
 server then logs ``0 DC downstream_remote_disconnect`` as the client hung up -- as real proxies do.
 
 Errors propagate: a failed critical call makes the caller answer with its own 5xx ``via_upstream``.
+
+gRPC (``Scenario.grpc``): in-mesh hops are ``POST /<namespace>.<Service>/<Method>`` over HTTP/2 and every
+answer is HTTP 200 with a ``grpc-status`` (:meth:`Engine._grpc_wire`): the application's own code for its
+answers, Envoy's HTTP-to-gRPC mapping for the proxies' local replies (which keep their flags and
+details). Internally hops still carry the HTTP-like code, so failure propagation is unchanged.
 """
 
 from __future__ import annotations
@@ -66,10 +71,13 @@ class Recorder:
         self.lines: dict[Pod, list[tuple[int, str]]] = {}
         self.access_count = 0
         self.other_count = 0
+        self.keep_ns: tuple[int, int] | None = None  # only lines shipped in [lo, hi) are kept
 
     def add(self, pod: Pod, end_us: int, line: str, access: bool = True) -> None:
         # Envoy flushes its access log every second; the agent ships it a few ms later.
         ts_ns = end_us * 1000 + 2_000_000 + int(self.rng.random() * 998_000_000)
+        if self.keep_ns is not None and not self.keep_ns[0] <= ts_ns < self.keep_ns[1]:
+            return
         self.lines.setdefault(pod, []).append((ts_ns, line))
         if access:
             self.access_count += 1
@@ -80,7 +88,7 @@ class Recorder:
 class Engine:
     def __init__(self, topo: Topology, cluster: Cluster, incidents: list[Incident], noisy: Noisy | None,
                  *, seed: int, formats: dict[str, str], details_style: str, cluster_semicolon: bool,
-                 background_error_rate: float) -> None:
+                 background_error_rate: float, grpc: bool = False) -> None:
         self.topo = topo
         self.cluster = cluster
         self.incidents = incidents
@@ -91,6 +99,7 @@ class Engine:
         self.pipe = details_style == "pipe"
         self.semicolon = cluster_semicolon
         self.bg = background_error_rate
+        self.grpc = grpc
         self.by_target: dict[str, list[Incident]] = {}
         self.by_client: dict[str, list[Incident]] = {}
         for inc in incidents:
@@ -142,7 +151,7 @@ class Engine:
 
     def _emit_istio(self, pod: Pod, rec: AccessRecord, end_us: int) -> None:
         if self.formats.get(pod.namespace) == "json":
-            line = istio_json(rec, pod.json_keys, self.semicolon)
+            line = istio_json(rec, pod.json_keys, self.semicolon, grpc_key=self.grpc)
         else:
             line = istio_text(rec)
         self.rec.add(pod, end_us, line)
@@ -179,6 +188,44 @@ class Engine:
         body = _RESET_PREFIX + ("retried and the latest reset reason: " if retried else "reset reason: ") + \
             reason_text + ", transport failure reason: " + raw.replace("_", " ")
         return details, logged_tfr, len(body)
+
+    # ------------------------------------------------------------------ gRPC
+    # Envoy's Grpc::Utility::httpToGrpcStatus, used for its local replies to gRPC requests
+    _ENVOY_GRPC = {400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 502: 14, 503: 14, 504: 14}
+    # what a gRPC application answers where an HTTP one would answer the code
+    _APP_GRPC = {404: 5, 403: 7, 401: 16, 429: 8, 500: 13, 502: 2, 503: 14, 504: 4}
+
+    @classmethod
+    def _grpc_wire(cls, code: int, details: str | None) -> tuple[int, int | None]:
+        """(HTTP status, grpc-status) as logged for a gRPC call that ended with the HTTP-like ``code``:
+        HTTP 200 and OK for a success, 200 and the failing status otherwise (gRPC answers errors in the
+        trailers; Envoy's local replies to gRPC requests are 200 too). No response (0): no status."""
+        if code == 0:
+            return 0, None
+        if code < 400:
+            return 200, 0
+        table = cls._APP_GRPC if details == "via_upstream" else cls._ENVOY_GRPC
+        return 200, table.get(code, 2)
+
+    @staticmethod
+    def _grpc_path(ns: str, target: str, op: Op) -> str:
+        """``/<namespace>.<Service>/<Method>`` of an operation (``payments`` ``charge`` ->
+        ``/bank.Payments/Charge``)."""
+        camel = "".join(w.capitalize() for w in target.replace("_", "-").split("-"))
+        method = "".join(w.capitalize() for w in op.name.replace("-", "_").split("_"))
+        return f"/{ns}.{camel}/{method}"
+
+    @staticmethod
+    def _grpc_ua(ua: str) -> str:
+        """The gRPC library's user agent for a service whose HTTP client says ``ua``."""
+        low = ua.lower()
+        if "java" in low or "okhttp" in low:
+            return "grpc-java-netty/1.62.2"
+        if "python" in low:
+            return "grpc-python/1.62.1 grpc-c/39.0.0 (linux; chttp2)"
+        if "axios" in low or "node" in low:
+            return "grpc-node-js/1.10.6"
+        return "grpc-go/1.62.1"
 
     # ------------------------------------------------------------------ effects
     def _client_failure(self, client: str, client_pod: Pod, target: str, t: int) -> tuple | None:
@@ -304,10 +351,16 @@ class Engine:
         path = self._fill(op.path, params)
         client_istio = self.meshes[client] == "istio"
         target_istio = self.meshes[target] == "istio"
+        grpc = self.grpc and client != GATEWAY and client_istio and target_istio
+        method = op.method
+        if grpc:
+            method, path, ua = "POST", self._grpc_path(ns, target, op), self._grpc_ua(ua)
         same_ns = self.ns_of[client] == ns
         authority = host or (f"{target}:{svc.port}" if same_ns else f"{target}.{ns}:{svc.port}")
         cluster_name = f"outbound|{svc.port}||{target}.{ns}.svc.cluster.local"
         protocol = "HTTP/1.1" if client_istio or svc.protocol != "HTTP/2.0" else svc.protocol
+        if grpc:
+            protocol = "HTTP/2"
         req_bytes = 0 if op.req_bytes == 0 else max(1, int(op.req_bytes * rng.uniform(0.7, 1.3)))
         if client == GATEWAY:
             cl_down_local = f"{client_pod.ip}:8443"
@@ -326,13 +379,15 @@ class Engine:
                           route: str | None, rx: int = req_bytes, connected: bool = True) -> None:
             if not client_istio:
                 return
+            code, gs = self._grpc_wire(code, details) if grpc else (code, None)
             rec = AccessRecord(
-                start_us=t0, method=op.method, path=path, protocol=protocol, code=code, flags=flags,
+                start_us=t0, method=method, path=path, protocol=protocol, code=code, flags=flags,
                 details=details, transport_failure=tfr, bytes_rx=rx, bytes_tx=tx, duration_ms=dur_us // 1000,
                 ust_ms=None if ust_us is None else ust_us // 1000, xff=xff, ua=ua, request_id=rid,
                 authority=authority, upstream_host=up_host, upstream_cluster=cluster,
                 upstream_local=f"{client_pod.ip}:{up_local_port}" if up_host and connected else None,
-                downstream_local=cl_down_local, downstream_remote=cl_down_remote, sni=cl_sni, route=route)
+                downstream_local=cl_down_local, downstream_remote=cl_down_remote, sni=cl_sni, route=route,
+                grpc_status=gs)
             self._emit_istio(client_pod, rec, t0 + dur_us)
 
         # 1. failures the client sidecar decides without an upstream answer
@@ -370,14 +425,15 @@ class Engine:
         def server_record(code: int, flags: str | None, details: str | None, tx: int, dur_us: int,
                           ust_us: int | None, upstream: bool, route: str | None = "default") -> None:
             if target_istio:
+                code, gs = self._grpc_wire(code, details) if grpc else (code, None)
                 rec = AccessRecord(
-                    start_us=t_srv, method=op.method, path=path, protocol=protocol, code=code, flags=flags,
+                    start_us=t_srv, method=method, path=path, protocol=protocol, code=code, flags=flags,
                     details=details, transport_failure=None, bytes_rx=req_bytes, bytes_tx=tx,
                     duration_ms=dur_us // 1000, ust_ms=None if ust_us is None else ust_us // 1000, xff=xff,
                     ua=ua, request_id=rid, authority=authority, upstream_host=up_host if upstream else None,
                     upstream_cluster=f"inbound|{svc.container_port}||",
                     upstream_local=srv_up_local if upstream else None, downstream_local=up_host,
-                    downstream_remote=srv_down_remote, sni=sni, route=route)
+                    downstream_remote=srv_down_remote, sni=sni, route=route, grpc_status=gs)
                 self._emit_istio(pod, rec, t_srv + dur_us)
             elif self.meshes[target] == "linkerd":
                 client_id = (f"{client}.{self.ns_of[client]}.serviceaccount.identity.linkerd.cluster.local"

@@ -127,7 +127,17 @@ class Scenario:
     encoding per namespace. ``details_style``: Envoy's reset-detail rendering (``comma``: older
     ``{connection_failure,TLS_error:_...}`` with a spaced transport reason; ``pipe``: newer
     ``{remote_connection_failure|TLS_error:|...:TLS_error_end}``). ``json_cluster_semicolon``: the
-    istio#54219 trailing ``;`` on JSON ``upstream_cluster``. ``background_error_rate``: per-hop
+    istio#54219 trailing ``;`` on JSON ``upstream_cluster``. ``grpc``: the services speak gRPC to each
+    other (``POST /<namespace>.<Service>/<Method>`` over HTTP/2; the gateway's hop to the entry service
+    stays HTTP): a failure is HTTP **200** with a non-zero ``grpc-status`` -- the application's own
+    (INTERNAL, UNAVAILABLE, NOT_FOUND...) and Envoy's local replies too (200 with the flags and the status
+    Envoy maps the HTTP code to: 503 UH -> UNAVAILABLE, envoy#16667 / #29052). The default Istio formats do
+    not log a gRPC status, so every Istio namespace then logs JSON with one added key, ``"grpc_status":
+    "%GRPC_STATUS%"`` (Envoy's default name rendering: ``OK``, ``Unavailable``...). ``baseline_s`` /
+    ``after_s``: the logs hold only this much before / after the first incident's onset (a short window
+    around a fault, as fault-injection datasets and freshly enabled logging give: 20-120 s of baseline,
+    a few dozen requests); the traffic is simulated as always and the records outside are not written,
+    the ground truth's window is the kept one. ``background_error_rate``: per-hop
     probability of ordinary failures (500s, 503 UC/UF). ``noisy``: the unrelated noisy service (None for
     none). ``benign_changes_per_hour`` / ``read_only_per_hour``: audit background.
     """
@@ -151,6 +161,9 @@ class Scenario:
     read_only_per_hour: float = 10.0
     health_check_period_s: float = 600.0
     proxy_lines: bool = True
+    grpc: bool = False
+    baseline_s: float | None = None
+    after_s: float | None = None
 
     def validate(self) -> None:
         if self.duration_s < 600:
@@ -164,6 +177,10 @@ class Scenario:
         if not 0 <= self.diurnal_amplitude < 1:
             raise ConfigError(f"scenario {self.name}: diurnal_amplitude must be in [0, 1)")
         parse_ts(self.start)
+        for name in ("baseline_s", "after_s"):
+            v = getattr(self, name)
+            if v is not None and (not self.incidents or v <= 0):
+                raise ConfigError(f"scenario {self.name}: {name} needs an incident and must be > 0 s")
         for inc in self.incidents:
             inc.validate()
         if self.noisy is not None:

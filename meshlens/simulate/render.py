@@ -64,6 +64,7 @@ class AccessRecord:
     sni: str | None
     route: str | None
     conn_term: str | None = None
+    grpc_status: int | None = None  # %GRPC_STATUS% (rendered only by formats that log it)
 
 
 @lru_cache(maxsize=1 << 16)
@@ -195,11 +196,24 @@ def istio_json_values(r: AccessRecord, cluster_semicolon: bool = False) -> dict[
     }
 
 
+GRPC_STATUS_NAMES: tuple[str, ...] = (
+    "OK", "Canceled", "Unknown", "InvalidArgument", "DeadlineExceeded", "NotFound", "AlreadyExists",
+    "PermissionDenied", "ResourceExhausted", "FailedPrecondition", "Aborted", "OutOfRange", "Unimplemented",
+    "Internal", "Unavailable", "DataLoss", "Unauthenticated",
+)
+"""What Envoy's ``%GRPC_STATUS%`` writes per code (its default ``CAMEL_STRING``: grpcStatusToString)."""
+
+
 def istio_json(r: AccessRecord, key_order: tuple[str, ...] = ISTIO_JSON_KEYS,
-               cluster_semicolon: bool = False) -> str:
-    """Istio's JSON access-log line with the proxy's key order."""
+               cluster_semicolon: bool = False, grpc_key: bool = False) -> str:
+    """Istio's JSON access-log line with the proxy's key order. ``grpc_key``: the format adds
+    ``"grpc_status": "%GRPC_STATUS%"`` (null for a request that is not gRPC, as Envoy writes it)."""
     vals = istio_json_values(r, cluster_semicolon)
-    return json.dumps({k: vals[k] for k in key_order}, separators=(",", ":"), ensure_ascii=False)
+    out = {k: vals[k] for k in key_order}
+    if grpc_key:
+        out["grpc_status"] = None if r.grpc_status is None else (
+            GRPC_STATUS_NAMES[r.grpc_status] if 0 <= r.grpc_status < len(GRPC_STATUS_NAMES) else str(r.grpc_status))
+    return json.dumps(out, separators=(",", ":"), ensure_ascii=False)
 
 
 def linkerd_json(*, client_addr: str, client_id: str | None, host: str, method: str, processing_ns: int,

@@ -44,7 +44,9 @@ def namespace_formats(scenario: Scenario, topo: Topology) -> dict[str, str]:
     out: dict[str, str] = {GATEWAY_NS: "text" if scenario.istio_format != "json" else "json"}
     istio_ns = [n.name for n in topo.namespaces if n.mesh == "istio"]
     for i, ns in enumerate(istio_ns):
-        if scenario.istio_format == "mixed":
+        if scenario.grpc:
+            out[ns] = "json"  # the default text format has no gRPC status: a custom JSON format logs it
+        elif scenario.istio_format == "mixed":
             out[ns] = "text" if i % 2 == 0 else "json"
         else:
             out[ns] = scenario.istio_format
@@ -99,8 +101,14 @@ def simulate(scenario: Scenario, out_dir: str | Path) -> GroundTruth:
     formats = namespace_formats(scenario, topo)
     engine = Engine(topo, cluster, plan.incidents, plan.noisy, seed=scenario.seed, formats=formats,
                     details_style=scenario.details_style, cluster_semicolon=scenario.json_cluster_semicolon,
-                    background_error_rate=scenario.background_error_rate)
+                    background_error_rate=scenario.background_error_rate, grpc=scenario.grpc)
     load = _Load(scenario, plan.incidents)
+    if scenario.baseline_s is not None or scenario.after_s is not None:
+        # a short log window around the fault: simulate everything, write only what falls inside
+        onset = min(inc.onset_us for inc in plan.incidents)
+        keep_lo = max(start_us, onset - int(scenario.baseline_s * S)) if scenario.baseline_s else start_us
+        keep_hi = min(end_us, onset + int(scenario.after_s * S)) if scenario.after_s else end_us
+        engine.rec.keep_ns = (keep_lo * 1000, keep_hi * 1000)
     roots = _run_traffic(scenario, topo, engine, load, start_us, end_us)
     _health_checks(scenario, topo, cluster, engine, plan.changes, start_us, end_us)
     if scenario.proxy_lines:
@@ -111,7 +119,9 @@ def simulate(scenario: Scenario, out_dir: str | Path) -> GroundTruth:
         audit.record_change(ch, start_us - rng.randint(2, 90) * 86400 * S)
     _read_only(scenario, topo, audit, rng, start_us, end_us)
     files = _write_files(out, engine, audit, formats, scenario.seed)
-    gt = _ground_truth(scenario, topo, plan, files, engine, roots, start_us, end_us)
+    lo_us, hi_us = (start_us, end_us) if engine.rec.keep_ns is None else \
+        (engine.rec.keep_ns[0] // 1000, engine.rec.keep_ns[1] // 1000)
+    gt = _ground_truth(scenario, topo, plan, files, engine, roots, lo_us, hi_us)
     gt.write(out / "ground_truth.json")
     return gt
 
