@@ -117,7 +117,7 @@ SHORT_BASELINE_CASES: tuple[tuple[str, str, str, float, float, bool, float | Non
     ("latency", "slow_release", "shop", 60.0, 0.5, False, None),
     ("connection_failure", "node_down", "streaming", 120.0, 0.8, False, None),
     ("latency", "starved_caller", "bank", 40.0, 1.2, False, None),
-    ("app_errors", "dependency_down", "shop", 30.0, 1.0, True, 0.9),
+    ("latency", "slow_config", "streaming", 90.0, 0.8, True, None),
 )
 """Short pre-fault windows (``Scenario.baseline_s``): the logs begin 20-120 s before the onset and hold
 20-40 requests of normal traffic at the symptom (the rates are set for that: the symptom gets about

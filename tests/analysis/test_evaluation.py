@@ -179,10 +179,13 @@ def real_fault_evaluation(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFr
 def test_real_fault_behaviours_are_all_found(real_fault_evaluation: pd.DataFrame,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     """A CPU-starved caller (its callees' server-side durations flat), a minority route many times
-    slower, an error born mid-chain: each root cause ranked first, onset within a minute."""
+    slower, an error born mid-chain; gRPC meshes whose failures are HTTP 200 with a grpc-status; short
+    pre-fault windows (20-120 s, 20-40 requests of baseline): each root cause ranked first, onset within
+    a minute."""
     df = real_fault_evaluation
     with capsys.disabled():
         print("\n" + df[["scenario", "truth", "rc_top1", "onset_error_s"]].to_string(index=False))
     assert set(df["kind"]) >= {"latency/starved_caller", "latency/minority_route", "app_errors/dependency_down"}
+    assert df["scenario"].str.startswith("grpc-").sum() >= 5 and df["scenario"].str.startswith("short-").sum() >= 5
     assert df["rc_top1_ok"].all(), df.to_string()
     assert df["onset_error_s"].abs().max() < 60, df.to_string()

@@ -613,3 +613,54 @@ def test_shipped_sample_is_reproducible(tmp_path: Path) -> None:
     assert (samples / "ground_truth.json").read_bytes() == (tmp_path / "ground_truth.json").read_bytes()
     for name in again.files:  # content, not deflate bytes: another zlib build may compress differently
         assert gzip.decompress((samples / name).read_bytes()) == gzip.decompress((tmp_path / name).read_bytes()), name
+
+
+# ---------------------------------------------------------------- gRPC meshes and short log windows
+
+
+def test_grpc_failures_are_http_200_with_a_grpc_status(tmp_path: Path) -> None:
+    """Scenario.grpc: service-to-service calls are gRPC (POST /<ns>.<Service>/<Method>, HTTP/2) and logged
+    with Envoy's %GRPC_STATUS% names; failing calls are HTTP 200 with a failing status -- application
+    errors and Envoy's local replies alike -- and ingest turns the names into codes the analyses count."""
+    from meshlens.analysis.common import GRPC_FAILED
+    from meshlens.ingest import ingest_files
+    from meshlens.store import open_store
+
+    sc = _small("grpc", grpc=True, istio_format="text", duration_s=1200,
+                incidents=[IncidentSpec(kind="app_errors", onset_s=700, decoys=0, severity=0.8)])
+    gt = simulate(sc, tmp_path)
+    grpc_lines = []
+    for name in gt.files:
+        if name == AUDIT_FILE:
+            continue
+        for _raw, rec in _read_jsonl_gz(tmp_path / name):
+            line = rec["line"]
+            if line.startswith("{") and '"grpc_status"' in line:
+                grpc_lines.append(json.loads(line))
+    called = [j for j in grpc_lines if j["grpc_status"] is not None]
+    assert called and all(j["protocol"] == "HTTP/2" and j["method"] == "POST" for j in called)
+    assert all(re.fullmatch(r"/[a-z-]+\.[A-Za-z]+/[A-Za-z]+", j["path"]) for j in called)
+    codes = {j["response_code"] for j in called if j["grpc_status"] != "OK"}
+    assert codes <= {0, 200} and {j["grpc_status"] for j in called} >= {"OK", "Unavailable"}
+    db = tmp_path / "s.duckdb"
+    ingest_files(str(db), sorted(str(p) for p in tmp_path.glob("*.jsonl.gz")), progress=False)
+    with open_store(str(db), read_only=True) as store:
+        failed = store.scalar(f"SELECT count(*) FROM events WHERE status = 200 AND grpc_status IN "
+                              f"({', '.join(map(str, GRPC_FAILED))})")
+        target = gt.incidents[0]["root_cause_service"]
+        at_target = store.scalar("SELECT count(*) FROM events WHERE status = 200 AND grpc_status = 14 "
+                                 "AND direction = 'inbound' AND dst_service = $t", {"t": target})
+    assert failed > 0 and at_target > 0
+
+
+def test_short_log_window_keeps_only_the_records_around_the_onset(tmp_path: Path) -> None:
+    sc = _small("short", baseline_s=45, after_s=300, duration_s=1500,
+                incidents=[IncidentSpec(kind="app_errors", onset_s=700, decoys=0)])
+    gt = simulate(sc, tmp_path)
+    onset = parse_ts(gt.incidents[0]["onset"])
+    assert parse_ts(gt.window_start) == onset - 45_000_000 and parse_ts(gt.window_end) == onset + 300_000_000
+    stamps = [parse_ts(rec["timestamp"].replace("Z", "").ljust(26, "0")[:26] + "Z")
+              for name in gt.files if name != AUDIT_FILE for _raw, rec in _read_jsonl_gz(tmp_path / name)]
+    assert stamps and min(stamps) >= onset - 45_000_000 and max(stamps) < onset + 300_000_000
+    with pytest.raises(ConfigError, match="baseline_s"):
+        simulate(_small("bad", baseline_s=30, incidents=[]), tmp_path / "bad")
