@@ -15,7 +15,7 @@ handles per-bucket and per-candidate aggregates):
    the proposal where "failed or slow" rises most significantly wins
    (so a shifted mix of successful requests during an error incident does not pass for a latency
    episode). The episode must leave at least 5 minutes (or a tenth of the window) of normal traffic
-   before it. The onset is then refined to the request: around the interval's start, the start of the
+   before it -- or, in a short pre-fault window, :data:`MIN_BASELINE_REQUESTS` (20) symptom requests. The onset is then refined to the request: around the interval's start, the start of the
    suffix most likely under the episode's rate rather than the baseline's. Baseline = the window before
    the onset (plus after the episode when it ended well before the window's end).
 3. **Failures, followed to their origin.** For each failing symptom request the hops of the same
@@ -67,18 +67,28 @@ handles per-bucket and per-candidate aggregates):
    by its shape: the share of ``T``'s incoming gaps that changed (every caller sees the callee's
    network) against the share of ``C``'s outgoing gaps that changed (a starved caller is slow towards
    every callee). A candidate's local score is the noisy-OR of its components' deltas, each weighted
-   by how sure it is (``min(1, z / 10)``) and by its placement. When the symptom shows an episode with
+   by how sure it is (``min(1, z / 10)``) and by its placement. The edge ``C -> T`` gets a changed gap
+   only as far as the change is specific to it (minus the share of ``C``'s other calls, or ``T``'s other
+   callers, that changed too): a caller slow towards all its callees is the caller, not an edge. When the symptom shows an episode with
    a latency part, the latency share of step 5 is replaced by this score (step 5's evidence is kept).
    When the symptom shows *no* episode (a minority route: 2-25 % of requests 18-85x slower moves the
    symptom's mean too little), the onset is searched on the components themselves: each one's best
-   split (rank scan, at least 8 values and a tenth of the window on each side) must reach z >= 4.5
-   (about a 0.05 family-wise level over the scan), and the largest sure effect gives the onset.
+   split (rank scan, at least 8 values and a tenth of the window on each side) must pass a 0.05
+   family-wise level over the scan (weighted Bonferroni: each component's share of the level spread
+   over its own split points, so a rare route's dozen splits are not charged for a busy route's 200:
+   z 3.7-4.5) and be of practical size, and the largest sure effect gives the onset.
 8. **No signal.** When neither the symptom nor any component changed, the report says "no signal in
    the access logs" (:data:`NO_SIGNAL`) instead of naming a guess: a fault that only changes return
    values is invisible to proxies.
 
 gRPC: a failing ``grpc-status`` (UNKNOWN, DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE, ...) counts as a
-failure even under HTTP 200 (:data:`meshlens.analysis.common.GRPC_FAILED`).
+failure even under HTTP 200 (:data:`meshlens.analysis.common.GRPC_FAILED`) -- gRPC answers errors in
+the trailers, and Envoy logs its own local replies to gRPC requests (no healthy upstream, timeouts) as
+200 too, with their flags (envoy#16667). The parsers read the status as Envoy writes it
+(``%GRPC_STATUS%``'s names ``Unavailable``, ``SNAKE_STRING`` or the number). NOT_FOUND,
+INVALID_ARGUMENT, ALREADY_EXISTS, FAILED_PRECONDITION, ABORTED, OUT_OF_RANGE and CANCELLED are
+answers (like a 404) or the caller's own choice, not failures. The simulator's gRPC meshes
+(``Scenario.grpc``) are part of the evaluation.
 
 Measured on real faults (``benchmarks/eval_nezha.py``, the Online Boutique half of Nezha, FSE'23, its
 traces rendered as the sidecar records Envoy would write): see the README's analysis section.
@@ -107,6 +117,17 @@ Limits (say them when presenting results):
   below the practical size. Co-located faults (one node starving several pods) blame each pod's service.
 * A fault that changes only what is returned (wrong values, handled exceptions) leaves the records
   unchanged: "no signal" is the honest answer there, and it is what the analysis says.
+* gRPC failures are visible only when the access-log format logs the status: Istio's default TEXT and
+  JSON formats do not (add ``"grpc_status": "%GRPC_STATUS%"``). Without it a gRPC callee's failures are
+  200s like its successes, and the blame falls on the first HTTP caller that turns them into a 5xx (an
+  error born there). Failure classes of a signature (authz, rate limit...) are read from HTTP codes,
+  flags and details, not from gRPC codes: an application's PERMISSION_DENIED is an "app" failure.
+* Short pre-fault windows: 20 requests before the onset make a baseline, but a short baseline only
+  shows a clear change. The onset scan needs a log-likelihood ratio of 10 whatever the window, so with
+  20-40 baseline requests a new failure rate must reach about 40 % of the symptom's requests (no failure
+  in 30 requests, then 15 %, is p ~ 0.01 before the scan's correction: not evidence), and a local change
+  still needs :data:`LOCAL_MIN_SIDE` values on each side. Measured on Nezha: a network delay on a service
+  called 8 times in the 25 s after the injection is answered "no signal".
 """
 
 from __future__ import annotations
@@ -1055,8 +1076,12 @@ LOCAL_FULL_Z = 10.0
 a large effect seen on a dozen requests is less sure than the same effect on hundreds."""
 
 LOCAL_SCAN_Z = 4.5
-"""z the strongest component needs when the onset is searched for (the scan maximises over split points
-and components, so the bar is higher: about a 0.05 family-wise level over ~10^4 tests)."""
+"""The highest bar a component needs when the onset is searched for (the scan maximises over split points
+and components: about a 0.05 family-wise level over ~10^4 tests); a component scanned at fewer split
+points gets its share of :data:`LOCAL_SCAN_ALPHA` (see :func:`_scan_onset`)."""
+
+LOCAL_SCAN_ALPHA = 0.05
+"""Family-wise level of the onset scan over all components and split points (weighted Bonferroni)."""
 
 
 def _local_records(sess: Session) -> pd.DataFrame:
@@ -1191,13 +1216,18 @@ def _change_at(key: tuple[str, ...], s: pd.DataFrame, t0: int, t1: int) -> _Chan
     z = _split_z(both, len(b), float(_rank_scan(both, np.array([len(b)]))[0]))
     r, _ = _ranks(both)
     auc = (r[len(b):].sum() - len(a) * (len(a) + 1) / 2) / (len(a) * len(b))
+    if not _practical(b, a):
+        return None
+    return _Change(key, z, float(2 * auc - 1), len(b), len(a), float(np.quantile(b, 0.75)),
+                   float(np.quantile(a, 0.75)))
+
+
+def _practical(b: np.ndarray, a: np.ndarray) -> bool:
+    """Practical size of a change from ``b`` to ``a``: the upper quartile (or the mean: a new tail) moves
+    by 2 ms and 25 %."""
     qb, qa = float(np.quantile(b, 0.75)), float(np.quantile(a, 0.75))
     mb, ma = float(np.mean(b)), float(np.mean(a))
-    # practical size: the upper half (or the mean: a new tail) must move by 2 ms and 25 %
-    big = (qa - qb >= max(2.0, 0.25 * abs(qb))) or (ma - mb >= max(2.0, 0.25 * abs(mb)))
-    if not big:
-        return None
-    return _Change(key, z, float(2 * auc - 1), len(b), len(a), qb, qa)
+    return (qa - qb >= max(2.0, 0.25 * abs(qb))) or (ma - mb >= max(2.0, 0.25 * abs(mb)))
 
 
 def _mw_exact_z(u: float, na: int, nb: int) -> float:
@@ -1236,27 +1266,37 @@ def _split_z(v: np.ndarray, k: int, z_approx: float) -> float:
 def _scan_onset(comps: dict[tuple[str, ...], pd.DataFrame], lo_ns: int, hi_ns: int) -> tuple[int | None, float]:
     """The onset of the clearest change of any locus component: each component's best split (rank scan
     over up to 200 split points, at least :data:`LOCAL_MIN_SIDE` values and 10 % of the window on each
-    side) must reach :data:`LOCAL_SCAN_Z`; among those, the largest sure effect (Cliff's delta times
-    ``min(1, z / LOCAL_FULL_Z)``) wins -- a busy route's slight drift reaches a high z too, but not a
-    large effect. Returns (onset, its z)."""
+    side) must pass a family-wise test -- weighted Bonferroni at :data:`LOCAL_SCAN_ALPHA`: each of the
+    ``C`` scanned components gets an equal share of the level, spread over its ``S`` split points, so
+    its bar is the z of ``alpha / (C * S)`` (never above :data:`LOCAL_SCAN_Z`, never below
+    :data:`LOCAL_Z`). A rare route scanned at a dozen split points is not charged for the 200 of a busy
+    one: 8 slow calls after 22 fast ones can be judged. It must also be of practical size (as
+    :func:`_change_at` demands: a scan proposing an onset nothing is then found to change at is no
+    answer). Among those, the largest sure effect (Cliff's delta times ``min(1, z / LOCAL_FULL_Z)``)
+    wins -- a busy route's slight drift reaches a high z too, but not a large effect. Returns (onset,
+    its z)."""
+    from statistics import NormalDist
+
     best: tuple[float, float, int] | None = None
     margin = int(0.1 * (hi_ns - lo_ns))
+    plans = []
     for key, s in comps.items():
         if key[0] == "born":
             continue
         ts, v = s["ts"].to_numpy(), s["v"].to_numpy()
         ok = np.nonzero((ts >= lo_ns + margin) & (ts < hi_ns - margin))[0]
         ok = ok[(ok >= LOCAL_MIN_SIDE) & (ok <= len(v) - LOCAL_MIN_SIDE)]
-        if not len(ok):
-            continue
-        splits = ok[np.unique(np.linspace(0, len(ok) - 1, min(200, len(ok))).astype(int))]
+        if len(ok):
+            plans.append((ts, v, ok[np.unique(np.linspace(0, len(ok) - 1, min(200, len(ok))).astype(int))]))
+    for ts, v, splits in plans:
+        bar = min(LOCAL_SCAN_Z, max(LOCAL_Z, -NormalDist().inv_cdf(LOCAL_SCAN_ALPHA / (len(plans) * len(splits)))))
         z = _rank_scan(v, splits)
         # the exact tail matters only for short sides: try the approximate best and the latest splits
         cand = {int(np.argmax(z)), *range(max(0, len(splits) - 3), len(splits))}
         for i in cand:
             k = int(splits[i])
             zi = _split_z(v, k, float(z[i]))
-            if zi < LOCAL_SCAN_Z:
+            if zi < bar or not _practical(v[:k], v[k:]):
                 continue
             r, _ = _ranks(v)
             na, nb = len(v) - k, k
@@ -1350,7 +1390,7 @@ def local_evidence(sess: Session, onset_ns: int | None = None, end_ns: int | Non
     end = end_ns or sess.window.hi_ns
     if onset_ns is None:
         onset_ns, z = _scan_onset(comps, sess.window.lo_ns, sess.window.hi_ns)
-        if onset_ns is None or z < LOCAL_SCAN_Z:
+        if onset_ns is None:
             return None
         end = sess.window.hi_ns
     changes = [c for k, s in comps.items() if (c := _change_at(k, s, onset_ns, end)) is not None and c.z >= LOCAL_Z]

@@ -273,6 +273,26 @@ def test_a_minority_route_slowdown_with_a_short_baseline() -> None:
     assert ranked[0] == "pay"
 
 
+def test_a_rare_call_slowed_on_its_last_eight_calls_is_judged() -> None:
+    """A network delay on a callee that one request in 12 reaches, with only ~8 calls after the onset and
+    ~18 before: the best exact rank test is z ~ 4, short of a bar set for a busy route's 200 split points
+    but past its own share of the scan's 0.05 family-wise level (a dozen split points)."""
+    for seed in (9, 10, 11):
+        onset, ranked = _blame_of(_records(np.random.default_rng(seed), 300, 0.7, callee_delay="pay"))
+        assert onset is not None and abs(onset / NS - 210) < 30, seed
+        assert ranked[0] == "pay", seed
+
+
+def test_the_onset_scan_keeps_its_family_wise_level() -> None:
+    """No fault at all, 40 windows: the scan proposes an onset (and blames someone) in about 5 % of them
+    at most -- the weighted Bonferroni bar keeps the level it had with one bar for all components."""
+    blamed = 0
+    for seed in range(100, 140):
+        onset, ranked = _blame_of(_records(np.random.default_rng(seed), 300, 2.0))
+        blamed += bool(onset is not None and ranked)
+    assert blamed <= 2
+
+
 def test_errors_born_mid_chain() -> None:
     """b answers failures without a failing call under it: the errors are born at b."""
     df = _records(np.random.default_rng(7), 300, 0.6, born="b")
