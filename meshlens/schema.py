@@ -62,7 +62,9 @@ EVENT_COLUMNS: tuple[Column, ...] = (
     Column("response_flags", "VARCHAR", "Envoy response flags as logged (`UF,URX`), NULL when `-`."),
     Column("response_code_details", "VARCHAR", "Envoy RESPONSE_CODE_DETAILS (or connection termination "
            "details for TCP)."),
-    Column("grpc_status", "INTEGER", "gRPC status when logged."),
+    Column("grpc_status", "INTEGER", "gRPC status code (0 OK .. 16) when the format logs it (Istio's defaults do "
+           "not: add `%GRPC_STATUS%`); Envoy's names (`Unavailable`), SNAKE_STRING and numbers all become the "
+           "code. gRPC failures are HTTP 200 with a non-zero code."),
     Column("duration_ms", "DOUBLE", "Total request/connection duration in ms."),
     Column("upstream_service_time_ms", "DOUBLE", "Envoy x-envoy-upstream-service-time in ms."),
     Column("bytes_sent", "BIGINT", "Bytes sent to the downstream (response body)."),

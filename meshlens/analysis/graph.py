@@ -225,7 +225,8 @@ def deepest_failures_sql(hops: str, req: str) -> str:
 
     ``side`` says where the evidence places the fault: ``server`` (the callee's own sidecar reported the
     failure: application 5xx, RBAC denial, local rate limit), ``callee`` (client-side flags that mean the
-    callee did not answer: timeout, no healthy upstream, connection reset/refused), or ``edge`` (the
+    callee did not answer: timeout, no healthy upstream, connection reset/refused; or a failing
+    ``grpc-status`` under HTTP 200 that it answered with, seen only by the client), or ``edge`` (the
     client could not even reach it for a reason that may lie on either side: no route, no cluster, TLS
     handshake failure).
     """
@@ -246,6 +247,8 @@ def deepest_failures_sql(hops: str, req: str) -> str:
                   THEN 'callee'
                 WHEN a.flags IS NULL AND coalesce(a.status, 0) >= 500 THEN 'callee'
                 WHEN a.flags IS NULL AND a.status IN (401, 403, 429) THEN 'callee'
+                -- failed under a 2xx: a failing grpc-status the callee answered with
+                WHEN a.flags IS NULL AND coalesce(a.status, 0) BETWEEN 200 AND 299 THEN 'callee'
                 ELSE 'edge' END AS side
     FROM fh a
     WHERE NOT EXISTS (SELECT 1 FROM fh b WHERE b.rid = a.rid AND b.caller = a.callee AND b.callee <> a.callee)
