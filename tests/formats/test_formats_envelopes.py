@@ -121,6 +121,26 @@ def test_otlp_request_with_two_records_body_and_attributes(tmp_path: Path) -> No
                        "7ffa505b8e9a17e6e48a222bf9a2b527", "GET")
 
 
+def test_otel_grpc_status_attribute(tmp_path: Path) -> None:
+    """The semantic-convention attribute ``rpc.grpc.status_code`` and Envoy's ``%GRPC_STATUS%`` name both
+    become the event's grpc_status (a gRPC failure is HTTP 200 with a failing code)."""
+    def rec(ts: str, status: dict[str, Any], key: str) -> dict[str, Any]:
+        return {"timeUnixNano": ts, "attributes": [
+            {"key": "response_code", "value": {"intValue": "200"}}, {"key": key, "value": status},
+            {"key": "upstream_cluster", "value": {"stringValue": "outbound|7070||cart.shop.svc.cluster.local"}},
+            {"key": "http.request.method", "value": {"stringValue": "POST"}}]}
+    req = otlp([rec("1669789437284677000", {"intValue": "14"}, "rpc.grpc.status_code"),
+                rec("1669789437810641000", {"stringValue": "DeadlineExceeded"}, "grpc_status")],
+               {"k8s.namespace.name": "shop", "k8s.pod.name": "frontend-847f64cc8d-rsfmj"})
+    f = tmp_path / "otlp.jsonl"
+    f.write_text(json.dumps(req) + "\n")
+    store = open_store(":memory:")
+    counts = ingest_files(store, [f], progress=False, filters=FilterConfig())
+    rows = store.con.execute("SELECT status, grpc_status FROM events ORDER BY position").fetchall()
+    store.close()
+    assert counts.rejects == 0 and rows == [(200, 14), (200, 4)]
+
+
 def test_otel_application_log_is_rejected_naming_the_shape() -> None:
     doc = {"@timestamp": "2024-03-12T20:00:41.123456789Z", "Body": "User authentication failed",
            "Resource.service.name": "my-service", "SeverityText": "ERROR"}
