@@ -313,7 +313,7 @@ def _symptom_sql(records: str | None = None) -> str:
                any_value(method) AS method, any_value(path) AS path, min(w) AS w
         FROM s GROUP BY rid
     ),
-    h AS (
+    h AS MATERIALIZED (
         SELECT rid, ts_ns, w, coalesce(CASE WHEN has_c THEN cf ELSE sf END, FALSE) AS failed,
                coalesce(CASE WHEN has_c THEN cd ELSE sd END, 0) AS dur_ms,
                ln(1 + greatest(coalesce(CASE WHEN has_c THEN cd ELSE sd END, 0), 0)) AS x, {OP_SQL} AS op
