@@ -37,6 +37,8 @@ episode at *one* symptom service, :mod:`~meshlens.analysis.changes` ranks config
    holds it). Findings of one episode at two entry services (same onset, same culprit or change) are one
    incident (``symptoms`` lists them); a finding or a group at the same symptom that starts within
    :data:`CONTIGUOUS_S` of an incident's end (with the same culprit, for a finding) continues it.
+   Cost: each symptom service's records are read from the events once per window (:class:`_Symptoms`),
+   and the onset attempt that is kept is analysed on its own session (no second onset detection).
 5. **Severity** = the symptom's excess bad (failed or slow) requests during the episode, estimated from
    its bad rate before vs during: how many user requests the incident spoiled. Most severe first.
 6. **Second pass.** A series reports one latency episode per window (failure counts two): when an
