@@ -481,6 +481,7 @@ def _pass(store: Store, window: Window, lo: int, hi: int, entries: list[str], ed
                     sub = _sub_window(g, prev_end, nxt, Window(lo, hi))
                     if ep is not None:
                         ep.close()
+                        ep = None
                     ep = _Episode(store, g, sub, symptoms)
                     onset = ep.onset
                     if onset is None or nxt is None or not onset.ongoing:
