@@ -36,6 +36,11 @@ SNAPSHOT_EVERY_S = 60.0
 # DuckDB caches written blocks up to its memory limit (80% of RAM by default); ingest needs little of
 # it, so the writer is capped to keep memory bounded whatever the input size (override with env).
 INGEST_MEMORY_LIMIT = os.environ.get("MESHLENS_INGEST_MEMORY_LIMIT", "1GB")
+MAX_REJECT_REASONS = 20
+"""Distinct reject reasons counted per run (for the "0 events stored" warning's top reason)."""
+_TRUNCATED_RE = re.compile(r" \[raw truncated to .*\]$")
+_QUOTED_RE = re.compile(r"'[^']*'")
+_NUMBER_RE = re.compile(r"\b\d+\b")
 
 
 @dataclass
@@ -56,6 +61,10 @@ class IngestCounts:
     # ones an earlier run already stored (a resumed or repeated range re-reads them)
     rejects_new: int = 0
     warnings: list[str] = field(default_factory=list)  # things the user should know (e.g. "no lines: ...")
+    # why records were rejected: reason -> count (the commonest; at most MAX_REJECT_REASONS distinct), and
+    # which ingest read them (the source id: no credentials) -- what the "0 events stored" warning names
+    reject_reasons: dict[str, int] = field(default_factory=dict)
+    source: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -64,16 +73,38 @@ class IngestCounts:
         d["duplicates_skipped"] = d.pop("duplicates")
         return d
 
-    def empty_warning(self, input_bytes: int | None = None) -> str | None:
+    def empty_warning(self, input_bytes: int | None = None, *, unit: str = "records") -> str | None:
         """A warning when a non-empty input stored nothing new and nothing was a re-ingested duplicate:
         the format was not recognised, every record was rejected or filtered -- a silent 0 would let
-        an SRE analyse an empty store. None when the result is plausible."""
+        an SRE analyse an empty store. One line naming the source, how many ``unit`` (records, lines,
+        documents) were read, and why none was kept: the commonest reject reason, the filter rule(s)
+        that dropped them. None when the result is plausible (also when nothing was read: a source
+        that matched nothing says so itself, with what does exist)."""
         if self.stored or self.duplicates or (not self.read and not input_bytes):
             return None
-        why = (f"{self.rejects} rejected, {self.filtered} filtered" if self.read
-               else f"no records recognised in {input_bytes:,} bytes")
-        return (f"warning: the input was not empty but 0 events were stored ({why}); check the format "
-                "(--format), the filters, and `meshlens summary` / the rejects table")
+        where = f"{self.source}: " if self.source else ""
+        tail = "; check the format (--format), the filters, and `meshlens summary` / the rejects table"
+        if not self.read:
+            return (f"warning: {where}the input was not empty but 0 events were stored (no records recognised "
+                    f"in {input_bytes:,} bytes){tail}")
+        parts = []
+        if self.rejects:
+            top = max(self.reject_reasons.items(), key=lambda kv: (kv[1], kv[0]), default=None)
+            reason = f" (top reason, {top[1]} of them: {top[0]})" if top else ""
+            parts.append(("all rejected" if self.rejects == self.read else f"{self.rejects} rejected") + reason)
+        if self.filtered:
+            rules = sorted(((n, r) for r, n in self.filtered_by_rule.items() if n), reverse=True)
+            by = ", ".join(f"{r!r} ({n})" for n, r in rules[:3])
+            parts.append(("all filtered" if self.filtered == self.read else f"{self.filtered} filtered")
+                         + (f" by rule {by}" if by else ""))
+        return f"warning: {where}{self.read} {unit} read but 0 events were stored: {'; '.join(parts)}{tail}"
+
+    def _add_reasons(self, rows: Iterable[tuple[str | None, int]]) -> None:
+        for reason, n in rows:
+            # the reason's class: without the quoted text of the record and the numbers (line, column...)
+            key = _NUMBER_RE.sub("N", _QUOTED_RE.sub("'…'", _TRUNCATED_RE.sub("", reason or "no reason given")))
+            if key in self.reject_reasons or len(self.reject_reasons) < MAX_REJECT_REASONS:
+                self.reject_reasons[key] = self.reject_reasons.get(key, 0) + int(n)
 
     def add(self, other: IngestCounts) -> None:
         self.read += other.read
@@ -83,6 +114,7 @@ class IngestCounts:
         self.rejects_new += other.rejects_new
         self.warnings += other.warnings
         self._add_filtered(other.filtered_by_rule)
+        self._add_reasons(other.reject_reasons.items())
 
     def _add_filtered(self, by_rule: dict[str, int]) -> None:
         for rule, n in by_rule.items():
@@ -157,7 +189,8 @@ def ingest_batches(
     if INGEST_MEMORY_LIMIT and re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]i?B", INGEST_MEMORY_LIMIT):
         store.con.execute(f"SET memory_limit = '{INGEST_MEMORY_LIMIT}'")
     parser = Parser(fmt, json_mapping, con=store.con)
-    counts = IngestCounts(run_id=store.start_run(source), filtered_by_rule=dict.fromkeys(cfg.rule_names(), 0))
+    counts = IngestCounts(run_id=store.start_run(source), filtered_by_rule=dict.fromkeys(cfg.rule_names(), 0),
+                          source=source)
     bar = progress if isinstance(progress, tqdm) else tqdm(
         total=None, unit="rec", unit_scale=True, desc="ingest", disable=not progress, leave=False,
         mininterval=0.5)
@@ -179,6 +212,10 @@ def ingest_batches(
                         f"internal error: {n_ev} parsed events of a batch from {batch.source} were split into "
                         f"{fr.kept} kept + {fr.filtered} filtered; nothing of this batch was stored. Please report it.")
                 res = store.insert_batch(fr.view, "_ml_rejects", cp, run=(counts.run_id, n, fr.filtered))
+                if n_rej:
+                    counts._add_reasons(store.con.execute(
+                        "SELECT reason, count(*) FROM _ml_rejects GROUP BY ALL ORDER BY 2 DESC "
+                        f"LIMIT {MAX_REJECT_REASONS}").fetchall())
             finally:
                 _filters.drop_results(store.con)
                 parser.drop_results()

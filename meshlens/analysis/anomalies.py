@@ -275,9 +275,10 @@ def _epidemic_rows(k: np.ndarray, n: np.ndarray, chunk: int = 32) -> tuple[np.nd
         k_out, n_out = ck[sl, -1:] - k_in, cn[sl, -1:] - n_in
         with np.errstate(all="ignore"):
             p_in, p_out = k_in / np.maximum(n_in, 1), k_out / np.maximum(n_out, 1)
-            llr = binom_llr(k_in, n_in, k_out, n_out)
-        ok = (p_in >= 2 * p_out) & (k_in - n_in * p_out >= MIN_EXCESS) & (n_out >= MIN_SERIES_REQUESTS / 2)
-        llr = np.where(ok, llr, 0.0)
+            ok = (p_in >= 2 * p_out) & (k_in - n_in * p_out >= MIN_EXCESS) & (n_out >= MIN_SERIES_REQUESTS / 2)
+            # the LLR of the eligible intervals only (usually a small share of all of them): the same values
+            llr = np.zeros(k_in.shape)
+            llr[ok] = binom_llr(k_in[ok], n_in[ok], k_out[ok], n_out[ok])
         best = np.argmax(llr, axis=1)
         r = np.arange(llr.shape[0])
         for o, v in zip(out, (a_idx[best], b_idx[best], llr[r, best], p_in[r, best], p_out[r, best]), strict=True):
@@ -477,16 +478,17 @@ def _reference(store: Store, window: Window, reference: str) -> tuple[Window, Wi
 
 def _edge_presence(store: Store, base: pd.DataFrame, ref: Window, cur: Window) -> pd.DataFrame:
     """Per edge: requests and denials in the reference and the analysed period, first/last seen."""
-    b = base.assign(ref=base["bucket_ns"] < ref.hi_ns, cur=base["bucket_ns"] >= cur.lo_ns)
-    b["den_cur_ts"] = b["bucket_ns"].where(b["cur"] & (b["denials"] > 0))
-    b["cur_ts"] = b["bucket_ns"].where(b["cur"])
+    ref_rows, cur_rows = base["bucket_ns"] < ref.hi_ns, base["bucket_ns"] >= cur.lo_ns
+    # the per-period sums as sums of masked columns (0 outside the period): one vectorized groupby
+    b = base.assign(ref_n=base["requests"].where(ref_rows, 0.0), cur_n=base["requests"].where(cur_rows, 0.0),
+                    cur_failed=base["errors_5xx"].where(cur_rows, 0.0),
+                    ref_denied=base["denials"].where(ref_rows, 0.0), cur_denied=base["denials"].where(cur_rows, 0.0),
+                    den_cur_ts=base["bucket_ns"].where(cur_rows & (base["denials"] > 0)),
+                    cur_ts=base["bucket_ns"].where(cur_rows))
     g = b.groupby(["caller", "callee"]).agg(
         namespace=("namespace", "first"),
-        ref_n=("requests", lambda x: x[b.loc[x.index, "ref"]].sum()),
-        cur_n=("requests", lambda x: x[b.loc[x.index, "cur"]].sum()),
-        cur_failed=("errors_5xx", lambda x: x[b.loc[x.index, "cur"]].sum()),
-        ref_denied=("denials", lambda x: x[b.loc[x.index, "ref"]].sum()),
-        cur_denied=("denials", lambda x: x[b.loc[x.index, "cur"]].sum()),
+        ref_n=("ref_n", "sum"), cur_n=("cur_n", "sum"), cur_failed=("cur_failed", "sum"),
+        ref_denied=("ref_denied", "sum"), cur_denied=("cur_denied", "sum"),
         first_cur=("cur_ts", "min"), last_cur=("cur_ts", "max"),
         first_denied=("den_cur_ts", "min"), last_denied=("den_cur_ts", "max"),
     ).reset_index()

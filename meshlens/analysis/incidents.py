@@ -37,6 +37,8 @@ episode at *one* symptom service, :mod:`~meshlens.analysis.changes` ranks config
    holds it). Findings of one episode at two entry services (same onset, same culprit or change) are one
    incident (``symptoms`` lists them); a finding or a group at the same symptom that starts within
    :data:`CONTIGUOUS_S` of an incident's end (with the same culprit, for a finding) continues it.
+   Cost: each symptom service's records are read from the events once per window (:class:`_Symptoms`),
+   and the onset attempt that is kept is analysed on its own session (no second onset detection).
 5. **Severity** = the symptom's excess bad (failed or slow) requests during the episode, estimated from
    its bad rate before vs during: how many user requests the incident spoiled. Most severe first.
 6. **Second pass.** A series reports one latency episode per window (failure counts two): when an
@@ -56,16 +58,18 @@ latency incident reads 06:31-07:00 of a 06:30-07:20 episode).
 from __future__ import annotations
 
 import re
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
 
+import duckdb
 import pandas as pd
 
 from meshlens.analysis.anomalies import anomalies_json, detect_anomalies
 from meshlens.analysis.changes import LIKELY, correlate_session
-from meshlens.analysis.common import NS, Window, pct, resolve_window, ts_text
+from meshlens.analysis.common import NS, Window, pct, resolve_window, temp_name, ts_text
 from meshlens.analysis.graph import TRAFFIC_SQL
-from meshlens.analysis.rootcause import analyze_session, detect_onset, session
+from meshlens.analysis.rootcause import SYMPTOM_RECORDS_SQL, Session, analyze_session, session, session_onset
 from meshlens.store import Store
 
 LINK_S = 15 * 60
@@ -336,21 +340,60 @@ def _episode_ok(onset: Any, g: _Group) -> bool:
             and onset.bad_incident - onset.bad_baseline >= MIN_EXCESS_RATE)
 
 
-def _episode(store: Store, g: _Group, sub: Window) -> Any:
-    """The symptom's episode in ``sub`` if it is this group's incident, else None: the onset detection of
-    the root-cause analysis alone (:func:`~meshlens.analysis.rootcause.detect_onset`, a fraction of the
-    whole analysis), so that groups that are no incident -- and sub-window bounds still being settled --
-    cost little."""
-    onset = detect_onset(store, g.symptom, sub.lo_ns, sub.hi_ns)
-    return onset if onset is not None and _episode_ok(onset, g) else None
+class _Symptoms:
+    """Each symptom service's records over the whole window, materialized once on first use
+    (:data:`~meshlens.analysis.rootcause.SYMPTOM_RECORDS_SQL`): every sub-window session of that service
+    (several per incident: onset attempts, the analysis, the second pass) reads them instead of scanning
+    all the events again. Temp tables, dropped by :meth:`close`."""
+
+    def __init__(self, store: Store, window: Window) -> None:
+        self.store, self.window = store, window
+        self.tables: dict[str, str] = {}
+
+    def records(self, service: str) -> str:
+        if service not in self.tables:
+            name = temp_name("symrec")
+            self.store.con.execute(f"CREATE TEMP TABLE {name} AS {SYMPTOM_RECORDS_SQL}",
+                                   {"lo": self.window.lo_ns, "hi": self.window.hi_ns, "svc": service})
+            self.tables[service] = name
+        return self.tables[service]
+
+    def close(self) -> None:
+        for name in self.tables.values():
+            with suppress(duckdb.Error):
+                self.store.con.execute(f"DROP TABLE IF EXISTS {name}")
+        self.tables.clear()
 
 
-def _analyze_group(store: Store, g: _Group, sub: Window, full: Window, lookback: str) -> dict[str, Any] | None:
-    with session(store, g.symptom, sub.lo_ns, sub.hi_ns) as sess:
-        rc = analyze_session(sess)
-        if rc.onset is None or not _episode_ok(rc.onset, g):
-            return None
-        ch = correlate_session(sess, lookback=lookback, report=rc)
+class _Episode:
+    """The symptom's episode in ``sub`` (``onset``) if it is this group's incident, else ``onset`` None: the
+    onset detection of the root-cause analysis alone (:func:`~meshlens.analysis.rootcause.session_onset`,
+    a fraction of the whole analysis), so that groups that are no incident -- and sub-window bounds still
+    being settled -- cost little. Its session stays open until :meth:`close`: the attempt that is kept is
+    analysed on it (:func:`_analyze_group`) without building the symptom's requests or detecting the
+    onset again."""
+
+    def __init__(self, store: Store, g: _Group, sub: Window, symptoms: _Symptoms) -> None:
+        self._cm = session(store, g.symptom, sub.lo_ns, sub.hi_ns, records=symptoms.records(g.symptom))
+        self.sess: Session = self._cm.__enter__()
+        try:
+            self.prepared = session_onset(self.sess)
+        except BaseException:
+            self.close()
+            raise
+        onset = self.prepared[0]
+        self.onset = onset if onset is not None and _episode_ok(onset, g) else None
+
+    def close(self) -> None:
+        self._cm.__exit__(None, None, None)
+
+
+def _analyze_group(ep: _Episode, g: _Group, sub: Window, full: Window, lookback: str) -> dict[str, Any] | None:
+    sess = ep.sess
+    rc = analyze_session(sess, prepared=ep.prepared)
+    if rc.onset is None or not _episode_ok(rc.onset, g):
+        return None
+    ch = correlate_session(sess, lookback=lookback, report=rc)
     rc_items = rc.to_json()
     ch_items = ch.to_json()
     top_change = ch_items[0] if ch_items and (ch_items[0].get("score") or 0) >= LIKELY else None
@@ -410,7 +453,8 @@ def _home(g: _Group, found: list[dict[str, Any]], hi: int) -> dict[str, Any] | N
 
 
 def _pass(store: Store, window: Window, lo: int, hi: int, entries: list[str], edges: pd.DataFrame,
-          lookback: str, options: dict[str, Any]) -> tuple[list[dict[str, Any]], pd.DataFrame, set[int]]:
+          lookback: str, options: dict[str, Any],
+          symptoms: _Symptoms) -> tuple[list[dict[str, Any]], pd.DataFrame, set[int]]:
     anoms = detect_anomalies(store, lo, hi, **options)
     groups, background = _candidate_groups(anoms, edges, entries)
     found: list[dict[str, Any]] = []
@@ -430,15 +474,24 @@ def _pass(store: Store, window: Window, lo: int, hi: int, entries: list[str], ed
             # on at that bound, the next group is part of it: absorb it and look again up to the one after
             later = [j for j in range(k + 1, len(mine)) if mine[j].onset_ns > g.onset_ns + SAME_ONSET_S * NS]
             taken: list[int] = []
-            for _attempt in range(8):
-                nxt = mine[later[0]].onset_ns if later else None
-                sub = _sub_window(g, prev_end, nxt, Window(lo, hi))
-                onset = _episode(store, g, sub)
-                if onset is None or nxt is None or not onset.ongoing:
-                    break
-                # still going on at the bound: the group there is part of this episode; try the next one
-                taken.append(later.pop(0))
-            res = _analyze_group(store, g, sub, window, lookback) if onset is not None else None
+            ep: _Episode | None = None
+            try:
+                for _attempt in range(8):
+                    nxt = mine[later[0]].onset_ns if later else None
+                    sub = _sub_window(g, prev_end, nxt, Window(lo, hi))
+                    if ep is not None:
+                        ep.close()
+                        ep = None
+                    ep = _Episode(store, g, sub, symptoms)
+                    onset = ep.onset
+                    if onset is None or nxt is None or not onset.ongoing:
+                        break
+                    # still going on at the bound: the group there is part of this episode; try the next one
+                    taken.append(later.pop(0))
+                res = _analyze_group(ep, g, sub, window, lookback) if ep is not None and onset is not None else None
+            finally:
+                if ep is not None:
+                    ep.close()
             if res is None:
                 rejected.append(g)
                 continue
@@ -524,10 +577,21 @@ def find_incidents(store: Store, start: Any = None, end: Any = None, *, lookback
     :func:`~meshlens.analysis.anomalies.detect_anomalies` (``bucket_s``, ``baseline``, ``reference``...).
     """
     window = resolve_window(store, start, end)
+    symptoms = _Symptoms(store, window)
+    try:
+        return _find(store, window, symptoms, lookback=lookback, entries=entries, second_pass=second_pass,
+                     options=options)
+    finally:
+        symptoms.close()
+
+
+def _find(store: Store, window: Window, symptoms: _Symptoms, *, lookback: str, entries: list[str] | None,
+          second_pass: bool, options: dict[str, Any]) -> IncidentReport:
     edges = _edges(store, window)
     entry_list = sorted(entries) if entries else entry_services(edges)
     options = {k: v for k, v in options.items() if v is not None}
-    found, anoms, bg_rows = _pass(store, window, window.lo_ns, window.hi_ns, entry_list, edges, lookback, options)
+    found, anoms, bg_rows = _pass(store, window, window.lo_ns, window.hi_ns, entry_list, edges, lookback, options,
+                                  symptoms)
     backgrounds = [(anoms, bg_rows)]
     # a series reports one latency episode: only when one was taken by an incident can another hide
     if second_pass and any("latency" in f["kind"] for f in found):
@@ -542,7 +606,8 @@ def find_incidents(store: Store, start: Any = None, end: Any = None, *, lookback
             gaps.append((cursor, window.hi_ns))
         for lo, hi in gaps:
             # metric anomalies only: the categorical ones (new edges, callers...) were all seen in the first pass
-            more, _, _ = _pass(store, window, lo, hi, entry_list, edges, lookback, {**options, "categorical": False})
+            more, _, _ = _pass(store, window, lo, hi, entry_list, edges, lookback, {**options, "categorical": False},
+                               symptoms)
             # only what the first pass did not already report (same symptom, same onset)
             more = [m for m in more if not any(m["symptom"] == f["symptom"] and abs(m["onset_ns"] - f["onset_ns"])
                                                <= SAME_ONSET_S * NS for f in found)]

@@ -314,16 +314,24 @@ class RootCauseReport:
 # ------------------------------------------------------------------------------------------------
 
 
-def _symptom_sql() -> str:
+SYMPTOM_RECORDS_SQL = f"""
+    SELECT {RID_SQL} AS rid, ts_ns, coalesce(direction = 'outbound', FALSE) AS c, {FAILED_SQL} AS failed,
+           coalesce(duration_ms, 0) AS d, method, path, coalesce(sample_weight, 1.0) AS w
+    FROM events WHERE {TRAFFIC_SQL} AND dst_service = $svc"""
+"""SQL: the symptom's records in ``[$lo, $hi)`` (bind ``$svc``), as :func:`_symptom_sql` reads them. A caller
+that opens many sessions on one service over parts of one window (``analyze incidents``) materializes this
+once over the whole window and passes it to :func:`session` as ``records``: one scan of the events instead
+of one per session."""
+
+
+def _symptom_sql(records: str | None = None) -> str:
     """One row per symptom request (bind ``$lo, $hi, $svc``): failed/duration as the symptom's caller
     saw it (its client record), else as the symptom's own sidecar logged it; ``xc``: log-duration
-    centred on its operation's median (operations differ in speed)."""
+    centred on its operation's median (operations differ in speed). ``records``: a table of
+    :data:`SYMPTOM_RECORDS_SQL` over a window holding ``[$lo, $hi)`` to read instead of the events."""
+    rows = SYMPTOM_RECORDS_SQL if records is None else f"SELECT * FROM {records} WHERE ts_ns >= $lo AND ts_ns < $hi"
     return f"""
-    WITH s AS (
-        SELECT {RID_SQL} AS rid, ts_ns, coalesce(direction = 'outbound', FALSE) AS c, {FAILED_SQL} AS failed,
-               coalesce(duration_ms, 0) AS d, method, path, coalesce(sample_weight, 1.0) AS w
-        FROM events WHERE {TRAFFIC_SQL} AND dst_service = $svc
-    ),
+    WITH s AS ({rows}),
     g AS (
         SELECT rid, min(ts_ns) AS ts_ns, bool_or(c) AS has_c,
                bool_or(failed) FILTER (WHERE c) AS cf, bool_or(failed) FILTER (WHERE NOT c) AS sf,
@@ -331,7 +339,7 @@ def _symptom_sql() -> str:
                any_value(method) AS method, any_value(path) AS path, min(w) AS w
         FROM s GROUP BY rid
     ),
-    h AS (
+    h AS MATERIALIZED (
         SELECT rid, ts_ns, w, coalesce(CASE WHEN has_c THEN cf ELSE sf END, FALSE) AS failed,
                coalesce(CASE WHEN has_c THEN cd ELSE sd END, 0) AS dur_ms,
                ln(1 + greatest(coalesce(CASE WHEN has_c THEN cd ELSE sd END, 0), 0)) AS x, {OP_SQL} AS op
@@ -430,13 +438,15 @@ class Session:
 
 
 @contextmanager
-def session(store: Store, service: str, start: Any = None, end: Any = None) -> Iterator[Session]:
-    """Open an analysis session for symptom ``service`` over ``[start, end)`` (temp tables dropped after)."""
+def session(store: Store, service: str, start: Any = None, end: Any = None, *,
+            records: str | None = None) -> Iterator[Session]:
+    """Open an analysis session for symptom ``service`` over ``[start, end)`` (temp tables dropped after).
+    ``records``: the service's records over a window holding this one (see :data:`SYMPTOM_RECORDS_SQL`)."""
     window = resolve_window(store, start, end)
     service = check_service(store, service, window)
     sess = Session(store, window, service, temp_name("sym"))
-    store.con.execute(f"CREATE TEMP TABLE {sess.sym} AS {_symptom_sql()}",
-                      {"lo": window.lo_ns, "hi": window.hi_ns, "svc": service})
+    params = {"lo": window.lo_ns, "hi": window.hi_ns, **({} if records else {"svc": service})}
+    store.con.execute(f"CREATE TEMP TABLE {sess.sym} AS {_symptom_sql(records)}", params)
     try:
         yield sess
     finally:
@@ -607,6 +617,13 @@ def detect_onset(store: Store, service: str, start: Any = None, end: Any = None)
     """When did the symptom ``service`` go bad in ``[start, end)``? None when its bad rate did not change."""
     with session(store, service, start, end) as ctx:
         return _onset(ctx)[0]
+
+
+def session_onset(sess: Session) -> tuple[Onset | None, pd.DataFrame]:
+    """The onset (None: the bad rate did not change) and the symptom's timeline of an open session, as
+    :func:`analyze_session` finds them; pass the pair back to it as ``prepared`` to analyse the session
+    without detecting the onset again."""
+    return _onset(sess)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1425,9 +1442,10 @@ def _local_onset(sess: Session, local: LocalEvidence) -> Onset:
         ongoing=True)
 
 
-def analyze_session(sess: Session, *, top: int = 10) -> RootCauseReport:
-    """:func:`analyze` on an open :func:`session`."""
-    onset, timeline = _onset(sess)
+def analyze_session(sess: Session, *, top: int = 10,
+                    prepared: tuple[Onset | None, pd.DataFrame] | None = None) -> RootCauseReport:
+    """:func:`analyze` on an open :func:`session` (``prepared``: its :func:`session_onset`, if known)."""
+    onset, timeline = prepared if prepared is not None else _onset(sess)
     if onset is None:
         local = local_evidence(sess)
         if local is None or local.candidates.empty:

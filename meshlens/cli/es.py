@@ -99,6 +99,10 @@ def ingest_es_cmd(
             **_conn(cloud_id, config, username, ca_cert, cert, key, insecure, timeout, max_retries),
             ingest_options=filter_options(filter_config, no_default_filters, sample_success),
         )
+        # every document rejected or filtered: one line, before the counts (as the source's own warnings)
+        warning = counts.empty_warning(unit="documents")
+        if warning:
+            typer.echo(warning, err=True)
         echo_ingest_counts(counts, as_json)
 
     run_command(body)

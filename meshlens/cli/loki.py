@@ -104,6 +104,10 @@ def ingest_loki_cmd(
                     timeout, max_retries),
             ingest_options=filter_options(filter_config, no_default_filters, sample_success),
         )
+        # every line rejected or filtered: one line, before the counts (as the source's own warnings)
+        warning = counts.empty_warning(unit="lines")
+        if warning:
+            typer.echo(warning, err=True)
         echo_ingest_counts(counts, as_json)
 
     run_command(body)

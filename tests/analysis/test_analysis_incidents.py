@@ -113,6 +113,35 @@ def test_samples_show_both_planted_incidents_with_their_causes(samples: tuple[Pa
     assert all(i["root_cause"]["target"].split("->")[-1] != noisy for i in report.items)
 
 
+def test_a_session_over_records_read_once_analyses_the_same(samples: tuple[Path, dict]) -> None:
+    """What ``analyze incidents`` does to stay fast (each symptom's records read once per window, the kept
+    onset attempt analysed on its own session) must not change an answer."""
+    from meshlens.analysis import rootcause
+    from meshlens.analysis.common import NS
+
+    db, truth = samples
+    inc = truth["incidents"][0]
+    svc = inc["symptom_service"]
+    onset_ns = int(pd.Timestamp(inc["onset"]).value)
+    lo, hi = onset_ns - 30 * 60 * NS, onset_ns + 40 * 60 * NS
+    with open_store(db, read_only=True) as store:
+        with rootcause.session(store, svc, lo, hi) as sess:
+            plain = rootcause.analyze_session(sess)
+        symptoms = incidents._Symptoms(store, incidents.resolve_window(store, truth["window_start"],
+                                                                        truth["window_end"]))
+        try:
+            with rootcause.session(store, svc, lo, hi, records=symptoms.records(svc)) as sess:
+                prepared = rootcause.session_onset(sess)
+                cached = rootcause.analyze_session(sess, prepared=prepared)
+            assert symptoms.records(svc) in set(symptoms.tables.values())  # built once, reused
+        finally:
+            symptoms.close()
+        assert not store.query("SELECT table_name FROM duckdb_tables() WHERE temporary").shape[0]  # dropped
+    assert plain.onset is not None and plain.onset == cached.onset == prepared[0]
+    pd.testing.assert_frame_equal(plain.candidates, cached.candidates)
+    assert plain.to_json() == cached.to_json() and plain.message == cached.message
+
+
 # -- the CLI ---------------------------------------------------------------------------------------------
 
 

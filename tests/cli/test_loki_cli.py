@@ -120,3 +120,36 @@ def test_connection_refused_is_one_line_exit_1(app: typer.Typer, tmp_path: Path)
     assert r.exit_code == 1
     assert r.output.strip() == (f"meshlens: error: cannot connect to http://127.0.0.1:{port} (connection refused): "
                                 "is Loki running there?")
+
+
+DROP_ALL = "default_filters: false\nrules:\n  - name: drop-all-requests\n    event_type: [request]\n    keep_failures: false\n"
+
+
+def test_an_ingest_that_stores_nothing_warns_why_in_one_line(app: typer.Typer, tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(DROP_ALL)
+    with LokiServer() as srv:
+        srv.push({"app": "junk"}, [(T0 + i, f"not an access log line {i}") for i in range(5)])
+        generate(srv, lines=20, streams=1, start_ns=T0, span_ns=600 * NS)  # {container="istio-proxy"}
+        db = tmp_path / "r.duckdb"
+        r = CliRunner().invoke(app, ["ingest", "loki", "--url", srv.url, "-q", '{app="junk"}', "--db", str(db),
+                                     "--no-progress", *RANGE])
+        assert r.exit_code == 0, r.output
+        (warn,) = [ln for ln in r.stderr.splitlines() if "0 events were stored" in ln]
+        assert warn.startswith("warning: loki:") and '{app="junk"}' in warn  # which ingest
+        # why: the commonest reason, without the record text each reason quotes
+        assert ("5 lines read but 0 events were stored: all rejected (top reason, 5 of them: unrecognised format: "
+                "no parser matched '…')") in warn
+        assert r.stdout.splitlines()[:2] == ["records read:       5", "events stored:      0"]  # stdout as before
+
+        r = CliRunner().invoke(app, ["ingest", "loki", "--url", srv.url, "-q", '{container="istio-proxy"}',
+                                     "--db", str(tmp_path / "f.duckdb"), "--filter-config", str(rules), *RANGE])
+        assert r.exit_code == 0, r.output
+        (warn,) = [ln for ln in r.stderr.splitlines() if "0 events were stored" in ln]
+        assert "20 lines read but 0 events were stored: all filtered by rule 'drop-all-requests' (20)" in warn
+
+        # something stored, or a selector that matched nothing (the source's own warning): no such line
+        for query in ('{container="istio-proxy"}', '{app="nothere"}'):
+            r = CliRunner().invoke(app, ["ingest", "loki", "--url", srv.url, "-q", query,
+                                         "--db", str(tmp_path / "ok.duckdb"), *RANGE])
+            assert r.exit_code == 0 and "0 events were stored" not in r.output, r.output

@@ -182,3 +182,36 @@ def test_empty_range_warns_with_pattern_range_and_indices(flavor: str, tmp_path:
     (msg,) = [r.getMessage() for r in caplog.records if "no documents" in r.getMessage()]
     assert "'logs-*'" in msg and "2024-07-01T00:00:00.000Z" in msg and "2024-07-02T00:00:00.000Z" in msg
     assert "logs-istio-1 (30 docs)" in msg
+
+
+def test_documents_read_but_none_stored_warn_why_on_the_cli(tmp_path: Path) -> None:
+    """Every document rejected, or every one dropped by a filter rule: one warning line naming the index
+    source, the count and the reason (a silent "events stored: 0" would let an SRE analyse nothing)."""
+    from meshlens.cli.es import register
+
+    app, ingest, aggregate = typer.Typer(), typer.Typer(), typer.Typer()
+    app.add_typer(ingest, name="ingest")
+    app.add_typer(aggregate, name="aggregate")
+    register(ingest, aggregate)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("default_filters: false\nrules:\n  - name: drop-all-requests\n    event_type: [request]\n"
+                     "    keep_failures: false\n")
+    with loaded() as srv:
+        srv.create_index("junk-1", mappings={"@timestamp": {"type": "date"}})
+        srv.add_docs("junk-1", [(f"j{i}", {"@timestamp": "2024-06-01T01:00:00.000Z", "log": f"hello there {i}\n",
+                                           "kubernetes": {"container_name": "app"}}) for i in range(4)])
+        base = ["ingest", "es", "--url", srv.url, "--from", FROM, "--to", TO, "--no-progress"]
+        res = CliRunner().invoke(app, [*base, "--index", "junk-*", "--db", str(tmp_path / "j.duckdb")])
+        assert res.exit_code == 0, res.output
+        (warn,) = [ln for ln in res.stderr.splitlines() if "0 events were stored" in ln]
+        assert "junk-*" in warn and "4 documents read but 0 events were stored: all rejected (top reason, 4 of them" in warn
+        assert "records read:       4" in res.stdout
+
+        res = CliRunner().invoke(app, [*base, "--index", "logs-*", "--db", str(tmp_path / "f.duckdb"),
+                                       "--filter-config", str(rules)])
+        assert res.exit_code == 0, res.output
+        (warn,) = [ln for ln in res.stderr.splitlines() if "0 events were stored" in ln]
+        assert "30 documents read but 0 events were stored: all filtered by rule 'drop-all-requests' (30)" in warn
+
+        res = CliRunner().invoke(app, [*base, "--index", "logs-*", "--db", str(tmp_path / "ok.duckdb")])
+        assert res.exit_code == 0 and "0 events were stored" not in res.output, res.output
