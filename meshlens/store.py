@@ -29,14 +29,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
-import pandas as pd
 import pyarrow as pa
 
 from meshlens import schema
 from meshlens.errors import SchemaVersionError, StoreError
+
+if TYPE_CHECKING:  # pandas costs ~0.25 s to import: an ingest (a CLI start-up) never needs it
+    import pandas as pd
 
 log = logging.getLogger("meshlens.store")
 
@@ -270,7 +272,9 @@ class Store:
     def upsert_series(self, table: pa.Table | pd.DataFrame) -> int:
         """Insert or replace time-series samples (columns of ``series``; key = series_key + ts)."""
         self._require_rw()
-        if isinstance(table, pd.DataFrame):
+        if not isinstance(table, pa.Table):  # a pandas DataFrame
+            import pandas as pd
+
             df = table
             cols: dict[str, pa.Array] = {}
             for c in schema.SERIES_COLUMNS:
