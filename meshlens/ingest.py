@@ -178,7 +178,8 @@ def ingest_batches(
                     raise StoreError(
                         f"internal error: {n_ev} parsed events of a batch from {batch.source} were split into "
                         f"{fr.kept} kept + {fr.filtered} filtered; nothing of this batch was stored. Please report it.")
-                res = store.insert_batch(fr.view, "_ml_rejects", cp, run=(counts.run_id, n, fr.filtered))
+                res = store.insert_batch(fr.view, "_ml_rejects", cp, run=(counts.run_id, n, fr.filtered),
+                                         n_events=fr.kept, n_rejects=n_rej)
             finally:
                 _filters.drop_results(store.con)
                 parser.drop_results()
