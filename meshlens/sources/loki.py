@@ -542,7 +542,36 @@ def parse_streams(data: Mapping[str, Any]) -> _Entries:
         if lkey in label_keys:
             repeated = True  # grafana/loki#5079: one label set split over several result items
         label_keys.add(lkey)
-        for v in item.get("values") or []:
+        values = item.get("values") or []
+        plain = _plain_values(values)
+        if plain is not None:  # the usual, well-formed answer: whole columns at once
+            ts_v, lines_v, extras = plain
+            ts_out += ts_v
+            lines_out += lines_v
+            if extras is None:
+                labels_out += [labels] * len(ts_v)
+                keys_out += [lkey] * len(ts_v)
+                continue
+            # Loki sends the same few metadata sets over and over ({"structuredMetadata":
+            # {"detected_level": "info"}}): look them up by their items. Only all-string items are
+            # cached, and a tuple of strings equals only a tuple of the same strings (1 == True, not "1").
+            seen: dict[tuple[Any, ...], tuple[dict[str, str], LabelKey]] = {}
+            for extra in extras:
+                if extra is None:
+                    labels_out.append(labels)
+                    keys_out.append(lkey)
+                    continue
+                sm = extra.get("structuredMetadata")
+                fast = len(extra) == 1 and type(sm) is dict
+                hit = seen.get(tuple(sm.items())) if fast else None  # type: ignore[union-attr]
+                if hit is None:
+                    hit = _merge_metadata(labels, lkey, extra, interned)
+                    if fast and all(type(a) is str and type(b) is str for a, b in sm.items()):  # type: ignore[union-attr]
+                        seen[tuple(sm.items())] = hit  # type: ignore[union-attr]
+                labels_out.append(hit[0])
+                keys_out.append(hit[1])
+            continue
+        for v in values:
             # A real Loki sends ["<ns>", "<line>"(, {metadata})]; anything else is a broken answer
             # (proxy, truncation) -- fail loudly and resumably rather than crash or guess.
             if not (isinstance(v, list | tuple) and len(v) >= 2 and isinstance(v[0], str) and v[0].isdigit()
@@ -558,19 +587,47 @@ def parse_streams(data: Mapping[str, Any]) -> _Entries:
                 labels_out.append(labels)
                 keys_out.append(lkey)
                 continue
-            add: list[tuple[str, str]] = []
-            for part in ("structuredMetadata", "parsed"):
-                sub = extra.get(part)
-                if isinstance(sub, dict):
-                    add.extend((str(a), str(b)) for a, b in sub.items())
-            ck = (lkey, tuple(add))
-            hit = interned.get(ck)
-            if hit is None:
-                merged = {**labels, **dict(add)}
-                hit = interned[ck] = (merged, tuple(sorted(merged.items())))
-            labels_out.append(hit[0])
-            keys_out.append(hit[1])
+            merged, mkey = _merge_metadata(labels, lkey, extra, interned)
+            labels_out.append(merged)
+            keys_out.append(mkey)
     return out.dedup() if repeated else out
+
+
+def _plain_values(values: Any) -> tuple[list[int], list[str], list[dict[str, Any] | None] | None] | None:
+    """A stream item's ``values`` as columns (timestamps, lines, metadata or None per entry; metadata
+    None when no entry has any) when every entry is well formed, else None: the caller's per-entry loop
+    then names what is wrong. Column-wise comprehensions cost a third of a checked loop per entry."""
+    if type(values) is not list or not all(type(v) is list and len(v) >= 2 for v in values):
+        return None
+    ts_s = [v[0] for v in values]
+    lines = [v[1] for v in values]
+    if not (all(type(t) is str and t.isdigit() for t in ts_s) and all(type(x) is str for x in lines)):
+        return None
+    try:
+        ts = list(map(int, ts_s))
+    except ValueError:  # a non-ASCII digit: the checked loop reports it
+        return None
+    if all(len(v) == 2 for v in values):
+        return ts, lines, None
+    return ts, lines, [v[2] if len(v) > 2 and isinstance(v[2], dict) and v[2] else None for v in values]
+
+
+def _merge_metadata(labels: dict[str, str], lkey: LabelKey, extra: Mapping[str, Any],
+                    interned: dict[tuple[LabelKey, tuple[tuple[str, str], ...]], tuple[dict[str, str], LabelKey]],
+                    ) -> tuple[dict[str, str], LabelKey]:
+    """The stream labels with an entry's structured metadata and parsed labels (``categorize-labels``)
+    merged in, interned: one dict (and key) per distinct merged set."""
+    add: list[tuple[str, str]] = []
+    for part in ("structuredMetadata", "parsed"):
+        sub = extra.get(part)
+        if isinstance(sub, dict):
+            add.extend((str(a), str(b)) for a, b in sub.items())
+    ck = (lkey, tuple(add))
+    hit = interned.get(ck)
+    if hit is None:
+        merged = {**labels, **dict(add)}
+        hit = interned[ck] = (merged, tuple(sorted(merged.items())))
+    return hit
 
 
 # ================================================================================================
