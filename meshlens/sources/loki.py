@@ -562,12 +562,12 @@ def parse_streams(data: Mapping[str, Any]) -> _Entries:
                     keys_out.append(lkey)
                     continue
                 sm = extra.get("structuredMetadata")
-                fast = len(extra) == 1 and type(sm) is dict
-                hit = seen.get(tuple(sm.items())) if fast else None  # type: ignore[union-attr]
+                items = tuple(sm.items()) if len(extra) == 1 and type(sm) is dict else None
+                hit = seen.get(items) if items is not None else None
                 if hit is None:
                     hit = _merge_metadata(labels, lkey, extra, interned)
-                    if fast and all(type(a) is str and type(b) is str for a, b in sm.items()):  # type: ignore[union-attr]
-                        seen[tuple(sm.items())] = hit  # type: ignore[union-attr]
+                    if items is not None and all(type(a) is str and type(b) is str for a, b in items):
+                        seen[items] = hit
                 labels_out.append(hit[0])
                 keys_out.append(hit[1])
             continue
