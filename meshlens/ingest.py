@@ -7,8 +7,9 @@ it is stored), and
 each batch is stored in one transaction together with the source's checkpoint, so a run killed at any
 moment resumes without loss or duplicates.
 
-Parsing and storing overlap: a worker thread parses batch N+1 while the main thread writes batch N
-(DuckDB releases the GIL while it works), which is what keeps the two cores busy.
+Reading and storing overlap: a worker thread reads (and for Loki, fetches and decodes) batch N+1 while
+the main thread parses and stores batch N in DuckDB (which releases the GIL while it works), which is
+what keeps the two cores busy. Parsing itself runs on the writer, not during the fetch.
 """
 
 from __future__ import annotations
@@ -211,7 +212,8 @@ def ingest_batches(
                     raise StoreError(
                         f"internal error: {n_ev} parsed events of a batch from {batch.source} were split into "
                         f"{fr.kept} kept + {fr.filtered} filtered; nothing of this batch was stored. Please report it.")
-                res = store.insert_batch(fr.view, "_ml_rejects", cp, run=(counts.run_id, n, fr.filtered))
+                res = store.insert_batch(fr.view, "_ml_rejects", cp, run=(counts.run_id, n, fr.filtered),
+                                         n_events=fr.kept, n_rejects=n_rej)
                 if n_rej:
                     counts._add_reasons(store.con.execute(
                         "SELECT reason, count(*) FROM _ml_rejects GROUP BY ALL ORDER BY 2 DESC "

@@ -29,14 +29,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
-import pandas as pd
 import pyarrow as pa
 
 from meshlens import schema
 from meshlens.errors import SchemaVersionError, StoreError
+
+if TYPE_CHECKING:  # pandas costs ~0.25 s to import: an ingest (a CLI start-up) never needs it
+    import pandas as pd
 
 log = logging.getLogger("meshlens.store")
 
@@ -170,6 +172,9 @@ class Store:
         rejects: pa.Table | str | None = None,
         checkpoint: tuple[str, dict[str, Any]] | None = None,
         run: tuple[str, int, int] | None = None,
+        *,
+        n_events: int | None = None,
+        n_rejects: int | None = None,
     ) -> InsertResult:
         """Insert parsed events and rejects, and advance a watermark, in ONE transaction.
 
@@ -180,6 +185,8 @@ class Store:
         ``run`` = ``(run_id, records read, records filtered)`` of this batch: the ``ingest_runs`` row is
         advanced in the same transaction, so a run killed with ``kill -9`` leaves a row whose counts
         are exactly what it stored (:meth:`start_run` of the next run marks it ``interrupted``).
+        ``n_events`` / ``n_rejects``: the row counts of named ``events`` / ``rejects`` when the caller
+        knows them (the parser counted them), which saves a pass over each view.
         """
         self._require_rw()
         con = self.con
@@ -188,7 +195,8 @@ class Store:
             stored = 0
             ev_name = events if isinstance(events, str) else "_ml_staged_events"
             if isinstance(events, str):
-                n_events = int(con.execute(f"SELECT count(*) FROM {events}").fetchall()[0][0])
+                if n_events is None:
+                    n_events = int(con.execute(f"SELECT count(*) FROM {events}").fetchall()[0][0])
             else:
                 n_events = events.num_rows
                 if n_events:
@@ -215,11 +223,14 @@ class Store:
                 stored = int(row[0][0]) if row else 0
                 if not isinstance(events, str):
                     con.unregister("_ml_staged_events")
-            n_rejects = rejects_new = 0
-            if rejects is not None:
+            rejects_new = 0
+            if rejects is None:
+                n_rejects = 0
+            else:
                 rej_name = rejects if isinstance(rejects, str) else "_ml_staged_rejects"
                 if isinstance(rejects, str):
-                    n_rejects = int(con.execute(f"SELECT count(*) FROM {rejects}").fetchall()[0][0])
+                    if n_rejects is None:
+                        n_rejects = int(con.execute(f"SELECT count(*) FROM {rejects}").fetchall()[0][0])
                 else:
                     n_rejects = rejects.num_rows
                     if n_rejects:
@@ -270,7 +281,9 @@ class Store:
     def upsert_series(self, table: pa.Table | pd.DataFrame) -> int:
         """Insert or replace time-series samples (columns of ``series``; key = series_key + ts)."""
         self._require_rw()
-        if isinstance(table, pd.DataFrame):
+        if not isinstance(table, pa.Table):  # a pandas DataFrame
+            import pandas as pd
+
             df = table
             cols: dict[str, pa.Array] = {}
             for c in schema.SERIES_COLUMNS:

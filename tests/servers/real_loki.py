@@ -30,7 +30,9 @@ import requests
 ROOT = Path(__file__).resolve().parents[2]
 TOOLS = Path(os.environ.get("MESHLENS_LOKI_TOOLS") or (ROOT.parent / "shared" / "tools" / "loki"))
 CACHE = os.environ.get("LOKI_CACHE", "/tmp/meshlens-loki")
-PORTS = range(3111, 3120)
+# MESHLENS_LOKI_PORTS="3150-3159": another port range (one engineer's benchmark beside another's tests)
+_lo, _, _hi = os.environ.get("MESHLENS_LOKI_PORTS", "3111-3119").partition("-")
+PORTS = range(int(_lo), int(_hi or _lo) + 1)
 PUSH_MAX_BYTES = 3 * 1024 * 1024  # Loki refuses push bodies over ~4 MiB
 
 
