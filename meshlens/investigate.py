@@ -371,7 +371,13 @@ def detect_suspects(store: Store, scan: Scan, *, entries: list[str] | None = Non
                     service: str | None = None) -> tuple[list[Suspect], list[str], pd.DataFrame]:
     """Phase 2: (episodes that reach users, entry services, anomalies) from the stored aggregates."""
     from meshlens.analysis.anomalies import anomalies_from_series
-    from meshlens.analysis.incidents import GATEWAY_RE, _candidate_groups, _hurts, _services_of, entry_services
+    from meshlens.analysis.incidents import (
+        GATEWAY_RE,
+        _candidate_groups,
+        _hurts,
+        _services_of,
+        entry_services,
+    )
 
     fine, coarse = _frames(store, scan)
     edges = scanned_edges(store, scan)
