@@ -375,7 +375,6 @@ def detect_suspects(store: Store, scan: Scan, *, entries: list[str] | None = Non
         GATEWAY_RE,
         _candidate_groups,
         _hurts,
-        _services_of,
         entry_services,
     )
 
@@ -391,10 +390,10 @@ def detect_suspects(store: Store, scan: Scan, *, entries: list[str] | None = Non
     for g in groups:
         sub = anoms.iloc[g.rows]
         hurt = [r for r in sub.itertuples(index=False) if _hurts(r)] or list(sub.itertuples(index=False))
-        # whose lines to pull: the symptom and the services whose requests were hurt (failures, latency),
-        # not those whose demand merely moved, nor the gateway (it calls every entry: all user traffic)
-        services = [x for x in dict.fromkeys([g.symptom, *(v for r in hurt for v in _services_of(r))])
-                    if x not in gateways]
+        # whose lines to pull: the symptom and every service of the episode (a surge of demand can be the
+        # cause: a rate-limited service's anomaly is its request count) -- not the gateway, which calls
+        # every entry (all user traffic): its lines towards the entries are pulled apart (pull_plan)
+        services = [x for x in dict.fromkeys([g.symptom, *g.services]) if x not in gateways]
         if service and service not in services:
             continue
         onset = min(g.onset_ns, min(int(r.onset.value) for r in hurt))
@@ -431,9 +430,9 @@ def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
 def pull_windows(suspects: list[Suspect], window: Window) -> list[PullWindow]:
     """Per episode ``[onset - PRE_PULL_S, min(end, onset + MAX_EPISODE_PULL_S) + POST_PULL_S)``;
     overlapping windows merged (each keeps the services and symptoms of its episodes)."""
-    spans = sorted((max(window.lo_ns, s.onset_ns - PRE_PULL_S * NS),
-                    min(window.hi_ns, min(s.end_ns, s.onset_ns + MAX_EPISODE_PULL_S * NS) + POST_PULL_S * NS),
-                    s) for s in suspects)
+    spans = sorted(((max(window.lo_ns, s.onset_ns - PRE_PULL_S * NS),
+                     min(window.hi_ns, min(s.end_ns, s.onset_ns + MAX_EPISODE_PULL_S * NS) + POST_PULL_S * NS),
+                     s) for s in suspects), key=lambda t: (t[0], t[1]))
     out: list[PullWindow] = []
     for lo, hi, sus in spans:
         if out and lo <= out[-1].hi_ns:
@@ -447,24 +446,19 @@ def pull_windows(suspects: list[Suspect], window: Window) -> list[PullWindow]:
 
 def pull_plan(suspects: list[Suspect], window: Window, selector: str, *, gateways: Iterable[str] = (),
               label: str = "app") -> list[tuple[str, int, int]]:
-    """The log queries to pull, as ``(query, lo_ns, hi_ns)``: each service's streams only over the union
-    of its own episodes' windows (not over a neighbour's), services with the same intervals in one
-    query; and the gateways' lines towards the episodes' entry services only (a line filter on the
-    upstream cluster: the gateway carries all user traffic, the root cause needs the symptom's part)."""
-    per_service: dict[str, list[tuple[int, int]]] = {}
-    for s in suspects:
-        lo = max(window.lo_ns, s.onset_ns - PRE_PULL_S * NS)
-        hi = min(window.hi_ns, min(s.end_ns, s.onset_ns + MAX_EPISODE_PULL_S * NS) + POST_PULL_S * NS)
-        for svc in s.services:
-            per_service.setdefault(svc, []).append((lo, hi))
-    by_span: dict[tuple[int, int], set[str]] = {}
-    for svc, spans in per_service.items():
-        for span in _merge(spans):
-            by_span.setdefault(span, set()).add(svc)
-    out = [(service_query(selector, svcs, label), lo, hi) for (lo, hi), svcs in sorted(by_span.items())]
+    """The log queries to pull, as ``(query, lo_ns, hi_ns)``: per explain window (:func:`pull_windows`) the
+    streams of all its episodes' services over the whole window -- a slice where every service is
+    covered alike, so that the root cause compares like with like (pulling each service only around its
+    own episode leaves a neighbour's calls to it without its side of the story) -- and the gateways'
+    lines towards the window's entry services only (a line filter on the upstream cluster: the gateway
+    carries all user traffic; the root cause needs the symptom's part)."""
+    out: list[tuple[str, int, int]] = []
     gws = sorted(set(gateways))
-    if gws:
-        for w in pull_windows(suspects, window):
+    for w in pull_windows(suspects, window):
+        services = sorted(w.services - set(gws))
+        if services:
+            out.append((service_query(selector, services, label), w.lo_ns, w.hi_ns))
+        if gws:
             entries = "|".join(re2_escape(e) for e in sorted(w.symptoms))
             line_filter = f" |~ `outbound\\|[0-9]*\\|[^|]*\\|({entries})\\.`"
             out.append((service_query(selector, gws, label) + line_filter, w.lo_ns, w.hi_ns))
