@@ -70,14 +70,14 @@ from meshlens.store import Store
 
 log = logging.getLogger(__name__)
 
-PRE_PULL_S = 45 * 60
+PRE_PULL_S = 40 * 60
 """Raw lines pulled before an onset: the root-cause analysis' baseline (``incidents.PRE_S`` = 30 min)
 plus slack for an onset that the coarse aggregates place a few buckets late."""
 
-POST_PULL_S = 15 * 60
+POST_PULL_S = 10 * 60
 """Raw lines pulled after an episode's last anomalous bucket (its recovery: ``incidents.POST_S``)."""
 
-MAX_EPISODE_PULL_S = 45 * 60
+MAX_EPISODE_PULL_S = 40 * 60
 """At most this much of an episode after its onset is pulled: the root cause is decided at the onset
 (the incidents analysis' sub-window starts :data:`PRE_PULL_S` before it); a long episode's later part
 adds lines, not evidence. Its reported end is then at most this long after the onset."""
@@ -548,7 +548,7 @@ def investigate_loki(
                 result.warnings.append(f"the streams of {selector} hold no Istio access-log lines (TEXT or "
                                        "JSON) among the sampled ones: nothing to scan")
             t1 = time.monotonic()
-            suspects, entry_list, _ = detect_suspects(store, scan, entries=entries, service=service)
+            suspects, entry_list, anoms = detect_suspects(store, scan, entries=entries, service=service)
             result.entries = entry_list
             result.suspects = [s.as_dict() for s in suspects]
             result.timings["detect"] = time.monotonic() - t1
@@ -570,13 +570,13 @@ def investigate_loki(
             if audit_query is not None and windows:
                 result.lines_in_range += _count(client, audit_query.strip(), start_ns, end_ns, result)
             t3 = time.monotonic()
-            items: list[dict[str, Any]] = []
-            with _bar(len(windows), "investigate: explain", progress) as bar:
-                for w in windows:
-                    rep = find_incidents(store, w.lo_ns, w.hi_ns, entries=entry_list)
-                    items += rep.items
-                    bar.update(1)
-            result.incidents = _rank(items, service)
+            # root cause and change correlation of each episode, on the pulled slice; the episodes are the
+            # scan's (its anomalies have the whole range as their baseline, as a full pull's would)
+            with _bar(1, "investigate: explain", progress) as bar:
+                rep = find_incidents(store, start_ns, end_ns, entries=entry_list, anomalies=anoms,
+                                     edges=scanned_edges(store, scan))
+                bar.update(1)
+            result.incidents = _rank(rep.items, service)
             result.timings["explain"] = time.monotonic() - t3
             if not suspects:
                 result.warnings.append(

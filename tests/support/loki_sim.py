@@ -25,10 +25,11 @@ def simulation_streams(out_dir: str | Path) -> list[tuple[dict[str, str], list[t
     return [(dict(k), sorted(set(v))) for k, v in sorted(streams.items())]
 
 
-def push_simulation(server: object, out_dir: str | Path) -> int:
+def push_simulation(server: object, out_dir: str | Path, extra_labels: dict[str, str] | None = None) -> int:
     """Push a simulation into a :class:`tests.servers.loki.LokiServer` or a real Loki
-    (:class:`tests.servers.real_loki.RealLoki`); returns the lines pushed."""
-    streams = simulation_streams(out_dir)
+    (:class:`tests.servers.real_loki.RealLoki`), each stream with ``extra_labels`` added; returns the
+    lines pushed."""
+    streams = [({**lb, **(extra_labels or {})}, e) for lb, e in simulation_streams(out_dir)]
     if hasattr(server, "load"):
         return sum(server.load(lb, e) for lb, e in streams)  # type: ignore[attr-defined]
     step, total = 5000, 0
