@@ -86,13 +86,13 @@ CHANGE_LOOKBACK = "2h"
 """Audit events are pulled from this long before the range (as ``analyze changes`` looks back)."""
 
 # Istio's default TEXT access log (formats.md 1.1), the fields the scan groups by; the transport failure
-# reason (a quoted field after the connection termination details) tells TLS failures apart.
-TEXT_REGEXP = (
-    r'"(?P<method>\S+) \S+ \S+" (?P<response_code>\d+) (?P<response_flags>\S+) (?P<response_code_details>\S+) '
-    r'\S+ "(?P<upstream_transport_failure_reason>[^"]*)" \d+ \d+ (?P<duration>\d+) \S+ "[^"]*" "[^"]*" "[^"]*" '
-    r'"[^"]*" "[^"]*" (?P<upstream_cluster>\S+)'
-)
-PARSERS = {"text": f"| regexp `{TEXT_REGEXP}`", "json": "| json"}
+# reason (a quoted field after the connection termination details) tells TLS failures apart. A LogQL
+# ``pattern`` (literal splitting) rather than a regexp: on the real Loki here it is ~4x cheaper per line
+# for the same answer.
+TEXT_PATTERN = ('[<_>] "<_> <_> <_>" <response_code> <response_flags> <response_code_details> <_> '
+                '"<upstream_transport_failure_reason>" <_> <_> <duration> <_> "<_>" "<_>" "<_>" "<_>" "<_>" '
+                '<upstream_cluster> <_>')
+PARSERS = {"text": f"| pattern `{TEXT_PATTERN}`", "json": "| json"}
 ACCESS_FILTER = '| __error__="" | upstream_cluster=~"(inbound|outbound).*"'
 GROUP = "namespace, app, upstream_cluster, response_code, response_flags, response_code_details, " \
         "upstream_transport_failure_reason"
@@ -149,43 +149,72 @@ def _aligned(window: Window, step_ns: int) -> tuple[int, int]:
     return ((window.lo_ns + step_ns - 1) // step_ns) * step_ns + step_ns, (window.hi_ns // step_ns) * step_ns
 
 
-def _run_metric(store: Store, runner: MetricRunner, client: LokiClient, org: str | None, name: str, query: str,
-                window: Window, step_ns: int, scan: Scan) -> list[dict[str, Any]]:
+def _fetch(client: LokiClient, split_labels: tuple[str, ...], query: str, window: Window,
+           step_ns: int) -> tuple[list[dict[str, Any]], int]:
+    """One metric query over the window (split on Loki's limits): (matrix items, queries sent)."""
+    runner = MetricRunner(client, step_ns, split_labels)
+    lo, hi = _aligned(window, step_ns)
+    return (runner.run(query, lo, hi) if hi >= lo else []), runner.queries
+
+
+def _store(store: Store, client: LokiClient, org: str | None, name: str, query: str, step_ns: int,
+           result: list[dict[str, Any]], scan: Scan) -> None:
     from meshlens.ingest import store_series
     from meshlens.records import AggregateCounts
 
-    lo, hi = _aligned(window, step_ns)
-    runner.step_ns = step_ns
-    result = runner.run(query, lo, hi) if hi >= lo else []
     origin = source_identity(client.identity, org, query)
     table = matrix_to_series(result, metric=name, origin=origin, step_ns=step_ns, rename=RENAME)
     store_series(store, table, AggregateCounts())
     scan.origins.setdefault(name, []).append(origin)
-    return result
 
 
-def _formats(client: LokiClient, selector: str, namespaces: Iterable[str], window: Window) -> list[str]:
-    """Which Istio encodings the selector's streams hold: a few of the newest lines per namespace."""
+def _run_all(store: Store, client: LokiClient, org: str | None, jobs: list[tuple[str, str, int]], window: Window,
+             scan: Scan, split_labels: tuple[str, ...], parallel: int, tick: Any) -> list[list[dict[str, Any]]]:
+    """Run ``(metric name, query, step)`` jobs, ``parallel`` at a time (Loki spreads each over its
+    queriers; a few in flight keep them busy), storing each answer from this thread (DuckDB's)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    out: list[list[dict[str, Any]]] = []
+    with ThreadPoolExecutor(max(1, parallel)) as ex:
+        futs = [ex.submit(_fetch, client, split_labels, q, window, step) for _, q, step in jobs]
+        for (name, q, step), fut in zip(jobs, futs, strict=True):
+            result, n = fut.result()
+            scan.queries += n
+            _store(store, client, org, name, q, step, result, scan)
+            out.append(result)
+            tick(name.removeprefix("investigate_"))
+    return out
+
+
+def _formats(client: LokiClient, selector: str, lines: list[dict[str, Any]], step_ns: int) -> tuple[list[str], int]:
+    """Which Istio encodings the selector's streams hold, and the queries it took: 20 lines of each
+    namespace from its busiest bucket (a short range: a sample query over the whole range could time
+    out where the metric queries are split)."""
+    busiest: dict[str, tuple[float, int]] = {}
+    for item in lines:
+        ns = str((item.get("metric") or {}).get("namespace", ""))
+        for t, v in item.get("values") or []:
+            if float(v) > busiest.get(ns, (0.0, 0))[0]:
+                busiest[ns] = (float(v), round(float(t) * 1000) * 1_000_000)
     seen: set[str] = set()
-    for ns in namespaces:
+    for ns, (_, t_ns) in sorted(busiest.items()):
         q = add_matcher(selector, "namespace", "=", ns) if ns else selector
-        lines = parse_streams(client.query_range(q, window.lo_ns, window.hi_ns, limit=20,
-                                                 direction="backward")).lines
-        for ln in lines:
+        data = client.query_range(q, t_ns - step_ns, t_ns + 1, limit=20, direction="backward")
+        for ln in parse_streams(data).lines:
             s = ln.lstrip()
             if s.startswith("{"):
                 seen.add("json")
             elif s.startswith("["):
                 seen.add("text")
-    return [f for f in ("text", "json") if f in seen]
+    return [f for f in ("text", "json") if f in seen], len(busiest)
 
 
 def scan_loki(store: Store, client: LokiClient, selector: str, window: Window, *, org: str | None = None,
-              split_labels: tuple[str, ...] = ("namespace", "app", "pod"), progress: Any = None) -> Scan:
+              split_labels: tuple[str, ...] = ("namespace", "app", "pod"), parallel: int = 2,
+              progress: Any = None) -> Scan:
     """Phase 1: the metric queries over the whole range, stored in ``series`` (see the module docstring)."""
     width = bucket_seconds(window)
     scan = Scan(window=window, width=width, coarse_width=width)
-    runner = MetricRunner(client, width * NS, split_labels)
     step = width * NS
     sel = selector.strip()
 
@@ -194,35 +223,27 @@ def scan_loki(store: Store, client: LokiClient, selector: str, window: Window, *
             progress.set_postfix_str(what, refresh=False)
             progress.update(1)
 
-    lines = _run_metric(store, runner, client, org, "investigate_lines",
-                        f"sum by (namespace, app) (count_over_time({sel} [{_prom_range(step)}]))",
-                        window, step, scan)
-    tick("lines")
+    lines_q = f"sum by (namespace, app) (count_over_time({sel} [{_prom_range(step)}]))"
+    lines = _run_all(store, client, org, [("investigate_lines", lines_q, step)], window, scan, split_labels, 1,
+                     tick)[0]
     scan.lines_in_range = int(sum(float(v) for item in lines for _, v in item.get("values") or []))
     if not scan.lines_in_range:
-        scan.queries = runner.queries
         return scan
-    namespaces = sorted({str((i.get("metric") or {}).get("namespace", "")) for i in lines})
-    scan.formats = _formats(client, sel, namespaces, window)
-    scan.queries += len(namespaces)
-    for fmt in scan.formats:
-        q = (f"sum by ({GROUP}) (count_over_time({sel} {PARSERS[fmt]} {ACCESS_FILTER} "
-             f"[{_prom_range(step)}]))")
-        _run_metric(store, runner, client, org, "investigate_requests", q, window, step, scan)
-        tick(f"requests ({fmt})")
+    scan.formats, n = _formats(client, sel, lines, step)
+    scan.queries += n
+    jobs = [("investigate_requests", f"sum by ({GROUP}) (count_over_time({sel} {PARSERS[fmt]} {ACCESS_FILTER} "
+             f"[{_prom_range(step)}]))", step) for fmt in scan.formats]
+    _run_all(store, client, org, jobs, window, scan, split_labels, parallel, tick)
     # rates and percentiles are scored on a grid where a typical service sees ~20 requests per bucket
-    fine, _ = _frames(store, scan, quantiles=False)
     from meshlens.analysis.anomalies import _coarse_width
 
+    fine, _ = _frames(store, scan, quantiles=False)
     scan.coarse_width = _coarse_width(fine, window, width) if not fine.empty else width
     cstep = scan.coarse_width * NS
-    for fmt in scan.formats:
-        for q_name, q in (("investigate_p50_ms", 0.5), ("investigate_p99_ms", 0.99)):
-            query = (f"quantile_over_time({q}, {sel} {PARSERS[fmt]} {ACCESS_FILTER} | unwrap duration "
-                     f'| __error__="" [{_prom_range(cstep)}]) by (namespace, app, upstream_cluster)')
-            _run_metric(store, runner, client, org, q_name, query, window, cstep, scan)
-            tick(f"{q_name[12:]} ({fmt})")
-    scan.queries += runner.queries
+    jobs = [(name, f"quantile_over_time({q}, {sel} {PARSERS[fmt]} {ACCESS_FILTER} | unwrap duration "
+                   f'| __error__="" [{_prom_range(cstep)}]) by (namespace, app, upstream_cluster)', cstep)
+            for fmt in scan.formats for name, q in (("investigate_p50_ms", 0.5), ("investigate_p99_ms", 0.99))]
+    _run_all(store, client, org, jobs, window, scan, split_labels, parallel, tick)
     return scan
 
 
@@ -359,6 +380,7 @@ class Suspect:
     end_ns: int
     services: list[str]
     score: float
+    rows: list[int] = field(default_factory=list)  # its anomalies (positions in detect_suspects' frame)
 
     def as_dict(self) -> dict[str, Any]:
         from meshlens.analysis.common import ts_text
@@ -398,7 +420,8 @@ def detect_suspects(store: Store, scan: Scan, *, entries: list[str] | None = Non
             continue
         onset = min(g.onset_ns, min(int(r.onset.value) for r in hurt))
         end = max(int(r.end.value) for r in hurt)
-        out.append(Suspect(symptom=g.symptom, onset_ns=onset, end_ns=end, services=services, score=g.score))
+        out.append(Suspect(symptom=g.symptom, onset_ns=onset, end_ns=end, services=services, score=g.score,
+                           rows=list(g.rows)))
     return out, entry_list, anoms
 
 
@@ -572,6 +595,9 @@ def investigate_loki(
             t3 = time.monotonic()
             # root cause and change correlation of each episode, on the pulled slice; the episodes are the
             # scan's (its anomalies have the whole range as their baseline, as a full pull's would)
+            # only the episodes pulled (all of them, or those of --service) and the mesh-wide anomalies
+            keep = sorted({i for s in suspects for i in s.rows} | set(np.nonzero((anoms["scope"] == "mesh").to_numpy())[0]))
+            anoms = anoms.iloc[keep].reset_index(drop=True) if len(anoms) else anoms
             with _bar(1, "investigate: explain", progress) as bar:
                 rep = find_incidents(store, start_ns, end_ns, entries=entry_list, anomalies=anoms,
                                      edges=scanned_edges(store, scan))

@@ -84,7 +84,9 @@ def test_investigate_answers_like_the_full_pull_with_fewer_lines(sim: Sim, loki:
     p = res.to_json()["pulled"]
     # Loki's own count of the range (the aggregates), proxies + audit log
     assert p["lines_in_range"] >= proxy
-    assert p["lines_pulled"] < 0.7 * p["lines_in_range"]  # three incidents and a noisy service in 4 h
+    # three incidents and a noisy service in 4 h: most of this range is evidence (the benchmark measures a
+    # long range with few incidents, where the share is small)
+    assert 0 < p["lines_pulled"] < 0.9 * p["lines_in_range"]
     assert p["queries"] > 0
     with open_store(tmp_path / "inv.duckdb", read_only=True) as st:
         # the scan is stored: the aggregates the detection read
@@ -154,7 +156,11 @@ def test_pull_plan_narrows_streams_and_the_gateway() -> None:
     assert len(plan) == 2
     q, lo, hi = plan[0]
     assert q == '{container="istio-proxy", app=~"search|web"}'
-    assert lo == 5 * HOUR - 45 * 60 * 10**9 and hi == 5 * HOUR + HOUR // 4 + 15 * 60 * 10**9
+    # 40 min of baseline before the onset, the episode, 10 min of recovery
+    assert lo == 5 * HOUR - 40 * 60 * 10**9 and hi == 5 * HOUR + HOUR // 4 + 10 * 60 * 10**9
+    # a long episode is pulled for at most 40 min after its onset
+    long = [Suspect("web", 5 * HOUR, 8 * HOUR, ["web"], 10.0)]
+    assert pull_plan(long, w, '{container="istio-proxy"}')[0][2] == 5 * HOUR + 50 * 60 * 10**9
     assert plan[1][0].startswith('{container="istio-proxy", app=~"istio-ingressgateway"} |~ `outbound')
     assert "(web)" in plan[1][0]
 
