@@ -161,8 +161,9 @@ def test_pull_plan_narrows_streams_and_the_gateway() -> None:
     # a long episode is pulled for at most 40 min after its onset
     long = [Suspect("web", 5 * HOUR, 8 * HOUR, ["web"], 10.0)]
     assert pull_plan(long, w, '{container="istio-proxy"}')[0][2] == 5 * HOUR + 50 * 60 * 10**9
-    assert plan[1][0].startswith('{container="istio-proxy", app=~"istio-ingressgateway"} |~ `outbound')
-    assert "(web)" in plan[1][0]
+    # the gateway's lines towards the entry only (its name RE2-escaped inside the LogQL string)
+    assert plan[1][0] == ('{container="istio-proxy", app=~"istio\\\\-ingressgateway"} '
+                          '|~ `outbound\\|[0-9]*\\|[^|]*\\|(web)\\.`')
 
 
 def test_accuracy_on_evaluation_windows(tmp_path: Path) -> None:
