@@ -501,7 +501,7 @@ def service_query(selector: str, services: Iterable[str], label: str = "app") ->
 # ------------------------------------------------------------------------------------------------
 
 
-def _bar(total: int, desc: str, enabled: bool) -> Any:
+def _bar(total: int | None, desc: str, enabled: bool) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="step", disable=not enabled, leave=False)
@@ -558,7 +558,7 @@ def investigate_loki(
     t0 = time.monotonic()
     try:
         with writing(db) as store:
-            with _bar(7, "investigate: scan", progress) as bar:
+            with _bar(None, "investigate: scan", progress) as bar:
                 scan = scan_loki(store, client, selector, window, org=org, progress=bar)
             result.queries += scan.queries
             result.lines_in_range = scan.lines_in_range
