@@ -6,7 +6,7 @@ of it. :func:`investigate_loki` runs the first half of the investigation where t
 1. **Scan** (metric queries only, computed by Loki): per bucket, one ``sum by (namespace, app,
    upstream_cluster, response_code, response_flags, response_code_details,
    upstream_transport_failure_reason) (count_over_time(...))`` per access-log encoding (Istio TEXT via
-   ``| regexp``, Istio JSON via ``| json``), the p50 and p99 of ``duration`` per writer and upstream
+   ``| pattern``, Istio JSON via ``| json``), the p50 and p99 of ``duration`` per writer and upstream
    cluster (``quantile_over_time ... by (namespace, app, upstream_cluster)``), and the lines per
    stream (``sum by (namespace, app) (count_over_time({selector}[step]))``: ``lines_in_range`` and
    the share of each service's streams). The answers are stored in the ``series`` table (metrics
@@ -18,12 +18,15 @@ of it. :func:`investigate_loki` runs the first half of the investigation where t
    grouped into user-facing episodes by the incidents analysis' own grouping
    (:func:`meshlens.analysis.incidents._candidate_groups`): the symptom (an entry service), the onset and
    the suspect services of each episode.
-3. **Pull** raw lines only for the suspects' streams (``app=~"a|b|c"``), from :data:`PRE_PULL_S` before
-   each onset (the baseline sample the root cause compares with) to :data:`POST_PULL_S` after its end,
-   and the Kubernetes audit events of the range (config changes), through the normal ingest
-   (:func:`meshlens.ingest.ingest`: exact, resumable, deduplicated).
-4. **Explain**: :func:`meshlens.analysis.incidents.find_incidents` on each pulled slice (root cause and
-   change correlation), with the entry services found by the scan.
+3. **Pull** raw lines only for the suspects (:func:`pull_plan`): per explain window -- from
+   :data:`PRE_PULL_S` before each onset (the baseline the root cause compares with) to at most
+   :data:`MAX_EPISODE_PULL_S` after it plus :data:`POST_PULL_S`, overlapping windows merged -- the streams
+   of the episodes' services (``app=~"a|b|c"``) and the ingress gateway's lines towards the hurt entry
+   services only (a line filter); and the Kubernetes audit events of the range (config changes), all
+   through the normal ingest (:func:`meshlens.ingest.ingest`: exact, resumable, deduplicated).
+4. **Explain**: :func:`meshlens.analysis.incidents.find_incidents` with the scan's anomalies and call
+   graph (the whole range is their baseline, as in a full pull), which runs the root cause and the
+   change correlation of each episode on the pulled slice.
 
 What aggregates cannot see, and what it falls back to: request-id chains (which request failed
 because of which downstream call) exist only in raw lines, so the root cause is decided on the pulled
