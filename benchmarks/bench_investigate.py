@@ -36,6 +36,26 @@ def _answers(items: list[dict]) -> list[tuple[str, str | None, str | None]]:
                   for i in items)
 
 
+def _settle(url: str, pushed: int, start: str, end: str, timeout_s: float = 60.0) -> None:
+    """Wait until Loki counts every pushed line (right after a push, a count can come back short)."""
+    import pandas as pd
+    import requests
+
+    lo, hi = pd.Timestamp(start), pd.Timestamp(end)
+    span = f"{int((hi - lo).total_seconds())}s"
+    deadline = time.monotonic() + timeout_s
+    n = -1
+    while time.monotonic() < deadline:
+        r = requests.get(url + "/loki/api/v1/query", params={"query": f'sum(count_over_time({{job=~".+"}} [{span}])) '
+                         f'+ sum(count_over_time({{container=~".+"}} [{span}]))', "time": str(hi.value)}, timeout=120)
+        res = r.json()["data"]["result"] if r.ok else []
+        n = int(float(res[0]["value"][1])) if res else 0
+        if n >= pushed:
+            return
+        time.sleep(2)
+    print(f"  (Loki counts {n} of {pushed} pushed lines after {timeout_s:.0f} s)")
+
+
 def run_scale(k: float, args: argparse.Namespace) -> dict:
     sys.path.insert(0, str(REPO))
     import pandas as pd
@@ -72,6 +92,8 @@ def run_scale(k: float, args: argparse.Namespace) -> dict:
         loki = real_loki.RealLoki(pid=int(words[0]), url=words[1], grpc_port=args.port + 6000, data=data, auth=False)
         t = time.monotonic()
         pushed = push_simulation(loki, work / "sim")
+        loki.flush()  # chunks to the store, as in a Loki that has been running
+        _settle(loki.url, pushed, start, end)
         push_s = time.monotonic() - t
         sel, audit = '{container="istio-proxy"}', '{job="kube-apiserver-audit"}'
 

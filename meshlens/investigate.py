@@ -73,14 +73,14 @@ from meshlens.store import Store
 
 log = logging.getLogger(__name__)
 
-PRE_PULL_S = 40 * 60
-"""Raw lines pulled before an onset: the root-cause analysis' baseline (``incidents.PRE_S`` = 30 min)
-plus slack for an onset that the coarse aggregates place a few buckets late."""
+PRE_PULL_S = 30 * 60
+"""Raw lines pulled before an onset: the root-cause analysis' baseline (``incidents.PRE_S``, 30 min; its
+sub-window is clipped to what was pulled)."""
 
 POST_PULL_S = 10 * 60
 """Raw lines pulled after an episode's last anomalous bucket (its recovery: ``incidents.POST_S``)."""
 
-MAX_EPISODE_PULL_S = 40 * 60
+MAX_EPISODE_PULL_S = 30 * 60
 """At most this much of an episode after its onset is pulled: the root cause is decided at the onset
 (the incidents analysis' sub-window starts :data:`PRE_PULL_S` before it); a long episode's later part
 adds lines, not evidence. Its reported end is then at most this long after the onset."""
@@ -189,27 +189,35 @@ def _run_all(store: Store, client: LokiClient, org: str | None, jobs: list[tuple
     return out
 
 
-def _formats(client: LokiClient, selector: str, lines: list[dict[str, Any]], step_ns: int) -> tuple[list[str], int]:
-    """Which Istio encodings the selector's streams hold, and the queries it took: 20 lines of each
-    namespace from its busiest bucket (a short range: a sample query over the whole range could time
-    out where the metric queries are split)."""
+def _formats(client: LokiClient, selector: str, lines: list[dict[str, Any]],
+             step_ns: int) -> tuple[dict[str, str], int]:
+    """Which Istio encoding's queries read which streams -- ``{format: selector}`` -- and the queries it
+    took: 20 lines of each namespace from its busiest bucket (a short range: a sample query over the
+    whole range could time out where the metric queries are split). When every namespace showed one
+    encoding only, each format's selector names its namespaces, so that Loki reads only their chunks
+    (a mixed mesh costs one pass per line, not two); otherwise both read the whole selector."""
     busiest: dict[str, tuple[float, int]] = {}
     for item in lines:
         ns = str((item.get("metric") or {}).get("namespace", ""))
         for t, v in item.get("values") or []:
             if float(v) > busiest.get(ns, (0.0, 0))[0]:
                 busiest[ns] = (float(v), round(float(t) * 1000) * 1_000_000)
-    seen: set[str] = set()
+    seen: dict[str, set[str]] = {}
     for ns, (_, t_ns) in sorted(busiest.items()):
         q = add_matcher(selector, "namespace", "=", ns) if ns else selector
         data = client.query_range(q, t_ns - step_ns, t_ns + 1, limit=20, direction="backward")
         for ln in parse_streams(data).lines:
             s = ln.lstrip()
-            if s.startswith("{"):
-                seen.add("json")
-            elif s.startswith("["):
-                seen.add("text")
-    return [f for f in ("text", "json") if f in seen], len(busiest)
+            fmt = "json" if s.startswith("{") else "text" if s.startswith("[") else None
+            if fmt:
+                seen.setdefault(fmt, set()).add(ns)
+    formats = [f for f in ("text", "json") if f in seen]
+    clean = len(formats) > 1 and not (seen["text"] & seen["json"]) and "" not in set().union(*seen.values())
+    out = {}
+    for f in formats:
+        names = "|".join(re2_escape(n) for n in sorted(seen[f]))
+        out[f] = add_matcher(selector, "namespace", "=~", names) if clean else selector
+    return out, len(busiest)
 
 
 def scan_loki(store: Store, client: LokiClient, selector: str, window: Window, *, org: str | None = None,
@@ -232,10 +240,11 @@ def scan_loki(store: Store, client: LokiClient, selector: str, window: Window, *
     scan.lines_in_range = int(sum(float(v) for item in lines for _, v in item.get("values") or []))
     if not scan.lines_in_range:
         return scan
-    scan.formats, n = _formats(client, sel, lines, step)
+    selectors, n = _formats(client, sel, lines, step)
+    scan.formats = list(selectors)
     scan.queries += n
-    jobs = [("investigate_requests", f"sum by ({GROUP}) (count_over_time({sel} {PARSERS[fmt]} {ACCESS_FILTER} "
-             f"[{_prom_range(step)}]))", step) for fmt in scan.formats]
+    jobs = [("investigate_requests", f"sum by ({GROUP}) (count_over_time({fsel} {PARSERS[fmt]} {ACCESS_FILTER} "
+             f"[{_prom_range(step)}]))", step) for fmt, fsel in selectors.items()]
     _run_all(store, client, org, jobs, window, scan, split_labels, parallel, tick)
     # rates and percentiles are scored on a grid where a typical service sees ~20 requests per bucket
     from meshlens.analysis.anomalies import _coarse_width
@@ -243,9 +252,10 @@ def scan_loki(store: Store, client: LokiClient, selector: str, window: Window, *
     fine, _ = _frames(store, scan, quantiles=False)
     scan.coarse_width = _coarse_width(fine, window, width) if not fine.empty else width
     cstep = scan.coarse_width * NS
-    jobs = [(name, f"quantile_over_time({q}, {sel} {PARSERS[fmt]} {ACCESS_FILTER} | unwrap duration "
+    jobs = [(name, f"quantile_over_time({q}, {fsel} {PARSERS[fmt]} {ACCESS_FILTER} | unwrap duration "
                    f'| __error__="" [{_prom_range(cstep)}]) by (namespace, app, upstream_cluster)', cstep)
-            for fmt in scan.formats for name, q in (("investigate_p50_ms", 0.5), ("investigate_p99_ms", 0.99))]
+            for fmt, fsel in selectors.items()
+            for name, q in (("investigate_p50_ms", 0.5), ("investigate_p99_ms", 0.99))]
     _run_all(store, client, org, jobs, window, scan, split_labels, parallel, tick)
     return scan
 
@@ -400,6 +410,7 @@ def detect_suspects(store: Store, scan: Scan, *, entries: list[str] | None = Non
         GATEWAY_RE,
         _candidate_groups,
         _hurts,
+        _services_of,
         entry_services,
     )
 
@@ -418,7 +429,14 @@ def detect_suspects(store: Store, scan: Scan, *, entries: list[str] | None = Non
         # whose lines to pull: the symptom and every service of the episode (a surge of demand can be the
         # cause: a rate-limited service's anomaly is its request count) -- not the gateway, which calls
         # every entry (all user traffic): its lines towards the entries are pulled apart (pull_plan)
-        services = [x for x in dict.fromkeys([g.symptom, *g.services]) if x not in gateways]
+        # a service whose only anomaly is fewer requests is downstream of the failure (its callers fail
+        # before calling it): a consequence, not the cause -- not pulled
+        drops = {v for r in sub.itertuples(index=False) for v in _services_of(r)
+                 if r.metric == "requests" and r.direction == "down"}
+        causes = {v for r in sub.itertuples(index=False) for v in _services_of(r)
+                  if not (r.metric == "requests" and r.direction == "down")}
+        services = [x for x in dict.fromkeys([g.symptom, *g.services])
+                    if x not in gateways and (x in causes or x not in drops)]
         if service and service not in services:
             continue
         onset = min(g.onset_ns, min(int(r.onset.value) for r in hurt))
