@@ -384,6 +384,21 @@ def scanned_edges(store: Store, scan: Scan) -> pd.DataFrame:
     return e.groupby(["caller", "callee"], as_index=False)["requests"].sum()
 
 
+def _downstream(edges: pd.DataFrame, service: str) -> set[str]:
+    """Every service that ``service`` calls, directly or through others."""
+    callees: dict[str, set[str]] = {}
+    for a, b in zip(edges["caller"], edges["callee"], strict=True):
+        callees.setdefault(str(a), set()).add(str(b))
+    seen: set[str] = set()
+    todo = [service]
+    while todo:
+        for c in callees.get(todo.pop(), ()):
+            if c not in seen:
+                seen.add(c)
+                todo.append(c)
+    return seen
+
+
 @dataclass
 class Suspect:
     """One episode seen in the aggregates: where users see it, since when, and whose lines to pull."""
@@ -408,6 +423,7 @@ def detect_suspects(store: Store, scan: Scan, *, entries: list[str] | None = Non
     from meshlens.analysis.anomalies import anomalies_from_series
     from meshlens.analysis.incidents import (
         GATEWAY_RE,
+        LINK_S,
         _candidate_groups,
         _hurts,
         _services_of,
@@ -435,12 +451,20 @@ def detect_suspects(store: Store, scan: Scan, *, entries: list[str] | None = Non
                  if r.metric == "requests" and r.direction == "down"}
         causes = {v for r in sub.itertuples(index=False) for v in _services_of(r)
                   if not (r.metric == "requests" and r.direction == "down")}
-        services = [x for x in dict.fromkeys([g.symptom, *g.services])
+        onset = min(g.onset_ns, min(int(r.onset.value) for r in hurt))
+        end = max(int(r.end.value) for r in hurt)
+        # ...and the services below the symptom (it calls them, directly or not) whose requests were hurt
+        # (failures, latency) at that time in an anomaly that the grouping put elsewhere: the root cause
+        # follows the symptom's calls down, and a slow service two hops below may lead a group of its own
+        below = _downstream(edges, g.symptom)
+        for r in anoms.itertuples(index=False):
+            if (r.scope in ("service", "edge") and _hurts(r)
+                    and int(r.onset.value) <= end and int(r.end.value) >= onset - LINK_S * NS):
+                causes.update(v for v in _services_of(r) if v in below)
+        services = [x for x in dict.fromkeys([g.symptom, *g.services, *sorted(causes & below)])
                     if x not in gateways and (x in causes or x not in drops)]
         if service and service not in services:
             continue
-        onset = min(g.onset_ns, min(int(r.onset.value) for r in hurt))
-        end = max(int(r.end.value) for r in hurt)
         out.append(Suspect(symptom=g.symptom, onset_ns=onset, end_ns=end, services=services, score=g.score,
                            rows=list(g.rows)))
     return out, entry_list, anoms
