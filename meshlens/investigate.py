@@ -422,7 +422,6 @@ def detect_suspects(store: Store, scan: Scan, *, entries: list[str] | None = Non
     """Phase 2: (episodes that reach users, entry services, anomalies) from the stored aggregates."""
     from meshlens.analysis.anomalies import anomalies_from_series
     from meshlens.analysis.incidents import (
-        GATEWAY_RE,
         LINK_S,
         _candidate_groups,
         _hurts,
@@ -437,7 +436,7 @@ def detect_suspects(store: Store, scan: Scan, *, entries: list[str] | None = Non
     if anoms.empty:
         return [], entry_list, anoms
     groups, _ = _candidate_groups(anoms, edges, entry_list)
-    gateways = {r for r in set(edges["caller"]) - set(edges["callee"]) if GATEWAY_RE.search(str(r))}
+    gateways = set(_gateways(edges))
     out = []
     for g in groups:
         sub = anoms.iloc[g.rows]
