@@ -641,6 +641,33 @@ def detect_anomalies(
                            list(sensitive_paths or DEFAULT_SENSITIVE_PATHS)) if not base.empty else pd.DataFrame()
         if not cat.empty:
             parts.append(cat)
+    return _finish(parts, namespace=namespace, service=service, top=top)
+
+
+def anomalies_from_series(series: pd.DataFrame, coarse: pd.DataFrame, window: Window, width: int,
+                          coarse_width: int, *, baseline: str = "2h", min_score: float = MIN_SEGMENT_SCORE,
+                          service: str | None = None) -> pd.DataFrame:
+    """The metric anomalies of series built elsewhere -- e.g. from a backend's push-down aggregates
+    (:mod:`meshlens.investigate`) -- with the same scoring as :func:`detect_anomalies`.
+
+    ``series`` / ``coarse``: rows shaped like :func:`metric_series` (``bucket_ns, scope, target,
+    namespace, requests, errors_5xx, errors_4xx, denials, tls_failures, p50_ms, p99_ms, flag_<F>``) on
+    grids of ``width`` and ``coarse_width`` seconds (failure counts are scored on the first, rates and
+    percentiles on the second). No categorical anomalies: they need the raw records."""
+    if series.empty:
+        return pd.DataFrame(columns=ANOMALY_COLUMNS)
+    metric = _score_series(series, window, width, int(parse_duration_ns(baseline) // NS), coarse, coarse_width)
+    parts = []
+    if not metric.empty:
+        metric = metric[metric["score"] >= min_score].copy()
+        metric["evidence"] = [_metric_evidence(r) for _, r in metric.iterrows()]
+        parts.append(metric)
+    return _finish(parts, namespace=None, service=service, top=None)
+
+
+def _finish(parts: list[pd.DataFrame], *, namespace: str | None, service: str | None,
+            top: int | None) -> pd.DataFrame:
+    """Dedupe, scope, order and rank the anomalies found (shared by both entry points)."""
     if not parts:
         return pd.DataFrame(columns=ANOMALY_COLUMNS)
     df = _dedupe(pd.concat(parts, ignore_index=True))

@@ -454,8 +454,10 @@ def _home(g: _Group, found: list[dict[str, Any]], hi: int) -> dict[str, Any] | N
 
 def _pass(store: Store, window: Window, lo: int, hi: int, entries: list[str], edges: pd.DataFrame,
           lookback: str, options: dict[str, Any],
-          symptoms: _Symptoms) -> tuple[list[dict[str, Any]], pd.DataFrame, set[int]]:
-    anoms = detect_anomalies(store, lo, hi, **options)
+          symptoms: _Symptoms, anoms: pd.DataFrame | None = None
+          ) -> tuple[list[dict[str, Any]], pd.DataFrame, set[int]]:
+    if anoms is None:
+        anoms = detect_anomalies(store, lo, hi, **options)
     groups, background = _candidate_groups(anoms, edges, entries)
     found: list[dict[str, Any]] = []
     rejected: list[_Group] = []
@@ -567,6 +569,7 @@ def _merge(found: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def find_incidents(store: Store, start: Any = None, end: Any = None, *, lookback: str = "2h",
                    entries: list[str] | None = None, second_pass: bool = True,
+                   anomalies: pd.DataFrame | None = None, edges: pd.DataFrame | None = None,
                    **options: Any) -> IncidentReport:
     """The incidents of ``[start, end)``, most severe first, and the anomalies that never reached users.
 
@@ -575,23 +578,30 @@ def find_incidents(store: Store, start: Any = None, end: Any = None, *, lookback
     calls, see :func:`entry_services`); ``second_pass``: search the stretches outside the incidents found
     again (see :data:`SECOND_PASS_MIN_S`); other ``options`` go to
     :func:`~meshlens.analysis.anomalies.detect_anomalies` (``bucket_s``, ``baseline``, ``reference``...).
+    ``anomalies`` / ``edges``: the window's anomalies and caller -> callee pairs computed elsewhere -- from a
+    backend's aggregates (:mod:`meshlens.investigate`), when the store holds only slices of the window's
+    records -- instead of from the store; the second pass is then skipped (it re-detects on the store).
     """
     window = resolve_window(store, start, end)
     symptoms = _Symptoms(store, window)
     try:
         return _find(store, window, symptoms, lookback=lookback, entries=entries, second_pass=second_pass,
-                     options=options)
+                     options=options, anomalies=anomalies, edges=edges)
     finally:
         symptoms.close()
 
 
 def _find(store: Store, window: Window, symptoms: _Symptoms, *, lookback: str, entries: list[str] | None,
-          second_pass: bool, options: dict[str, Any]) -> IncidentReport:
-    edges = _edges(store, window)
+          second_pass: bool, options: dict[str, Any], anomalies: pd.DataFrame | None = None,
+          edges: pd.DataFrame | None = None) -> IncidentReport:
+    if edges is None:
+        edges = _edges(store, window)
+    if anomalies is not None:
+        second_pass = False
     entry_list = sorted(entries) if entries else entry_services(edges)
     options = {k: v for k, v in options.items() if v is not None}
     found, anoms, bg_rows = _pass(store, window, window.lo_ns, window.hi_ns, entry_list, edges, lookback, options,
-                                  symptoms)
+                                  symptoms, anoms=anomalies)
     backgrounds = [(anoms, bg_rows)]
     # a series reports one latency episode: only when one was taken by an incident can another hide
     if second_pass and any("latency" in f["kind"] for f in found):

@@ -44,6 +44,7 @@ COMMAND_MODULES: tuple[tuple[str, tuple[typer.Typer, ...]], ...] = (
     ("meshlens.cli.reports", (app,)),
     ("meshlens.cli.analysis", (app,)),
     ("meshlens.cli.retention", (app,)),
+    ("meshlens.cli.investigate", (app,)),
 )
 
 for _module, _apps in COMMAND_MODULES:

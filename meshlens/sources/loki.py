@@ -969,11 +969,24 @@ class _Threaded:
             pass
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer thread
             self.pag.stop.set()
-            with contextlib.suppress(queue.Full):
-                self.out.put(_WorkerError(exc), timeout=5)
+            self._hand_over(_WorkerError(exc))
         finally:
-            with contextlib.suppress(queue.Full):
-                self.out.put(_WorkerExit(), timeout=5)
+            self._hand_over(_WorkerExit())
+
+    def _hand_over(self, msg: Any) -> None:
+        """Deliver a worker's error or exit to the consumer. It must not be dropped while the consumer
+        still reads (a full queue behind a slow writer batch: a lost exit hangs the ingest, a lost error
+        ends it as if complete); once the run is stopped the consumer drains the queue for 10 s."""
+        deadline: float | None = None
+        while True:
+            try:
+                self.out.put(msg, timeout=0.1)
+                return
+            except queue.Full:
+                if self.pag.stop.is_set():
+                    deadline = deadline or time.monotonic() + 10
+                    if time.monotonic() > deadline:
+                        return
 
     def messages(self) -> Iterator[_Page | _Split]:
         for t in self.threads:
