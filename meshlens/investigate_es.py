@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from meshlens.analysis.common import NS, Window, bucket_seconds
+from meshlens.analysis.common import Window, bucket_seconds
 from meshlens.errors import ConfigError, SourceError
 from meshlens.investigate import (
     CHANGE_LOOKBACK,
