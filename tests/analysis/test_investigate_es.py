@@ -142,3 +142,26 @@ def test_raw_lines_only_name_the_fallback(tmp_path: Path) -> None:
                            end=1_717_200_000 + 3600, progress=False)
     msg = str(err.value)
     assert "raw access-log line in 'message'" in msg and "parsed fields" in msg and "ingest es" in msg
+
+
+def test_investigating_again_resumes_and_stores_no_duplicate(sim: Sim, es: EsTestServer, tmp_path: Path) -> None:
+    db = tmp_path / "again.duckdb"
+    first = investigate_es(db, index=ACCESS_INDEX, audit_index=AUDIT_INDEX, url=es.url, start=sim.start,
+                           end=sim.end, service="metadata", progress=False)
+    with open_store(db, read_only=True) as st:
+        n = st.scalar("SELECT count(*) FROM events")
+        s = st.scalar("SELECT count(*) FROM series")
+    again = investigate_es(db, index=ACCESS_INDEX, audit_index=AUDIT_INDEX, url=es.url, start=sim.start,
+                           end=sim.end, service="metadata", progress=False)
+    with open_store(db, read_only=True) as st:
+        assert st.scalar("SELECT count(*) FROM events") == n
+        assert st.scalar("SELECT count(*) FROM series") == s  # the scan upserts its buckets
+    assert again.lines_pulled < first.lines_pulled  # the watermarks say the windows are done
+    assert _answers(again.incidents) == _answers(first.incidents)
+
+
+def test_an_empty_range_says_so(es: EsTestServer, tmp_path: Path) -> None:
+    res = investigate_es(tmp_path / "empty.duckdb", index=ACCESS_INDEX, url=es.url, start="2020-01-01T00:00:00Z",
+                         end="2020-01-01T04:00:00Z", progress=False)
+    assert res.incidents == [] and res.lines_in_range == 0 and res.lines_pulled == 0
+    assert "no documents" in res.warnings[0] and ACCESS_INDEX in res.warnings[0]
