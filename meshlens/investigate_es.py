@@ -373,7 +373,7 @@ def investigate_es(
     try:
         with writing(db) as store:
             src = EsSource(inner.cfg, base_q, client=client)  # type: ignore[arg-type]
-            with bar(4, "investigate es: scan") as b:
+            with bar(3, "investigate es: scan") as b:
                 scan, resolved = scan_es(store, src, window, fields=fields, page_size=page_size, progress=b)
             result.lines_in_range = scan.lines_in_range
             result.formats = ["istio-json-fields"] if scan.origins else []
