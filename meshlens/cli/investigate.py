@@ -96,6 +96,9 @@ def investigate_loki_cmd(
 
 
 def register(app: typer.Typer) -> None:
-    """Add the ``investigate`` group (``investigate loki``) to the main app."""
+    """Add the ``investigate`` group (``investigate loki``, ``investigate es``) to the main app."""
     investigate_app.command("loki")(investigate_loki_cmd)
+    from meshlens.cli.investigate_es import investigate_es_cmd
+
+    investigate_app.command("es")(investigate_es_cmd)
     app.add_typer(investigate_app, name="investigate")

@@ -25,7 +25,8 @@ real response bodies (``shared/formats.md`` section 7) -- what meshlens uses:
   "contains unrecognized parameter"; ``_cat/indices``; optional TLS (``ssl_context``);
 * ``scroll`` (``POST /<index>/_search?scroll=``, ``/_search/scroll``, clear), composite aggregations
   (``terms``, ``date_histogram``, ``histogram`` sources; ``percentiles``, ``avg``/``sum``/``min``/
-  ``max``/``value_count``, ``filter`` sub-aggregations; ``after_key`` paging), ``_count``, ``_bulk``,
+  ``max``/``value_count``, ``filter`` sub-aggregations; ``after_key`` paging; a page larger than
+  ``search.max_buckets`` refused with ``too_many_buckets_exception``), ``_count``, ``_bulk``,
   index creation with mappings and ``max_result_window``;
 * error bodies shaped like the real ones (``{"error": {"root_cause": [...], "type", "reason", ...},
   "status"}``; OpenSearch security's plain-text 401);
@@ -811,6 +812,8 @@ class SearchEngine:
         self._pit_seq = itertools.count(1)
         self._scroll_seq = itertools.count(1)
         self.max_result_window = 10_000
+        # the cluster setting search.max_buckets (65,536 by default since Elasticsearch 7.x)
+        self.max_buckets = 65_536
 
     # -- features by version -----------------------------------------------------------------
     @property
@@ -1354,6 +1357,11 @@ class SearchEngine:
         if not sources:
             raise es_error(400, "illegal_argument_exception", "Composite [sources] cannot be null or empty")
         size = int(body.get("size", 10))
+        if size > self.max_buckets:  # CompositeAggregator refuses a page larger than the bucket limit
+            raise shard_error(400, "too_many_buckets_exception",
+                              f"Trying to create too many buckets. Must be less than or equal to: [{self.max_buckets}] "
+                              f"but was [{size}]. This limit can be set by changing the [search.max_buckets] cluster "
+                              "level setting.", index_name, max_buckets=self.max_buckets)
         after = body.get("after")
         getters: list[tuple[str, Callable[[Index, int], list[Any]], bool]] = []
         for src in sources:
