@@ -814,6 +814,11 @@ class SearchEngine:
         self.max_result_window = 10_000
         # the cluster setting search.max_buckets (65,536 by default since Elasticsearch 7.x)
         self.max_buckets = 65_536
+        # composite bucketings of recent requests: a client pages through one with ``after_key``, and
+        # recomputing every bucket of the whole result for each page made paging quadratic here
+        # (documents are append-only, so the same sources over the same live documents give the same map)
+        self._composite_cache: dict[tuple[Any, ...], tuple[dict[tuple[Any, ...], list[Ref]], list[tuple[Any, ...]]]] = {}
+        self._composite_lock = threading.Lock()
 
     # -- features by version -----------------------------------------------------------------
     @property
@@ -1375,20 +1380,32 @@ class SearchEngine:
                 getters.append((name, self._hist_getter(kind, fld, opts, index_name), missing_bucket))
             else:
                 raise es_error(400, "parsing_exception", f"Unknown value source type [{kind}]", line=1, col=1)
-        buckets: dict[tuple[Any, ...], list[Ref]] = {}
-        for ref in refs:
-            combos: list[list[Any]] = [[]]
-            for _name, get, missing_bucket in getters:
-                vals = get(*ref)
-                if not vals:
-                    if not missing_bucket:
-                        combos = []
-                        break
-                    vals = [None]
-                combos = [c + [v] for c in combos for v in sorted(set(vals), key=_sortable)]
-            for c in combos:
-                buckets.setdefault(tuple(c), []).append(ref)
-        ordered = sorted(buckets, key=lambda k: tuple(_sortable(v) for v in k))
+        fields = [opts.get("field") for src in sources for spec in src.values() for opts in spec.values()]
+        key = (json.dumps(sources, sort_keys=True, default=str),
+               tuple(i.ftype(f) for i in {r[0] for r in refs} for f in fields), tuple(refs))
+        with self._composite_lock:
+            cached = self._composite_cache.get(key)
+        if cached is None:
+            buckets: dict[tuple[Any, ...], list[Ref]] = {}
+            for ref in refs:
+                combos: list[list[Any]] = [[]]
+                for _name, get, missing_bucket in getters:
+                    vals = get(*ref)
+                    if not vals:
+                        if not missing_bucket:
+                            combos = []
+                            break
+                        vals = [None]
+                    combos = [c + [v] for c in combos for v in sorted(set(vals), key=_sortable)]
+                for c in combos:
+                    buckets.setdefault(tuple(c), []).append(ref)
+            ordered = sorted(buckets, key=lambda k: tuple(_sortable(v) for v in k))
+            with self._composite_lock:
+                while len(self._composite_cache) >= 8:
+                    self._composite_cache.pop(next(iter(self._composite_cache)))
+                self._composite_cache[key] = (buckets, ordered)
+        else:
+            buckets, ordered = cached
         if after is not None:
             after_t = tuple(after.get(name) for name, _, _ in getters)
             ak = tuple(_sortable(v) for v in after_t)
