@@ -540,6 +540,25 @@ def service_query(selector: str, services: Iterable[str], label: str = "app") ->
     return add_matcher(selector.strip(), label, "=~", "|".join(re2_escape(n) for n in names))
 
 
+def explain(store: Store, scan: Scan, suspects: list[Suspect], anoms: pd.DataFrame, entries: list[str],
+            service: str | None, start_ns: int, end_ns: int) -> list[dict[str, Any]]:
+    """Step 4, shared by every backend: root cause and change correlation of each episode on the pulled slice.
+
+    The episodes are the scan's (its anomalies have the whole range as their baseline, as a full pull's
+    would); only the episodes pulled (all of them, or those of ``--service``) and the mesh-wide anomalies
+    are handed to :func:`~meshlens.analysis.incidents.find_incidents`, with the scan's call graph.
+    """
+    from meshlens.analysis.incidents import find_incidents
+
+    if len(anoms):
+        mesh = set(np.nonzero((anoms["scope"] == "mesh").to_numpy())[0])
+        keep = sorted({i for s in suspects for i in s.rows} | mesh)
+        anoms = anoms.iloc[keep].reset_index(drop=True)
+    rep = find_incidents(store, start_ns, end_ns, entries=entries, anomalies=anoms,
+                         edges=scanned_edges(store, scan))
+    return _rank(rep.items, service)
+
+
 # ------------------------------------------------------------------------------------------------
 # Entry point
 # ------------------------------------------------------------------------------------------------
@@ -580,7 +599,6 @@ def investigate_loki(
     """
     import time
 
-    from meshlens.analysis.incidents import find_incidents
     from meshlens.ingest import ingest
     from meshlens.store import writing
 
@@ -637,16 +655,9 @@ def investigate_loki(
             if audit_query is not None and windows:
                 result.lines_in_range += _count(client, audit_query.strip(), start_ns, end_ns, result)
             t3 = time.monotonic()
-            # root cause and change correlation of each episode, on the pulled slice; the episodes are the
-            # scan's (its anomalies have the whole range as their baseline, as a full pull's would)
-            # only the episodes pulled (all of them, or those of --service) and the mesh-wide anomalies
-            keep = sorted({i for s in suspects for i in s.rows} | set(np.nonzero((anoms["scope"] == "mesh").to_numpy())[0]))
-            anoms = anoms.iloc[keep].reset_index(drop=True) if len(anoms) else anoms
             with _bar(1, "investigate: explain", progress) as bar:
-                rep = find_incidents(store, start_ns, end_ns, entries=entry_list, anomalies=anoms,
-                                     edges=scanned_edges(store, scan))
+                result.incidents = explain(store, scan, suspects, anoms, entry_list, service, start_ns, end_ns)
                 bar.update(1)
-            result.incidents = _rank(rep.items, service)
             result.timings["explain"] = time.monotonic() - t3
             if not suspects:
                 result.warnings.append(

@@ -46,7 +46,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from meshlens.analysis.common import Window, bucket_seconds
@@ -59,9 +58,9 @@ from meshlens.investigate import (
     _callee,
     _frames,
     _gateways,
-    _rank,
     _read,
     detect_suspects,
+    explain,
     pull_windows,
     scanned_edges,
 )
@@ -348,7 +347,6 @@ def investigate_es(
     mesh (default: what the ingress gateway calls). ``**conn`` as :func:`meshlens.sources.elasticsearch.
     ingest_es` (credentials from the environment or a config file). See the module docstring.
     """
-    from meshlens.analysis.incidents import find_incidents
     from meshlens.ingest import ingest
     from meshlens.store import writing
     from meshlens.timeutil import parse_duration_ns, resolve_range
@@ -404,15 +402,9 @@ def investigate_es(
                     result.lines_in_range += int(audit.count(EsWindow(start_ns // 1_000_000, end_ns // 1_000_000)) or 0)
             result.timings["pull"] = time.monotonic() - t2
             t3 = time.monotonic()
-            # the scan's episodes explained on the pulled slice (as investigate_loki does)
-            keep = sorted({i for s in suspects for i in s.rows}
-                          | set(np.nonzero((anoms["scope"] == "mesh").to_numpy())[0])) if len(anoms) else []
-            anoms = anoms.iloc[keep].reset_index(drop=True) if len(anoms) else anoms
             with bar(1, "investigate es: explain") as b:
-                rep = find_incidents(store, start_ns, end_ns, entries=entry_list, anomalies=anoms,
-                                     edges=scanned_edges(store, scan))
+                result.incidents = explain(store, scan, suspects, anoms, entry_list, service, start_ns, end_ns)
                 b.update(1)
-            result.incidents = _rank(rep.items, service)
             result.timings["explain"] = time.monotonic() - t3
             if not suspects:
                 result.warnings.append(
