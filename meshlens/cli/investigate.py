@@ -34,7 +34,13 @@ investigate_app = typer.Typer(help="Investigate a range where the data lives: sc
                                    "suspects' raw lines, explain.", no_args_is_help=True)
 
 
-def _echo(res: Any) -> None:
+def _echo(res: Any, as_json: bool = False) -> None:
+    """The result of either investigation: the ``--json`` object on stdout (warnings on stderr), or text."""
+    if as_json:
+        typer.echo(json.dumps(res.to_json(), default=str))
+        for w in res.warnings:
+            typer.echo(f"warning: {w}", err=True)
+        return
     p = res.to_json()["pulled"]
     share = f" ({p['lines_pulled'] / p['lines_in_range']:.1%})" if p["lines_in_range"] else ""
     typer.echo(f"{len(res.incidents)} incident(s) from {res.window.describe()}; pulled {p['lines_pulled']} of "
@@ -85,12 +91,7 @@ def investigate_loki_cmd(
             **_auth(username, password, bearer_token, bearer_token_file, header, ca_cert, cert, key, insecure,
                     timeout, max_retries),
         )
-        if as_json:
-            typer.echo(json.dumps(res.to_json(), default=str))
-            for w in res.warnings:
-                typer.echo(f"warning: {w}", err=True)
-        else:
-            _echo(res)
+        _echo(res, as_json)
 
     run_command(body)
 

@@ -8,7 +8,6 @@ documented there), registered by :mod:`meshlens.cli.investigate`. Connection, au
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Annotated
 
@@ -85,11 +84,6 @@ def investigate_es_cmd(
             progress=not no_progress and not as_json and sys.stderr.isatty(),
             **_conn(cloud_id, config, username, ca_cert, cert, key, insecure, timeout, max_retries),
         )
-        if as_json:
-            typer.echo(json.dumps(res.to_json(), default=str))
-            for w in res.warnings:
-                typer.echo(f"warning: {w}", err=True)
-        else:
-            _echo(res)
+        _echo(res, as_json)
 
     run_command(body)
