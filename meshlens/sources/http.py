@@ -33,6 +33,13 @@ Thread safety: ``requests.Session`` is not documented as thread-safe, so the cli
 per thread** (``threading.local``), each with its own connection pool. Worker threads can share one
 :class:`HttpClient`; :meth:`HttpClient.close` closes every session it created.
 
+Speed: JSON answers are decoded with orjson (5-7x faster than the standard library on a 5000-line Loki
+page, and it holds the GIL that the parsing writer also needs), falling back to :func:`json.loads` for
+what orjson refuses but JSON allows (integers beyond 64 bits). Answers from a loopback address (a
+``kubectl port-forward``, a local Loki) are asked for uncompressed (``Accept-Encoding: identity``): on
+loopback gzip only costs CPU on both sides (about 3 s of Loki's and 0.6 s of ours per 1M lines);
+over a network they stay compressed. ``HttpConfig.compress`` overrides the choice.
+
 Secrets (password, bearer token, API key, sensitive headers) are never logged, never part of
 ``repr()``, :meth:`HttpConfig.redacted` or :meth:`HttpConfig.identity`.
 """
@@ -41,6 +48,8 @@ from __future__ import annotations
 
 import email.utils
 import errno
+import ipaddress
+import json
 import logging
 import random
 import socket
@@ -52,6 +61,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+import orjson
 import requests
 from requests.adapters import HTTPAdapter
 
@@ -115,6 +125,8 @@ class HttpConfig:
     max_retries: int = 8
     backoff_base_s: float = 0.5
     backoff_max_s: float = 30
+    # ask for gzip-compressed answers: None = yes unless the server is on a loopback address
+    compress: bool | None = None
 
     def __post_init__(self) -> None:
         if not self.url:
@@ -376,6 +388,8 @@ class HttpClient:
         s.mount("http://", adapter)
         s.mount("https://", adapter)
         s.headers["User-Agent"] = USER_AGENT
+        if not (cfg.compress if cfg.compress is not None else not is_loopback(cfg.url)):
+            s.headers["Accept-Encoding"] = "identity"
         s.headers.update(cfg.headers)
         if cfg.bearer_token:
             s.headers["Authorization"] = f"Bearer {cfg.bearer_token}"
@@ -585,9 +599,7 @@ class HttpClient:
         A 200 whose body is not valid JSON almost always means a proxy cut the transfer, so it is treated
         as transient. Non-2xx responses are returned with ``None`` as the decoded value.
         """
-        import json as _json
-
-        dec = decode or _json.loads
+        dec = decode or loads_json
         for attempt in range(self.cfg.max_retries + 1):
             resp = self.request(
                 method, path, params=params, json=json, data=data, headers=headers,
@@ -614,6 +626,27 @@ class HttpClient:
                     self._on_retry(attempt + 1, "invalid JSON body", delay)
                 self._sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+def loads_json(body: bytes | str) -> Any:
+    """Decode a JSON document: orjson (fast), the standard library for what orjson refuses that JSON
+    allows (integers beyond 64 bits, e.g. an ES ``unsigned_long``); ValueError when it is not JSON."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return json.loads(body)
+
+
+def is_loopback(url: str) -> bool:
+    """True when ``url``'s host is this machine (localhost, 127.0.0.0/8, ::1): a port-forward or a local
+    server, where compressing answers costs CPU and saves nothing."""
+    host = (urlsplit(url).hostname or "").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _plain_http_to_tls(resp: requests.Response) -> bool:

@@ -300,3 +300,38 @@ def test_slow_response_times_out_and_is_retried() -> None:
         client = HttpClient(cfg, "Loki", sleep=lambda s: None, on_retry=lambda a, why, d: retries.append(why))
         assert client.request("GET", READY).status_code == 200
         assert len(retries) == 1 and "Timeout" in retries[0]
+
+
+# -- speed settings that must not change answers -------------------------------------------------------
+def test_json_bodies_decode_like_the_standard_library() -> None:
+    from meshlens.sources.http import loads_json
+
+    body = b'{"a": [1, 2.5, "x\\u00e9"], "big": 18446744073709551616, "nan": NaN, "n": null}'
+    got = loads_json(body)  # orjson refuses the 2**64 integer and NaN: the standard library decodes them
+    assert got["a"] == [1, 2.5, "x\u00e9"] and got["big"] == 2**64 and got["n"] is None
+    assert got["nan"] != got["nan"]
+    assert loads_json('{"streams": []}') == {"streams": []}
+    with pytest.raises(ValueError):
+        loads_json(b'{"cut": [1, 2')
+
+
+@pytest.mark.parametrize(("url", "loop"), [
+    ("http://127.0.0.1:3100", True), ("http://127.8.0.1", True), ("http://localhost:3100", True),
+    ("http://[::1]:3100", True), ("http://loki.monitoring:3100", False), ("https://10.0.0.1", False),
+    ("http://loki.localhost.example.com", False)])
+def test_loopback_addresses_are_told_apart(url: str, loop: bool) -> None:
+    from meshlens.sources.http import is_loopback
+
+    assert is_loopback(url) is loop
+
+
+def test_loopback_answers_are_asked_uncompressed_others_gzip() -> None:
+    """On a port-forward gzip costs CPU on both ends and saves nothing; over a network it saves bytes."""
+    with LokiServer() as srv:
+        _client(srv.url).request("GET", READY)
+        _client(srv.url, compress=True).request("GET", READY)
+        _client(srv.url, headers={"Accept-Encoding": "br"}).request("GET", READY)  # the user's header wins
+        enc = [r.headers.get("Accept-Encoding") for r in srv.query_requests(READY)]
+    assert enc[0] == "identity" and "gzip" in enc[1] and enc[2] == "br"
+    remote = HttpClient(HttpConfig(url="http://loki.example:3100"), "Loki")
+    assert "gzip" in remote.session.headers["Accept-Encoding"]

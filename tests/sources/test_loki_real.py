@@ -224,3 +224,23 @@ def test_stream_shards_are_exclusive_when_one_stream_s_labels_contain_another_s(
                ({"app": "sup", "pod": "p1"}, [(T0 + i * NS, f"with pod {i}") for i in range(70)])])
     got, src = _fetch(loki, loki.selector(), parallel=2)
     assert src.streams == 2 and len(got) == 120 and len(set(got)) == 120
+
+
+def test_uncompressed_and_gzip_answers_are_the_same(loki: Backend) -> None:
+    """Loopback pulls ask for identity (no gzip CPU on either side); the real Loki honours it, and a
+    compressed answer (``compress=True``, what a remote Loki gets) decodes to the same entries."""
+    loki.push([({"app": "z1"}, [(RANGE["start"] + i * NS, _istio(i, "z1")) for i in range(300)])])
+    q = f'{{test="{loki.tag}"}}'
+    got = {}
+    for compress in (None, True):
+        cfg, tenant = loki_http_config(loki.url, env={})
+        cfg.compress = compress
+        http = HttpClient(cfg, LOKI_PRODUCT)
+        resp = http.request("GET", "/loki/api/v1/query_range", params={
+            "query": q, "start": str(RANGE["start"]), "end": str(RANGE["end"]), "limit": "1000"})
+        if loki.real is not None:
+            assert resp.headers.get("Content-Encoding") == ("gzip" if compress else None)
+        got[compress] = sorted(ln for _, _, ln in _fetch(loki, q)[0]) if compress is None else sorted(
+            v[1] for s in resp.json()["data"]["result"] for v in s["values"])
+        http.close()
+    assert got[None] == got[True] and len(got[None]) == 300
