@@ -7,12 +7,9 @@ it is stored), and
 each batch is stored in one transaction together with the source's checkpoint, so a run killed at any
 moment resumes without loss or duplicates.
 
-Reading, parsing and storing overlap, in three stages joined by one-batch queues: a reader thread
-reads (for Loki: receives what the fetch workers decoded) batch N+2, a parser thread parses and filters
-batch N+1 on its own DuckDB cursor into an in-memory staging database, and the calling thread stores
-batch N from there. DuckDB releases the GIL while it works, so the parse of one batch, the insert of the
-previous one and the fetch all run at once: the store is no longer parse + insert behind the fetch but
-the slower of the three (with the last batch's parse and insert overlapping too).
+Reading and storing overlap: a worker thread reads (and for Loki, fetches and decodes) batch N+1 while
+the main thread parses and stores batch N in DuckDB (which releases the GIL while it works), which is
+what keeps the two cores busy. Parsing itself runs on the writer, not during the fetch.
 """
 
 from __future__ import annotations
@@ -153,12 +150,6 @@ def _prefetch(batches: Iterable[RawBatch], depth: int = 1) -> Iterator[RawBatch]
             q.put(_DONE)
         except BaseException as exc:  # noqa: BLE001 - forwarded to the consumer thread
             q.put(exc)
-        finally:
-            # close a generator in the thread that ran it (a stage behind it stops its own threads)
-            close = getattr(batches, "close", None)
-            if close is not None:
-                with contextlib.suppress(Exception):
-                    close()
 
     t = threading.Thread(target=work, name="meshlens-read", daemon=True)
     t.start()
@@ -198,153 +189,60 @@ def ingest_batches(
     cfg = _filters.FilterConfig.default() if filters is None else filters
     if INGEST_MEMORY_LIMIT and re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]i?B", INGEST_MEMORY_LIMIT):
         store.con.execute(f"SET memory_limit = '{INGEST_MEMORY_LIMIT}'")
-    stage = _Stage(store, fmt, json_mapping, cfg)
+    parser = Parser(fmt, json_mapping, con=store.con)
     counts = IngestCounts(run_id=store.start_run(source), filtered_by_rule=dict.fromkeys(cfg.rule_names(), 0),
                           source=source)
     bar = progress if isinstance(progress, tqdm) else tqdm(
         total=None, unit="rec", unit_scale=True, desc="ingest", disable=not progress, leave=False,
         mininterval=0.5)
-    parsed = _prefetch(stage.parse_all(_prefetch(batches)))
     try:
-        for p in parsed:
-            cp = (watermark_key, p.checkpoint) if watermark_key and p.checkpoint is not None else None
+        for batch in _prefetch(batches):
+            n = len(batch)
+            n_ev, n_rej = parser.parse_into(batch)
+            if n_ev + n_rej != n:
+                parser.drop_results()
+                raise StoreError(
+                    f"internal error: batch of {n} records from {batch.source} parsed into {n_ev} "
+                    f"events + {n_rej} rejects; nothing of this batch was stored. Please report it."
+                )
+            cp = (watermark_key, batch.checkpoint) if watermark_key and batch.checkpoint is not None else None
             try:
-                res = store.insert_batch(p.events, p.rejects, cp, run=(counts.run_id, p.n, p.filtered),
-                                         n_events=p.kept, n_rejects=p.n_rejects)
+                fr = _filters.apply_filters(store.con, "_ml_events", cfg, n_ev)
+                if fr.kept + fr.filtered != n_ev:
+                    raise StoreError(
+                        f"internal error: {n_ev} parsed events of a batch from {batch.source} were split into "
+                        f"{fr.kept} kept + {fr.filtered} filtered; nothing of this batch was stored. Please report it.")
+                res = store.insert_batch(fr.view, "_ml_rejects", cp, run=(counts.run_id, n, fr.filtered),
+                                         n_events=fr.kept, n_rejects=n_rej)
+                if n_rej:
+                    counts._add_reasons(store.con.execute(
+                        "SELECT reason, count(*) FROM _ml_rejects GROUP BY ALL ORDER BY 2 DESC "
+                        f"LIMIT {MAX_REJECT_REASONS}").fetchall())
             finally:
-                stage.drop(p)
-            counts.read += p.n
-            counts._add_filtered(p.by_rule)
-            counts._add_reasons(p.reasons)
+                _filters.drop_results(store.con)
+                parser.drop_results()
+            counts.read += n
+            counts._add_filtered(fr.by_rule)
             counts.stored += res.stored
             counts.duplicates += res.duplicates
             counts.rejects += res.rejects
             counts.rejects_new += res.rejects_new
-            bar.update(p.n)
+            bar.update(n)
             bar.set_postfix(stored=counts.stored, rejects=counts.rejects, refresh=False)
-            with stage.lock:
-                store.maybe_publish_snapshot(snapshot_every_s)
+            store.maybe_publish_snapshot(snapshot_every_s)
     except BaseException as exc:
-        stage.interrupt()
-        parsed.close()  # stops the parser and reader threads before the run is marked failed
         msg = str(exc) if isinstance(exc, MeshlensError) else f"{type(exc).__name__}: {exc}"
         store.finish_run(counts.run_id, read=counts.read, stored=counts.stored, duplicates=counts.duplicates,
                          rejects=counts.rejects, status="failed", message=msg[:2000],
                          filtered=counts.filtered, filtered_by_rule=counts.filtered_by_rule)
         raise
     finally:
-        parsed.close()
-        stage.close()
         if not isinstance(progress, tqdm):
             bar.close()
     store.finish_run(counts.run_id, read=counts.read, stored=counts.stored, duplicates=counts.duplicates,
                      rejects=counts.rejects, status="ok", filtered=counts.filtered,
                      filtered_by_rule=counts.filtered_by_rule)
     return counts
-
-
-@dataclass
-class _Parsed:
-    """One batch parsed and filtered into staging tables, with its counts (what the writer stores)."""
-
-    n: int
-    events: str
-    rejects: str
-    kept: int
-    n_rejects: int
-    filtered: int
-    by_rule: dict[str, int]
-    reasons: list[tuple[str | None, int]]
-    checkpoint: Any
-
-
-class _Stage:
-    """The parse stage of :func:`ingest_batches`: parses and filters batches on its own cursor of the
-    store's DuckDB instance (its own temp objects) into tables of an in-memory database ATTACHed to that
-    instance -- visible to the writer's connection, never written to the store's file -- so that the
-    writer thread only inserts. Each batch's output is checked against the conservation count before it
-    can be stored.
-
-    Why not a separate DuckDB and Arrow tables: converting the wide rows to Arrow and back cost ~5 s of
-    CPU per 1M rows here, more than the overlap gains on two cores. ``lock`` is held while the stage
-    writes; the writer takes it to CHECKPOINT (a snapshot), which DuckDB refuses while another
-    connection's write transaction is open."""
-
-    _seq = 0
-    _seq_lock = threading.Lock()
-
-    def __init__(self, store: Store, fmt: str | None, json_mapping: dict[str, str] | None,
-                 cfg: _filters.FilterConfig) -> None:
-        with _Stage._seq_lock:
-            _Stage._seq += 1
-            self.db = f"ml_stage_{os.getpid()}_{_Stage._seq}"
-        self.store = store
-        self.cfg = cfg
-        self.lock = threading.Lock()
-        store.con.execute(f"ATTACH ':memory:' AS {self.db}")
-        self.con = store.con.cursor()
-        self.parser = Parser(fmt, json_mapping, con=self.con)
-        self.n = 0
-
-    def parse_all(self, batches: Iterable[RawBatch]) -> Iterator[_Parsed]:
-        it = iter(batches)
-        try:
-            for batch in it:
-                with self.lock:
-                    parsed = self.parse(batch)
-                yield parsed
-        finally:
-            close = getattr(it, "close", None)
-            if close is not None:
-                close()
-
-    def parse(self, batch: RawBatch) -> _Parsed:
-        con, parser = self.con, self.parser
-        n = len(batch)
-        self.n += 1
-        ev, rej = f"{self.db}.ev_{self.n}", f"{self.db}.rej_{self.n}"
-        try:
-            n_ev, n_rej = parser.parse_into(batch)
-            if n_ev + n_rej != n:
-                raise StoreError(
-                    f"internal error: batch of {n} records from {batch.source} parsed into {n_ev} "
-                    f"events + {n_rej} rejects; nothing of this batch was stored. Please report it.")
-            fr = _filters.apply_filters(con, "_ml_events", cfg=self.cfg, n_events=n_ev)
-            if fr.kept + fr.filtered != n_ev:
-                raise StoreError(
-                    f"internal error: {n_ev} parsed events of a batch from {batch.source} were split into "
-                    f"{fr.kept} kept + {fr.filtered} filtered; nothing of this batch was stored. Please report it.")
-            con.execute(f"CREATE TABLE {ev} AS SELECT * FROM {fr.view}")
-            con.execute(f"CREATE TABLE {rej} AS SELECT * FROM _ml_rejects")
-            reasons = con.execute(f"SELECT reason, count(*) FROM {rej} GROUP BY ALL ORDER BY 2 DESC "
-                                  f"LIMIT {MAX_REJECT_REASONS}").fetchall() if n_rej else []
-        except BaseException:
-            self.drop_tables(ev, rej)
-            raise
-        finally:
-            _filters.drop_results(con)
-            parser.drop_results()
-        return _Parsed(n=n, events=ev, rejects=rej, kept=fr.kept, n_rejects=n_rej, filtered=fr.filtered,
-                       by_rule=fr.by_rule, reasons=reasons, checkpoint=batch.checkpoint)
-
-    def drop(self, p: _Parsed) -> None:
-        self.drop_tables(p.events, p.rejects)
-
-    def drop_tables(self, *names: str) -> None:
-        for name in names:
-            with contextlib.suppress(Exception):
-                self.store.con.execute(f"DROP TABLE IF EXISTS {name}")
-
-    def interrupt(self) -> None:
-        """Abort a parse in progress (the run is failing: do not finish a batch nobody will store)."""
-        with contextlib.suppress(Exception):
-            self.con.interrupt()
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.con.close()
-        with contextlib.suppress(Exception):
-            self.store.con.execute(f"DETACH {self.db}")
 
 
 def ingest(
