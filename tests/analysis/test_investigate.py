@@ -156,11 +156,11 @@ def test_pull_plan_narrows_streams_and_the_gateway() -> None:
     assert len(plan) == 2
     q, lo, hi = plan[0]
     assert q == '{container="istio-proxy", app=~"search|web"}'
-    # 30 min of baseline before the onset, the episode, 10 min of recovery
-    assert lo == 5 * HOUR - 30 * 60 * 10**9 and hi == 5 * HOUR + HOUR // 4 + 10 * 60 * 10**9
+    # 15 min of baseline before the onset, the episode, 5 min of recovery
+    assert lo == 5 * HOUR - 15 * 60 * 10**9 and hi == 5 * HOUR + HOUR // 4 + 5 * 60 * 10**9
     # a long episode is pulled for at most 30 min after its onset
     long = [Suspect("web", 5 * HOUR, 8 * HOUR, ["web"], 10.0)]
-    assert pull_plan(long, w, '{container="istio-proxy"}')[0][2] == 5 * HOUR + 40 * 60 * 10**9
+    assert pull_plan(long, w, '{container="istio-proxy"}')[0][2] == 5 * HOUR + 35 * 60 * 10**9
     # the gateway's lines towards the entry only (its name RE2-escaped inside the LogQL string)
     assert plan[1][0] == ('{container="istio-proxy", app=~"istio\\\\-ingressgateway"} '
                           '|~ `outbound\\|[0-9]*\\|[^|]*\\|(web)\\.`')
