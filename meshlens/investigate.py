@@ -656,20 +656,24 @@ def explain(store: Store, scan: Scan, suspects: list[Suspect], anoms: pd.DataFra
     would); only the episodes pulled (all of them, or those of ``--service``) and the mesh-wide anomalies
     are handed to :func:`~meshlens.analysis.incidents.find_incidents`, with the scan's call graph.
     """
-    from meshlens.analysis.incidents import _services_of, find_incidents
+    from meshlens.analysis.incidents import find_incidents
 
     if len(anoms):
         mesh = set(np.nonzero((anoms["scope"] == "mesh").to_numpy())[0])
         keep_rows = {i for s in suspects for i in s.rows} | mesh
         if service:
-            # the episodes kept for --service: also their symptoms' own anomalies at that time, which the
-            # grouping may have put in an episode not kept (an entry hurt by two overlapping episodes):
-            # without them the episode has no hurt entry and is no incident
-            for i, r in enumerate(anoms.itertuples(index=False)):
-                if r.scope != "mesh" and any(
-                        s.symptom in _services_of(r) and int(r.onset.value) <= s.end_ns
-                        and int(r.end.value) >= s.onset_ns for s in suspects):
-                    keep_rows.add(i)
+            # an episode kept for --service whose symptom's own anomaly the grouping put in an episode not
+            # kept (an entry hurt by two overlapping episodes) has no hurt entry without it, so is no
+            # incident: that anomaly too, when it starts inside the episode's pulled window
+            target = anoms["target"].to_numpy()
+            scope = anoms["scope"].to_numpy()
+            onset = anoms["onset"].astype("int64").to_numpy()
+            for s in suspects:
+                if any(scope[i] == "service" and target[i] == s.symptom for i in s.rows):
+                    continue
+                (w,) = pull_windows([s], Window(start_ns, end_ns))
+                keep_rows |= {i for i in range(len(anoms)) if scope[i] == "service" and target[i] == s.symptom
+                              and w.lo_ns <= onset[i] < w.hi_ns and onset[i] <= s.end_ns}
         keep = sorted(keep_rows)
         anoms = anoms.iloc[keep].reset_index(drop=True)
     rep = find_incidents(store, start_ns, end_ns, entries=entries, anomalies=anoms,
