@@ -206,8 +206,9 @@ def _run_all(store: Store, client: LokiClient, org: str | None, jobs: list[tuple
 def _formats(client: LokiClient, selector: str, lines: list[dict[str, Any]],
              step_ns: int) -> tuple[dict[str, str], int, dict[str, set[str] | None]]:
     """Which Istio encoding's queries read which streams -- ``{format: selector}`` -- and the queries it
-    took, and the namespaces each one covers (None: all): 20 lines of each namespace from its busiest bucket (a short range: a sample query over the
-    whole range could time out where the metric queries are split). When every namespace showed one
+    took, and the namespaces each one covers (None: all): 20 lines of each namespace from its busiest
+    bucket (a short range: a sample query over the whole range could time out where the metric queries
+    are split). When every namespace showed one
     encoding only, each format's selector names its namespaces, so that Loki reads only their chunks
     (a mixed mesh costs one pass per line, not two); otherwise both read the whole selector."""
     busiest: dict[str, tuple[float, int]] = {}
@@ -238,6 +239,8 @@ def scan_loki(store: Store, client: LokiClient, selector: str, window: Window, *
               split_labels: tuple[str, ...] = ("namespace", "app", "pod"), parallel: int = 2,
               progress: Any = None) -> Scan:
     """Phase 1: the metric queries over the whole range, stored in ``series`` (see the module docstring)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     width = bucket_seconds(window)
     scan = Scan(window=window, width=width, coarse_width=width)
     step = width * NS
@@ -271,8 +274,6 @@ def scan_loki(store: Store, client: LokiClient, selector: str, window: Window, *
     # not: a query refused on it would have read the lines for nothing)
     apps = sorted({(str((i.get("metric") or {}).get("namespace", "")), str((i.get("metric") or {}).get("app", "")))
                    for i in lines})
-    from concurrent.futures import ThreadPoolExecutor
-
     jobs = [(fmt, add_matcher(fsel, "app", "=", app)) for fmt, fsel in selectors.items()
             for app in sorted({a for ns, a in apps if covered[fmt] is None or ns in covered[fmt]})]
     hists: list[dict[str, Any]] = []
@@ -313,6 +314,7 @@ def _fetch_latency(client: LokiClient, split_labels: tuple[str, ...], fmt: str, 
     except QueryError as exc:
         if "series" not in str(exc):
             raise
+        log.info("latency histogram of %s refused on the series limit; quantile_over_time instead", selector)
     out = [("investigate_latency_bins", q, [], runner.queries)]
     for name, p in QUANTILES:
         qq = (f"quantile_over_time({p}, {selector} {PARSERS[fmt]} {ACCESS_FILTER} | unwrap duration "
@@ -335,9 +337,10 @@ def latency_quantiles(items: list[dict[str, Any]], qs: Mapping[str, float] | Non
                       ) -> dict[str, list[dict[str, Any]]]:
     """p50/p99 (ms) per (time, namespace, app, upstream cluster) from :data:`LATENCY_BIN` counts (matrix
     items), as matrix items. Like Loki's ``quantile_over_time`` the rank is ``q x (n - 1)`` among the
-    samples; inside a bin wider than 1 ms the samples are taken as evenly spread (a bin is at most 2x
-    wide, ~1.5x at most above 20 ms: a p99 moves to a neighbouring bin when it changes by that much, and the
-    anomaly analysis' latency scores need ~15 % changes only at high counts)."""
+    samples; inside a bin wider than 1 ms the samples are taken as evenly spread (bins are exact below
+    20 ms and at most 1.5x wide above; measured on the benchmark's 1M lines against ``quantile_over_time``:
+    p50 within 4 % for 90 % of the points, p99 within 35 % -- a p99 of few requests is one sample, which
+    the anomaly analysis does not score below 20 requests)."""
     qs = qs or dict(QUANTILES)
     rows = []
     for it in items:
