@@ -156,11 +156,11 @@ def test_pull_plan_narrows_streams_and_the_gateway() -> None:
     assert len(plan) == 2
     q, lo, hi = plan[0]
     assert q == '{container="istio-proxy", app=~"search|web"}'
-    # 30 min of baseline before the onset, the episode, 10 min of recovery
-    assert lo == 5 * HOUR - 30 * 60 * 10**9 and hi == 5 * HOUR + HOUR // 4 + 10 * 60 * 10**9
+    # 15 min of baseline before the onset, the episode, 5 min of recovery
+    assert lo == 5 * HOUR - 15 * 60 * 10**9 and hi == 5 * HOUR + HOUR // 4 + 5 * 60 * 10**9
     # a long episode is pulled for at most 30 min after its onset
     long = [Suspect("web", 5 * HOUR, 8 * HOUR, ["web"], 10.0)]
-    assert pull_plan(long, w, '{container="istio-proxy"}')[0][2] == 5 * HOUR + 40 * 60 * 10**9
+    assert pull_plan(long, w, '{container="istio-proxy"}')[0][2] == 5 * HOUR + 35 * 60 * 10**9
     # the gateway's lines towards the entry only (its name RE2-escaped inside the LogQL string)
     assert plan[1][0] == ('{container="istio-proxy", app=~"istio\\\\-ingressgateway"} '
                           '|~ `outbound\\|[0-9]*\\|[^|]*\\|(web)\\.`')
@@ -215,3 +215,35 @@ def test_real_loki_answers_the_scan_like_the_in_process_server(sim: Sim, loki: L
     assert len(ra) == len(rb)
     assert (ra[["metric", "ts", "labels"]] == rb[["metric", "ts", "labels"]]).all().all()
     assert ((ra["value"] - rb["value"]).abs() <= 1e-6 * rb["value"].abs().clip(lower=1)).all()
+
+
+def test_latency_quantiles_from_bins_follow_the_exact_ones() -> None:
+    """The scan's p50/p99 come from LATENCY_BIN counts: exact where a bin is 1 ms wide (below 20 ms), else
+    inside the sample's bin; a line without a duration is not a sample."""
+    import numpy as np
+
+    from meshlens.investigate import _bin_bounds, latency_quantiles
+
+    def binned(ds: list[int]) -> list[dict]:
+        bins: dict[str, int] = {}
+        for d in ds:
+            s = str(d)
+            b = f"{len(s)}:{s[:2] if s.startswith('1') else s[:1]}"
+            bins[b] = bins.get(b, 0) + 1
+        bins["0:"] = 5
+        return [{"metric": {"namespace": "n", "app": "a", "upstream_cluster": "c", "bin": b},
+                 "values": [[1000.0, str(v)]]} for b, v in bins.items()]
+
+    small = [3] * 50 + [7] * 49 + [15]  # all below 20 ms: exact order statistics
+    got = latency_quantiles(binned(small))
+    p50 = float(got["investigate_p50_ms"][0]["values"][0][1])
+    p99 = float(got["investigate_p99_ms"][0]["values"][0][1])
+    assert p50 == np.quantile(small, 0.5, method="lower") and p99 == 7.0
+    rng = np.random.default_rng(7)
+    wide = [int(x) for x in rng.lognormal(5.0, 0.6, 2000)]
+    got = latency_quantiles(binned(wide))
+    for name, q in (("investigate_p50_ms", 0.5), ("investigate_p99_ms", 0.99)):
+        est = float(got[name][0]["values"][0][1])
+        exact = float(np.quantile(wide, q))
+        lo, hi = _bin_bounds(f"{len(str(int(exact)))}:{str(int(exact))[:2] if str(int(exact)).startswith('1') else str(int(exact))[:1]}")
+        assert lo <= est < hi and abs(np.log(est / exact)) < 0.2, (name, est, exact)

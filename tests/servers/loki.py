@@ -22,7 +22,7 @@ Loki cannot run in CI, so this server reproduces what meshlens depends on, from 
 
 LogQL is a subset, enough for what meshlens sends: stream selectors (``= != =~ !~``), line filters
 (``|= != |~ !~``), ``| json``, ``| regexp``, ``| pattern``, label filters (string and numeric),
-``| unwrap``, the range aggregations ``count_over_time rate bytes_over_time sum_over_time avg_over_time
+``| label_format`` (templates: text, ``.label``, ``len``, ``trunc``, ``if hasPrefix``), ``| unwrap``, the range aggregations ``count_over_time rate bytes_over_time sum_over_time avg_over_time
 min_over_time max_over_time quantile_over_time`` (with ``by``/``without``) and the vector aggregations
 ``sum count min max avg`` (``by``/``without``). Anything else is answered like Loki answers a query it
 cannot parse: 400 ``parse error at line 1, col N: syntax error: unexpected ...``.
@@ -356,7 +356,7 @@ class Matcher:
 
 @dataclass
 class Stage:
-    kind: str  # line, json, regexp, pattern, label, unwrap
+    kind: str  # line, json, regexp, pattern, label, label_format, unwrap
     op: str = ""
     value: Any = None
     rx: re.Pattern[str] | None = None
@@ -522,7 +522,22 @@ class Parser:
             if lbl.kind != "IDENT":
                 raise self.unexpected(lbl, "IDENTIFIER")
             return Stage("unwrap", value=lbl.text)
-        if t.text in ("logfmt", "line_format", "label_format", "drop", "keep", "decolorize", "unpack"):
+        if t.text == "label_format" and not is_filter:
+            formats: list[tuple[str, list[Any]]] = []
+            while True:
+                dst = self.next()
+                if dst.kind != "IDENT":
+                    raise self.unexpected(dst, "IDENTIFIER")
+                self.expect("=")
+                v = self.next()
+                if v.kind != "STRING":  # a rename (dst=src) is real LogQL; this server takes templates only
+                    raise self.unexpected(v, "STRING")
+                formats.append((dst.text, _parse_template(v.value)))
+                if not (self.peek().kind == "OP" and self.peek().text == ","):
+                    break
+                self.next()
+            return Stage("label_format", value=formats)
+        if t.text in ("logfmt", "line_format", "drop", "keep", "decolorize", "unpack"):
             raise self.unexpected(t)  # real Loki supports these; this test server does not
         if not is_filter:
             raise self.unexpected(nxt, "=, !=, =~, !~, >, >=, <, <=, ==")
@@ -673,6 +688,92 @@ def _flatten_json(obj: dict[str, Any], prefix: str, out: dict[str, str]) -> None
             out[key] = str(v)
 
 
+_TEMPLATE_ACTION = re.compile(r"\{\{(.*?)\}\}", re.S)
+_TEMPLATE_ARG = re.compile(r'"(?:[^"\\]|\\.)*"|\S+')
+_TEMPLATE_FUNCS = {"len", "trunc", "hasPrefix"}
+
+
+def _parse_template(src: str) -> list[Any]:
+    """The subset of Go's text/template that ``label_format`` is used with here: text, ``{{ .label }}``,
+    ``{{ len .label }}``, ``{{ trunc N .label }}`` and ``{{ if hasPrefix "p" .label }} .. {{ else }} ..
+    {{ end }}`` (Loki's functions of those names: sprig's ``trunc`` and ``hasPrefix``, Go's ``len``; a
+    missing label is the empty string). Anything else: a parse error (real Loki has more)."""
+    parts: list[tuple[str, str]] = []
+    pos = 0
+    for m in _TEMPLATE_ACTION.finditer(src):
+        if m.start() > pos:
+            parts.append(("text", src[pos:m.start()]))
+        parts.append(("act", m.group(1).strip()))
+        pos = m.end()
+    if pos < len(src):
+        parts.append(("text", src[pos:]))
+
+    def cmd(text: str) -> list[str]:
+        args = _TEMPLATE_ARG.findall(text)
+        if not args or (not args[0].startswith(".") and args[0] not in _TEMPLATE_FUNCS):
+            raise LogQLParseError(None, f"template: function {args[0] if args else ''!r} not supported here")
+        return args
+
+    def block(i: int, stop: tuple[str, ...]) -> tuple[list[Any], int]:
+        nodes: list[Any] = []
+        while i < len(parts):
+            kind, text = parts[i]
+            if kind == "text":
+                nodes.append(("text", text))
+                i += 1
+            elif text in stop:
+                return nodes, i
+            elif text.startswith("if "):
+                then, i = block(i + 1, ("else", "end"))
+                other: list[Any] = []
+                if i < len(parts) and parts[i][1] == "else":
+                    other, i = block(i + 1, ("end",))
+                if i >= len(parts):
+                    raise LogQLParseError(None, "template: unexpected EOF (an if without end)")
+                nodes.append(("if", cmd(text[3:]), then, other))
+                i += 1
+            else:
+                nodes.append(("cmd", cmd(text)))
+                i += 1
+        if stop:
+            raise LogQLParseError(None, "template: unexpected EOF (an if without end)")
+        return nodes, i
+
+    return block(0, ())[0]
+
+
+def _template_arg(arg: str, labels: dict[str, str]) -> str:
+    if arg.startswith("."):
+        return labels.get(arg[1:], "")
+    if arg.startswith('"'):
+        return str(json.loads(arg))
+    return arg
+
+
+def _template_cmd(args: list[str], labels: dict[str, str]) -> Any:
+    vals = [_template_arg(a, labels) for a in args[1:]]
+    if args[0].startswith("."):
+        return _template_arg(args[0], labels)
+    if args[0] == "len":
+        return str(len(vals[0].encode()))
+    if args[0] == "trunc":  # sprig: trunc c s
+        c, text = int(vals[0]), vals[1]
+        return text[len(text) + c:] if c < 0 and len(text) + c > 0 else text[:c] if c >= 0 else text
+    return vals[1].startswith(vals[0])  # hasPrefix prefix s
+
+
+def _render_template(nodes: list[Any], labels: dict[str, str]) -> str:
+    out = []
+    for n in nodes:
+        if n[0] == "text":
+            out.append(n[1])
+        elif n[0] == "cmd":
+            out.append(str(_template_cmd(n[1], labels)))
+        else:
+            out.append(_render_template(n[2] if _template_cmd(n[1], labels) else n[3], labels))
+    return "".join(out)
+
+
 def _set_extracted(labels: dict[str, str], base: dict[str, str], key: str, value: str) -> None:
     if key in base:
         key = key + "_extracted"
@@ -720,6 +821,9 @@ def run_pipeline(stages: list[Stage], line: str, base: dict[str, str]) -> dict[s
                 for k, v in m.groupdict().items():
                     if k != "_" and v is not None:
                         _set_extracted(labels, base, _sanitize(k), v)
+        elif st.kind == "label_format":
+            rendered = [(dst, _render_template(nodes, labels)) for dst, nodes in st.value]
+            labels.update(rendered)
         elif st.kind == "label":
             name, want = st.value
             have = labels.get(name, "")

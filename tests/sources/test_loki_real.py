@@ -244,3 +244,20 @@ def test_uncompressed_and_gzip_answers_are_the_same(loki: Backend) -> None:
             v[1] for s in resp.json()["data"]["result"] for v in s["values"])
         http.close()
     assert got[None] == got[True] and len(got[None]) == 300
+
+
+def test_latency_bins_by_label_format_like_loki(loki: Backend) -> None:
+    """investigate's latency histogram (``| label_format bin=`...``` with len/trunc/hasPrefix): the bins
+    of integer-ms durations, and ``0:`` for a line without one, as Loki computes them."""
+    from meshlens.investigate import LATENCY_BIN, PARSERS
+
+    durations = [0, 3, 1, 9, 10, 15, 19, 20, 47, 99, 100, 150, 199, 250, 999, 1000, 1999, 2500, 19999]
+    lines = [(T0 + (i + 1) * NS, _istio(i, "lat").replace(" 0 12 3 2 ", f" 0 12 {d} 2 ")) for i, d in enumerate(durations)]
+    lines.append((T0 + 100 * NS, "not an access log line"))
+    loki.push([({"app": "lat"}, lines)])
+    q = f"sum by (bin) (count_over_time({loki.selector()} {PARSERS['text']} | label_format bin=`{LATENCY_BIN}` [1h]))"
+    data = _client(loki).query_range(q, T0 + 3600 * NS, T0 + 3600 * NS, step_s=3600)
+    got = {item["metric"].get("bin", ""): int(float(item["values"][0][1])) for item in data["result"]}
+    assert got == {"0:": 1, "1:0": 1, "1:3": 1, "1:1": 1, "1:9": 1, "2:10": 1, "2:15": 1, "2:19": 1, "2:2": 1,
+                   "2:4": 1, "2:9": 1, "3:10": 1, "3:15": 1, "3:19": 1, "3:2": 1, "3:9": 1, "4:10": 1, "4:19": 1,
+                   "4:2": 1, "5:19": 1}
