@@ -327,3 +327,91 @@ def test_snapshots_published_while_the_next_batch_is_read(tmp_path: Path) -> Non
     assert counts.stored == 16000
     with open_store(db, read_only=True) as ro:
         assert ro.scalar("SELECT count(*) FROM events") == 16000
+
+
+def test_gc_is_paused_while_batches_are_stored_and_restored_after(tmp_path: Path) -> None:
+    """The collector is paused for the run (its full passes cost ~10 % of a Loki ingest's CPU), the
+    caller's GC state comes back afterwards -- also after a failed run -- and cycles are still freed."""
+    import gc
+
+    seen: list[bool] = []
+
+    def batches(fail: bool):
+        for i in range(3):
+            seen.append(gc.isenabled())
+            yield RawBatch(source="t", lines=[_line(i * 10 + k) for k in range(10)])
+        if fail:
+            raise SourceError("the source broke")
+
+    assert gc.isenabled()
+    with open_store(tmp_path / "a.duckdb") as store:
+        counts = ingest_batches(store, batches(False), source="t", progress=False)
+    assert counts.stored == 30 and seen and not any(seen)
+    assert gc.isenabled()
+    seen.clear()
+    with open_store(tmp_path / "b.duckdb") as store, pytest.raises(SourceError):
+        ingest_batches(store, batches(True), source="t", progress=False)
+    assert gc.isenabled() and seen and not any(seen)
+    gc.disable()
+    try:
+        with open_store(tmp_path / "c.duckdb") as store:
+            ingest_batches(store, batches(False), source="t", progress=False)
+        assert not gc.isenabled()  # a caller that had it off keeps it off
+    finally:
+        gc.enable()
+
+
+def test_gc_tick_collects_cycles_during_a_long_run() -> None:
+    import gc
+
+    from meshlens.ingest import _gc_paused
+
+    passes: list[int] = []
+
+    def cb(phase: str, info: dict) -> None:
+        if phase == "stop":
+            passes.append(info["generation"])
+
+    gc.callbacks.append(cb)
+    try:
+        with _gc_paused(every_s=3600) as tick:
+            tick()
+            assert passes == []  # not due yet
+        with _gc_paused(every_s=0) as tick:
+            tick()
+            assert passes == [2]  # due: one full pass
+    finally:
+        gc.callbacks.remove(cb)
+
+
+def test_pandas_is_imported_off_the_writer_while_the_first_batch_is_read(tmp_path: Path) -> None:
+    """pyarrow imports pandas on its first list conversion (~0.25 s): the ingest starts that import in
+    a background thread before reading, so the writer does not pay it after the first fetch."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys, threading
+from meshlens.ingest import ingest_batches
+from meshlens.records import RawBatch
+from meshlens.store import open_store
+assert "pandas" not in sys.modules
+importer = []
+class Watch:  # records which thread imports pandas
+    def find_spec(self, name, path=None, target=None):
+        if name == "pandas":
+            importer.append(threading.current_thread().name)
+        return None
+sys.meta_path.insert(0, Watch())
+def batches():  # a first batch that takes a while to arrive, as from Loki
+    import time
+    deadline = time.monotonic() + 60
+    while "pandas" not in sys.modules and time.monotonic() < deadline:
+        time.sleep(0.01)
+    yield RawBatch(source="t", lines=[{LINE!r}])
+with open_store({str(tmp_path / "p.duckdb")!r}) as s:
+    assert ingest_batches(s, batches(), source="t", progress=False).stored == 1
+assert importer == ["meshlens-warm"], importer
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
