@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from meshlens.formats.identity import workload_from_pod
+from meshlens.jsonutil import loads_json
 from meshlens.timeutil import parse_rfc3339_ns
 
 MAX_RECORD_BYTES = 8 * 1024 * 1024
@@ -308,7 +309,7 @@ def _json_documents(lines: Iterable[bytes], path: str, limit: int) -> Iterator[R
 
 
 def _logcli(lines: Iterable[bytes], path: str, limit: int) -> Iterator[Record]:
-    label_cache: dict[str, dict[str, str]] = {}
+    label_cache: dict[Any, dict[str, str]] = {}
     for lineno, raw in enumerate(lines, 1):
         pos = str(lineno)
         if not raw.strip():
@@ -323,7 +324,7 @@ def _logcli(lines: Iterable[bytes], path: str, limit: int) -> Iterator[Record]:
             yield Record(text, pos, None, None, err)
             continue
         try:
-            obj = json.loads(text)
+            obj = loads_json(text)
         except json.JSONDecodeError as exc:
             yield Record(text, pos, None, None, f"logcli jsonl record is not valid JSON: {exc.msg} "
                          f"at column {exc.colno}")
@@ -339,7 +340,13 @@ def _logcli(lines: Iterable[bytes], path: str, limit: int) -> Iterator[Record]:
         lb = obj.get("labels")
         labels = None
         if isinstance(lb, dict) and lb:
-            key = json.dumps(lb, sort_keys=True)
+            # one dict per label set: the items in the export's order are the key (hashing them costs a
+            # tenth of serializing them); a value that cannot be hashed (a nested object) is serialized
+            try:
+                key: Any = tuple(lb.items())
+                hash(key)
+            except TypeError:
+                key = json.dumps(lb, sort_keys=True)
             labels = label_cache.get(key)
             if labels is None:
                 labels = {str(k): str(v) for k, v in lb.items()}

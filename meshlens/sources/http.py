@@ -49,7 +49,6 @@ from __future__ import annotations
 import email.utils
 import errno
 import ipaddress
-import json
 import logging
 import random
 import socket
@@ -61,11 +60,11 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-import orjson
 import requests
 from requests.adapters import HTTPAdapter
 
 from meshlens.errors import AuthError, ConfigError, SourceError
+from meshlens.jsonutil import loads_json
 from meshlens.secrets import resolve_secret
 
 log = logging.getLogger("meshlens.http")
@@ -626,15 +625,6 @@ class HttpClient:
                     self._on_retry(attempt + 1, "invalid JSON body", delay)
                 self._sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
-
-
-def loads_json(body: bytes | str) -> Any:
-    """Decode a JSON document: orjson (fast), the standard library for what orjson refuses that JSON
-    allows (integers beyond 64 bits, e.g. an ES ``unsigned_long``); ValueError when it is not JSON."""
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return json.loads(body)
 
 
 def is_loopback(url: str) -> bool:

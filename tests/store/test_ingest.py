@@ -415,3 +415,26 @@ assert importer == ["meshlens-warm"], importer
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def test_logcli_jsonl_labels_in_any_order_nested_values_and_bad_json(tmp_path: Path, db: Path) -> None:
+    """The logcli container keys its label cache on the items as exported: the same labels in another key
+    order are the same stream (same identity, no duplicate on re-export); a nested value still works; a
+    broken record is a reject naming the JSON error as the standard library words it."""
+    f = tmp_path / "export.jsonl"
+    a = {"namespace": "shop", "pod": "reviews-v1-6584ddcf65-k78wz", "container": "istio-proxy"}
+    b = dict(reversed(list(a.items())))
+    recs = [{"labels": a, "line": _line(1), "timestamp": "2024-05-01T10:00:01.123456789Z"},
+            {"labels": b, "line": _line(2), "timestamp": "2024-05-01T10:00:02.123456789Z"},
+            {"labels": {**a, "extra": {"nested": 1}}, "line": _line(3), "timestamp": "2024-05-01T10:00:03Z"}]
+    f.write_text("\n".join(json.dumps(r) for r in recs) + '\n{"labels": {"a": "b"}, "line": "cut\n')
+    c = ingest_files(db, [f], progress=False)
+    assert (c.stored, c.rejects) == (3, 1)
+    assert _rows(db, "SELECT count(DISTINCT labels) FROM events WHERE labels['extra'] IS NULL") == [(1,)]
+    assert _rows(db, "SELECT count(*) FROM events WHERE labels['extra'] LIKE '%nested%'") == [(1,)]
+    (reason,) = _rows(db, "SELECT reason FROM rejects")[0]
+    assert reason.startswith("logcli jsonl record is not valid JSON: Unterminated string"), reason
+    g = tmp_path / "again.jsonl"  # the same records with the labels' keys in the other order: all duplicates
+    g.write_text("\n".join(json.dumps({**r, "labels": dict(reversed(list(r["labels"].items())))}) for r in recs) + "\n")
+    again = ingest_files(db, [g], progress=False)
+    assert (again.stored, again.duplicates) == (0, 3)
