@@ -87,8 +87,11 @@ _EMAIL_RULES: tuple[tuple[str, str], ...] = (
 # Card candidates (group 2): 13-19 digits, or 4-digit groups separated by one space/dash, or Amex 4-6-5.
 # Every secret/e-mail rule's match contains one of these (case-insensitively): texts without any skip
 # the whole regexp chain in one RE2 pass -- most access-log lines -- at no cost in what is found.
+# A secret name only counts when a separator follows it, as both name rules require (``token=``,
+# ``"password": ``, ``'authorization', ``): a bare word in a path (``/oauth/token``, ``/v1/keys/3``) does
+# not run the chain -- on a simulated shop mesh 13 % of lines did so, for nothing, before this.
 _TRIGGER_SECRETS = ("eyJ|@|AKIA|ASIA|ABIA|ACCA|A3T|gh[pousr]_|github_pat_|glpat-|xox[abprs]-|AIza|k_live_|"
-                    "k_test_|bearer|" + _NAMES)
+                    "k_test_|bearer|(" + _NAMES + ")[\"']? *[:,=]")
 _TRIGGER_EMAILS = "@|%40"
 # Bounded on both sides by a non-word character other than '-' and '.', so digit groups inside
 # UUIDs (x-request-id "f0b0ba2a-4592-4427-5980-1d98...") and dotted numbers are never candidates.

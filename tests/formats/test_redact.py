@@ -216,3 +216,39 @@ def test_request_ids_are_never_mistaken_for_cards() -> None:
     con = duckdb.connect()
     sql = f"SELECT {redact_sql('x', RedactConfig())} FROM (SELECT ?::VARCHAR AS x)"
     assert con.execute(sql, [line]).fetchall()[0][0] == want
+
+
+def _ungated(text: str) -> str:
+    """``redact_text`` with a trigger that matches everything: every rule runs on every text."""
+    import re
+    from unittest import mock
+
+    with mock.patch("meshlens.redact._trigger_rx", lambda cfg: re.compile("")):
+        return redact_text(text)  # type: ignore[return-value]
+
+
+_NAME_FRAGMENTS = ["token", "Token", "key", "sig", "password", "authorization", "cookie", "secret", "bearer",
+                   "/oauth/token", "/v1/keys/", '"', "'", " ", ":", "=", ",", "  ", "abcdefgh12345678", "x-"]
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(st.sampled_from(_NAME_FRAGMENTS + _FRAGMENTS), st.text(max_size=8)), max_size=8))
+def test_trigger_never_hides_a_match(parts: list[str]) -> None:
+    """The one-pass trigger skips the regexp chain for most lines; it must be a superset of every rule's
+    matches (secret names count only with a separator after them: ``/oauth/token`` is not a secret)."""
+    text = "".join(parts)
+    assert redact_text(text) == _ungated(text)
+    assert _sql_all([text]) == [redact_text(text)]
+
+
+def test_secret_names_in_paths_do_not_run_the_chain() -> None:
+    import re
+
+    from meshlens.redact import prefilter_pattern
+
+    pf = re.compile(prefilter_pattern(DEFAULT))
+    for benign in ('"POST /v1/token/verify HTTP/1.1"', "/api/v1/keys/42", "GET /signature-pad.js", "secretariat"):
+        assert not pf.search(benign), benign
+    for leak, secret in LEAKS:
+        assert pf.search(leak), leak
+        assert secret not in redact_text(leak)
