@@ -342,12 +342,12 @@ def _logcli(lines: Iterable[bytes], path: str, limit: int) -> Iterator[Record]:
         if isinstance(lb, dict) and lb:
             # one dict per label set: the items in the export's order are the key (hashing them costs a
             # tenth of serializing them); a value that cannot be hashed (a nested object) is serialized
+            key: Any = tuple(lb.items())
             try:
-                key: Any = tuple(lb.items())
-                hash(key)
+                labels = label_cache.get(key)
             except TypeError:
                 key = json.dumps(lb, sort_keys=True)
-            labels = label_cache.get(key)
+                labels = label_cache.get(key)
             if labels is None:
                 labels = {str(k): str(v) for k, v in lb.items()}
                 if len(label_cache) < 100_000:
